@@ -8,15 +8,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from preprocessing.errors import FsweepError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one ``fsweep ...: error: ...`` line (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (e.g. 590x1006) as a tuple of ints."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 590x1006, got {text!r}") from None
+    return width, height
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from preprocessing.phantom import write_phantom
 
-    summary = write_phantom(args.out, patients=args.patients, seed=args.seed, difficulty=args.difficulty)
+    summary = write_phantom(
+        args.out, patients=args.patients, seed=args.seed, difficulty=args.difficulty, size=args.size
+    )
     print(
         f"wrote {summary['images']} images of {summary['patients']} patients "
         f"({summary['abnormal_fraction']:.0%} abnormal) to {Path(args.out) / 'manifest.csv'}"
@@ -27,7 +46,9 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_ingest(args: argparse.Namespace) -> None:
     from preprocessing.ingest import ingest
 
-    ingest(args.manifest, args.out, seed=args.seed, salt=args.salt)
+    result = ingest(args.manifest, args.out, seed=args.seed, salt=args.salt)
+    print(f"wrote {result.dataset / 'dataset.parquet'} (fingerprint {result.fingerprint[:12]}), "
+          f"{result.dataset / 'rejected.csv'}, {result.dataset / 'summary.json'}")
 
 
 # --- store commands (preprocessing.roi, preprocessing.store) ---------------------------
@@ -36,7 +57,8 @@ def _cmd_roi_train(args: argparse.Namespace) -> None:
     from preprocessing.roi import train_detector
 
     metrics = train_detector(
-        args.dataset, args.out, annotated=args.annotated, epochs=args.epochs, imgsz=args.imgsz, model=args.model
+        args.dataset, args.out, annotated=args.annotated, epochs=args.epochs, imgsz=args.imgsz, model=args.model,
+        batch=args.batch,
     )
     print(f"mAP50={metrics['map50']:.3f} (paper: 0.97); detector in {Path(args.out) / 'best.pt'}")
 
@@ -75,13 +97,17 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from search.sweep import run_sweep
 
     cfg = load_config(args.config, args.set)
-    run_sweep(cfg, address=args.address, name=args.name, storage=args.storage)
+    name = args.name or f"{Path(args.config).stem}_{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment = run_sweep(cfg, address=args.address, name=name, storage=args.storage)
+    print(f"experiment: {experiment}")
+    print(f"tensorboard --logdir {experiment}")
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
     from search.sweep import resume_sweep
 
-    resume_sweep(args.experiment, address=args.address)
+    experiment = resume_sweep(args.experiment, address=args.address)
+    print(f"experiment: {experiment}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -89,6 +115,24 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     path = write_report(args.experiment)
     print(f"report: {path}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from search.export import export_experiment
+
+    path = export_experiment(args.experiment, args.out)
+    print(f"model: {path} (run it with `fsweep predict {path} INPUT...`)")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from search.predict import predict
+
+    table = predict(args.model_dir, args.inputs, out=args.out, cam_dir=args.cam, view=args.view)
+    if args.out is None:
+        print(table.to_csv(index=False), end="")
+    else:
+        abnormal = int(table["label"].sum())
+        print(f"wrote {len(table)} predictions ({abnormal} abnormal) to {args.out}", file=sys.stderr)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -99,7 +143,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every ``fsweep`` subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="fsweep",
         description="Distributed hyperparameter and backbone search for X-ray classifiers.",
     )
@@ -110,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (manifest.csv, images/)")
     p.add_argument("--patients", type=int, default=200, help="number of patients (2 views each)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--difficulty", type=float, default=0.5, help="0 (easy) .. 1 (hard): label noise and overlap")
+    p.add_argument("--difficulty", type=float, default=0.5,
+                   help="0 (easy) .. 1 (hard): how close narrowed foramina come to normal ones")
+    p.add_argument("--size", type=_image_size, default=(590, 1006), metavar="WxH",
+                   help="image width x height in pixels (default 590x1006, half the paper's)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("ingest", help="validate and decode a manifest; patient-level 60/20/20 split")
@@ -130,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--imgsz", type=int, default=320, help="YOLO input size")
     p.add_argument("--model", default="yolo11n.yaml", help="model yaml (built from scratch) or a local .pt")
+    p.add_argument("--batch", type=int, default=8, help="images per batch (one optimizer step each)")
     p.set_defaults(func=_cmd_roi_train)
 
     p = sub.add_parser("store", help="the preprocessing store")
@@ -179,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="leaderboard, ablation tables, ROC plots")
     p.add_argument("experiment", help="experiment directory")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="export the sweep's winners: ONNX, TorchScript, weights, model card")
+    p.add_argument("experiment", help="experiment directory of a finished sweep")
+    p.add_argument("--out", required=True, help="MODEL_DIR to write (must not exist or be empty)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="run an exported model on PNG/JPEG/TIFF/DICOM files (no Ray)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by `fsweep export`")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, or a manifest CSV/Parquet")
+    p.add_argument("--out", default=None, help="predictions CSV (default: print to stdout)")
+    p.add_argument("--cam", default=None, metavar="DIR", help="write a Grad-CAM PNG over each ROI crop here")
+    p.add_argument("--view", default=None, choices=("left", "right"),
+                   help="view of images whose manifest row or DICOM header does not give one")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="everything on the phantom, CPU-sized")
     p.add_argument("--out", default="demo_out", help="output directory")

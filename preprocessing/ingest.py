@@ -1,0 +1,328 @@
+"""Manifest ingestion: validate, decode, hash patients, split at patient level (DESIGN §4.1, §4.3).
+
+A row is rejected (one line in ``rejected.csv`` with its 1-based data-row number
+and the reason; the run goes on) when its image path is empty or the file is
+missing, the image does not decode, the view or label is unknown, the patient id
+is empty, the box is partial or does not fit the image, or the image duplicates
+an accepted one (same file or same decoded pixels: the later row is rejected).
+When one patient has both a normal and an abnormal row for the same view, every
+row of that patient and view is rejected: nothing says which label is right, and
+keeping either would train on a guess.
+
+A file that is not a manifest at all (not found, empty, not CSV/Parquet, missing
+required columns) stops ingestion with one ``FsweepError`` line.
+
+Patient ids are stored only as ``sha256(salt + ":" + id)[:16]``. The salt is
+``--salt`` or a random one kept in ``DATASET/.salt`` (mode 0600) so a re-ingest
+hashes the same way. No DICOM header value is read here: only pixels. Image
+paths are stored as absolute paths, as given: a file name that spells out a
+patient id is the manifest author's choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from preprocessing.decode import decode_image
+from preprocessing.errors import FsweepError
+from preprocessing.splits import SPLITS, patient_splits
+
+REQUIRED = ("image", "patient_id", "view", "label")
+BOX = ("x0", "y0", "x1", "y1")
+VIEWS = {"left": "left", "l": "left", "right": "right", "r": "right"}
+LABELS = {"abnormal": 1, "1": 1, "1.0": 1, "normal": 0, "0": 0, "0.0": 0}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+COLUMNS = ["image_id", "image", "patient", "view", "label", "split", *BOX, "height", "width", "pixel_sha256", "row"]
+
+
+@dataclass
+class IngestResult:
+    """What ``ingest`` wrote and counted."""
+
+    dataset: Path  # the DATASET directory
+    accepted: int  # images in dataset.parquet
+    rejected: int  # rows in rejected.csv
+    patients: int  # distinct accepted patients
+    counts: dict = field(default_factory=dict)  # counts[split][view][label name] -> images
+    rejected_by_reason: dict = field(default_factory=dict)  # reason kind -> rows
+    fingerprint: str = ""  # sha256 over sorted image_id,label,split lines
+
+    def table(self) -> str:
+        """Images per view x label x split, laid out like the paper's Table 2, then the rejections.
+
+        The last two rows add both views up: the per-view set that cross-view Flip yields.
+        """
+        header = f"{'view':<12} {'label':<8} {'train':>6} {'val':>6} {'test':>6} {'total':>6}"
+        lines = [header]
+        for view in ("left", "right", "both (flip)"):
+            for label in ("abnormal", "normal"):
+                sides = ("left", "right") if view.startswith("both") else (view,)
+                n = [sum(self.counts[split][side][label] for side in sides) for split in SPLITS]
+                lines.append(f"{view:<12} {label:<8} {n[0]:>6} {n[1]:>6} {n[2]:>6} {sum(n):>6}")
+        lines.append(f"accepted {self.accepted} images of {self.patients} patients; rejected {self.rejected} rows")
+        lines += [f"  rejected {n:>4}: {kind}" for kind, n in sorted(self.rejected_by_reason.items())]
+        return "\n".join(lines)
+
+
+def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | None = None,
+           echo: bool = True) -> IngestResult:
+    """Validate and decode every row of ``manifest``; write ``out``/dataset.parquet, rejected.csv, summary.json.
+
+    ``seed`` fixes the patient-level 60/20/20 split (independent of the salt). ``echo`` prints the table.
+    """
+    if seed < 0:
+        raise FsweepError(f"--seed must be 0 or more, got {seed}")
+    manifest = Path(manifest)
+    frame = read_manifest(manifest)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FsweepError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    accepted, rejected = _check_rows(frame, manifest.resolve().parent)
+    accepted, rejected = _reject_label_conflicts(accepted, rejected)
+    _write_rejected(out, rejected)
+    if not accepted:
+        for stale in ("dataset.parquet", "summary.json"):  # never leave an older dataset beside these reasons
+            (out / stale).unlink(missing_ok=True)
+        raise FsweepError(f"{manifest}: no usable rows, all {len(rejected)} rejected (see {out / 'rejected.csv'})")
+    table = _dataset_table(accepted, seed, _salt(out, salt))
+    _write_parquet(table, out / "dataset.parquet")
+    result = _summarise(out, table, rejected)
+    _write_summary(out, result, manifest, seed)
+    if echo:
+        print(result.table())
+    return result
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or Parquet manifest as strings; FsweepError when it is not a usable manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise FsweepError(f"{path}: manifest not found")
+    frame = _read_table(path)
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise FsweepError(f"{path}: not a manifest, missing column(s) {', '.join(missing)} "
+                          f"(need {', '.join(REQUIRED)})")
+    if frame.empty:
+        raise FsweepError(f"{path}: manifest has no data rows")
+    return frame
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    with path.open("rb") as handle:
+        parquet_magic = handle.read(4) == b"PAR1"
+    if parquet_magic or path.suffix.lower() in PARQUET_SUFFIXES:
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types; one line is what the user needs
+            raise FsweepError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+        return frame.map(_cell_text)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise FsweepError(f"{path}: empty file, not a manifest") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise FsweepError(f"{path}: not a CSV or Parquet manifest ({type(exc).__name__})") from None
+
+
+def _cell_text(value) -> str:
+    """Parquet cells to the strings a CSV would give (None/NaN -> empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _check_rows(frame: pd.DataFrame, base: Path) -> tuple[list[dict], list[dict]]:
+    """One pass over the rows: accepted records and rejections (row, image, reason, kind)."""
+    accepted, rejected = [], []
+    by_path, by_pixels = {}, {}
+    for number, record in enumerate(frame.to_dict("records"), start=1):
+        image = str(record.get("image", "")).strip()
+        try:
+            row = _check_row(record, image, base, by_path, by_pixels)
+        except _Rejected as reason:
+            rejected.append({"row": number, "image": image, "reason": str(reason), "kind": reason.kind})
+            continue
+        row["row"], row["given"] = number, image
+        by_path[row["image"]] = number
+        by_pixels[row["pixel_sha256"]] = number
+        accepted.append(row)
+    return accepted, rejected
+
+
+class _Rejected(Exception):
+    """A row-level problem: the row goes to rejected.csv, the run goes on."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: dict) -> dict:
+    if not image:
+        raise _Rejected("missing image path")
+    view = VIEWS.get(str(record["view"]).strip().lower())
+    if view is None:
+        raise _Rejected("unknown view", f"{record['view']!r} (use left/right or L/R)")
+    label = LABELS.get(str(record["label"]).strip().lower())
+    if label is None:
+        raise _Rejected("unknown label", f"{record['label']!r} (use abnormal/normal or 1/0)")
+    patient = str(record["patient_id"]).strip()
+    if not patient:
+        raise _Rejected("missing patient_id")
+    path = (base / image).resolve()
+    if not path.is_file():
+        raise _Rejected("missing file", str(path))
+    if str(path) in by_path:
+        raise _Rejected("duplicate image", f"same file as row {by_path[str(path)]}")
+    try:
+        pixels = decode_image(path)
+    except FsweepError as exc:
+        raise _Rejected("undecodable image", str(exc).removeprefix(f"{path}: ")) from None
+    digest = pixel_sha256(pixels)
+    if digest in by_pixels:
+        raise _Rejected("duplicate image", f"same pixels as row {by_pixels[digest]}")
+    height, width = pixels.shape
+    return {"image": str(path), "patient_id": patient, "view": view, "label": label,
+            **_box(record, width, height), "height": height, "width": width, "pixel_sha256": digest}
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """sha256 of a decoded image: its shape then its uint8 bytes (equal pixels, equal hash)."""
+    digest = hashlib.sha256(f"{pixels.shape[0]}x{pixels.shape[1]}:".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def _box(record: dict, width: int, height: int) -> dict:
+    """The optional ROI box as floats (NaN when absent); a partial or out-of-image box is rejected."""
+    cells = [str(record.get(k, "")).strip() for k in BOX]
+    if not any(cells):
+        return {k: float("nan") for k in BOX}
+    if not all(cells):
+        raise _Rejected("bad box", f"partial box {','.join(cells)} (give all of x0,y0,x1,y1 or none)")
+    try:
+        x0, y0, x1, y1 = (float(c) for c in cells)
+    except ValueError:
+        raise _Rejected("bad box", f"non-numeric box {','.join(cells)}") from None
+    if not (x0 < x1 and y0 < y1):
+        raise _Rejected("bad box", f"empty box {x0:g},{y0:g},{x1:g},{y1:g} (needs x0 < x1 and y0 < y1)")
+    if not (0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height):
+        raise _Rejected("bad box", f"{x0:g},{y0:g},{x1:g},{y1:g} is outside the {width}x{height} image")
+    return dict(zip(BOX, (x0, y0, x1, y1)))
+
+
+def _reject_label_conflicts(accepted: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Reject every row of a (patient, view) that has both labels (see module doc for why all)."""
+    labels: dict[tuple[str, str], set[int]] = {}
+    for row in accepted:
+        labels.setdefault((row["patient_id"], row["view"]), set()).add(row["label"])
+    conflicted = {key for key, seen in labels.items() if len(seen) > 1}
+    kept = []
+    for row in accepted:
+        key = (row["patient_id"], row["view"])
+        if key in conflicted:
+            rows = [r["row"] for r in accepted if (r["patient_id"], r["view"]) == key]
+            reason = f"conflicting labels: the patient's {row['view']} view is both normal and abnormal " \
+                     f"(rows {', '.join(map(str, rows))})"
+            rejected.append({"row": row["row"], "image": row["given"], "reason": reason, "kind": "conflicting labels"})
+        else:
+            kept.append(row)
+    rejected.sort(key=lambda r: r["row"])
+    return kept, rejected
+
+
+def _salt(out: Path, salt: str | None) -> str:
+    """The given salt, else the one kept in DATASET/.salt, else a new random one saved there (0600)."""
+    if salt:
+        return salt
+    keep = out / ".salt"
+    if keep.is_file():
+        return keep.read_text().strip()
+    salt = secrets.token_hex(16)
+    descriptor = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(salt + "\n")
+    return salt
+
+
+def hash_patient(patient_id: str, salt: str) -> str:
+    """The only form in which a patient id is stored: 16 hex of sha256(salt:id)."""
+    return hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:16]
+
+
+def _dataset_table(accepted: list[dict], seed: int, salt: str) -> pd.DataFrame:
+    table = pd.DataFrame(accepted)
+    split_of = patient_splits(table[["patient_id", "view", "label"]], seed)
+    table["split"] = table["patient_id"].map(split_of)
+    table["patient"] = [hash_patient(p, salt) for p in table["patient_id"]]
+    table["image_id"] = table["pixel_sha256"].str[:16]
+    table = table[COLUMNS]  # drops the raw patient_id and the manifest's own spelling of the path
+    return table.astype({"label": "int64", "height": "int64", "width": "int64", "row": "int64",
+                         **{k: "float64" for k in BOX}}).reset_index(drop=True)
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    """Write then rename, so a reader never sees half a dataset."""
+    partial = path.with_suffix(".parquet.partial")
+    table.to_parquet(partial, index=False)
+    os.replace(partial, path)
+
+
+def _write_rejected(out: Path, rejected: list[dict]) -> None:
+    frame = pd.DataFrame(rejected, columns=["row", "image", "reason"])
+    frame.to_csv(out / "rejected.csv", index=False)
+
+
+def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict]) -> IngestResult:
+    counts = {split: {view: {"abnormal": 0, "normal": 0} for view in ("left", "right")} for split in SPLITS}
+    for (split, view, label), n in table.groupby(["split", "view", "label"]).size().items():
+        counts[split][view]["abnormal" if label == 1 else "normal"] = int(n)
+    by_reason: dict[str, int] = {}
+    for row in rejected:
+        by_reason[row["kind"]] = by_reason.get(row["kind"], 0) + 1
+    return IngestResult(dataset=out, accepted=len(table), rejected=len(rejected),
+                        patients=table["patient"].nunique(), counts=counts,
+                        rejected_by_reason=by_reason, fingerprint=fingerprint(table))
+
+
+def fingerprint(table: pd.DataFrame) -> str:
+    """sha256 over the sorted ``image_id,label,split`` lines: names the exact data and split."""
+    lines = sorted(f"{i},{l},{s}" for i, l, s in zip(table["image_id"], table["label"], table["split"]))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int) -> None:
+    summary = {
+        "manifest": str(manifest.resolve()),
+        "seed": seed,
+        "accepted": result.accepted,
+        "rejected": result.rejected,
+        "patients": result.patients,
+        "counts": result.counts,
+        "rejected_by_reason": result.rejected_by_reason,
+        "fingerprint": result.fingerprint,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def load_dataset(dataset_dir: str | Path) -> pd.DataFrame:
+    """Read ``DATASET/dataset.parquet``; FsweepError when it is missing or lacks the contract columns."""
+    path = Path(dataset_dir) / "dataset.parquet"
+    if not path.is_file():
+        raise FsweepError(f"{dataset_dir}: no dataset.parquet (run `fsweep ingest MANIFEST --out {dataset_dir}`)")
+    table = pd.read_parquet(path)
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise FsweepError(f"{path}: missing column(s) {', '.join(missing)}; re-run `fsweep ingest`")
+    return table
