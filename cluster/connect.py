@@ -1,54 +1,92 @@
 """The one place that starts or joins Ray.
 
-Local by default: a private single-node Ray with the dashboard off and Ray's token
-authentication left as Ray sets it (on by default since Ray 2.5x for new local
-clusters). ``auto`` joins the cluster this machine belongs to; ``ray://HOST:PORT``
-connects a Ray Client. When the project is not installed on the workers, its
-packages travel with a ``runtime_env``.
+- Local (``address`` None or ``local``, no ``RAY_ADDRESS`` set): a private single-node
+  Ray whose every service listens on 127.0.0.1 only, with the dashboard off and
+  Ray's token authentication left as Ray sets it (Ray 2.60 turns it on for new local
+  clusters; ``RAY_AUTH_MODE`` is never touched here).
+- ``auto`` (or a ``HOST:PORT`` GCS address) joins the cluster this machine belongs
+  to; ``ray://HOST:PORT`` connects a Ray Client. ``RAY_ADDRESS`` (set by
+  ``ray job submit``) counts as the address when none is given.
+- Joining ships fsweep's packages to the workers in a ``runtime_env`` unless fsweep
+  is installed as a regular (non-editable) distribution, which the cluster files do.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("preprocessing", "fsmodels", "search", "cluster")
+LOCAL_ADDRESSES = (None, "", "local")  # values of ``address`` that start a private Ray
 
 
 def project_runtime_env() -> dict:
     """A runtime_env that ships fsweep's packages to workers that lack them."""
     return {
         "py_modules": [str(PROJECT_ROOT / name) for name in PACKAGES],
+        "excludes": ["__pycache__", "*.pyc"],
         "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
 
 
-def _installed_as_distribution() -> bool:
-    """True when fsweep came from a wheel (not this source tree); workers then have it too."""
+def installed_as_distribution() -> bool:
+    """True when fsweep was imported from site-packages (a wheel), so cluster nodes have it too."""
     spec = importlib.util.find_spec("fsmodels")
     return spec is not None and "site-packages" in str(spec.origin)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    """Start (``address`` None/'local') or join (``auto``, ``ray://...``) Ray once per process.
+def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
+    import ray
+    from ray._private import ray_constants
 
-    Returns :func:`describe`. Calling it again while connected changes nothing.
+    # Ray binds its services to all interfaces unless the node IP is the loopback one, and
+    # it picks the loopback IP only when multi-node support is off (its own switch,
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when Ray is imported). Ray is usually
+    # imported before we get here, so the switch is flipped for this one start and put back.
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+            logging_level="WARNING", log_to_driver=True,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _join(address: str) -> None:
+    import ray
+
+    runtime_env = None if installed_as_distribution() else project_runtime_env()
+    ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    """Start (``address`` None/'local') or join (``auto``, ``HOST:PORT``, ``ray://...``) Ray once per process.
+
+    ``num_cpus``/``num_gpus`` size a local start and are ignored when joining (the
+    cluster has its own). Returns :func:`describe`; prints its summary line when it
+    connected. Calling it again while connected changes nothing.
     """
     import ray
 
-    if not ray.is_initialized():
-        common = {"log_to_driver": True, "logging_level": "WARNING", "configure_logging": True}
-        if address in (None, "", "local"):
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
-        else:
-            runtime_env = None if _installed_as_distribution() else project_runtime_env()
-            ray.init(address=address, runtime_env=runtime_env, **common)
-    return describe()
+    if ray.is_initialized():
+        return describe()
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address in LOCAL_ADDRESSES:
+        _start_local(num_cpus, num_gpus)
+    else:
+        _join(address)
+    info = describe()
+    print(summary_line(info), file=sys.stderr)
+    return info
 
 
 def describe() -> dict:
-    """Alive nodes, CPUs and GPUs of the connected cluster."""
+    """Alive nodes, CPUs, GPUs and node ids of the connected cluster."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -61,6 +99,6 @@ def describe() -> dict:
     }
 
 
-def local_cpu_budget() -> int:
-    """CPUs this process may hand to Ray locally (honours cgroup/affinity limits)."""
-    return max(1, len(os.sched_getaffinity(0)))
+def summary_line(info: dict) -> str:
+    """One line for people: ``ray: 3 nodes, 48 CPUs, 8 GPUs``."""
+    return f"ray: {info['nodes']} nodes, {info['cpus']:g} CPUs, {info['gpus']:g} GPUs"
