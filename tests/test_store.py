@@ -1,0 +1,272 @@
+"""The preprocessing store: HE, variant keys, builds (reuse, interruption, corruption) and the loader."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from preprocessing.contrast import equalize, equalize_reference
+from preprocessing.decode import decode_image
+from preprocessing.errors import FsweepError
+from preprocessing.loader import eval_set, train_set
+from preprocessing.store import (
+    SPLITS, VIEWS, VariantSpec, build_store, build_variant, open_variant, preprocess_image, variant_key,
+)
+from search.cli import main as fsweep
+
+SIZE = 48  # tiny arrays keep the builds to a couple of seconds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One small local Ray for the module: the builds reuse it instead of starting their own."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dataset, tmp_path_factory):
+    """A store with the off and global variants of the tiny data set."""
+    store = tmp_path_factory.mktemp("store")
+    variants = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"))
+    return store, variants
+
+
+def phantom_like(rng: np.random.Generator) -> np.ndarray:
+    """A radiograph-like image: dark background, a narrow grey range, bright shapes, noise."""
+    img = np.full((90, 70), 60, np.float64)
+    cv2.rectangle(img, (20, 10), (45, 80), 95, -1)
+    cv2.circle(img, (35, 40), 8, 75, -1)
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+# --- contrast ------------------------------------------------------------------------------
+
+def test_global_he_equals_the_papers_equations(tiny_dataset):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64), dtype=np.uint8), rng.integers(40, 90, (37, 101), dtype=np.uint8),
+              phantom_like(rng)]
+    images.append(decode_image(pd.read_parquet(tiny_dataset / "dataset.parquet")["image"].iloc[0]))
+    for img in images:
+        np.testing.assert_array_equal(equalize(img, "global"), equalize_reference(img))
+
+
+def test_he_modes():
+    img = phantom_like(np.random.default_rng(1))
+    assert equalize(img, "off") is img
+    flat = equalize(img, "global")
+    # equalization spreads a narrow grey range over (almost) the whole scale
+    assert np.ptp(img) < 100 and np.ptp(flat) > 200
+    clahe = equalize(img, "clahe")
+    assert clahe.dtype == np.uint8 and clahe.shape == img.shape and not np.array_equal(clahe, img)
+    with pytest.raises(FsweepError, match="unknown histogram"):
+        equalize(img, "local")
+    with pytest.raises(FsweepError, match="2-D uint8"):
+        equalize(img.astype(np.uint16), "global")
+
+
+# --- variant keys --------------------------------------------------------------------------
+
+def test_key_changes_with_every_parameter_and_only_then(tiny_dataset, tmp_path):
+    roi_a, roi_b = tmp_path / "roi_a", tmp_path / "roi_b"
+    for roi, payload in ((roi_a, b"weights A"), (roi_b, b"weights B")):
+        roi.mkdir()
+        (roi / "best.pt").write_bytes(payload)  # the key hashes the weights' bytes, without loading them
+    base = VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.05)
+    key = variant_key(tiny_dataset, base)
+    assert variant_key(tiny_dataset, VariantSpec(**vars(base))) == key
+    changed = [
+        VariantSpec(he="clahe", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.05),
+        VariantSpec(he="global", size=SIZE + 1, aspect="pad", roi_dir=str(roi_a), margin=0.05),
+        VariantSpec(he="global", size=SIZE, aspect="stretch", roi_dir=str(roi_a), margin=0.05),
+        VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_b), margin=0.05),
+        VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.1),
+        VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=None, margin=0.05),
+    ]
+    keys = {variant_key(tiny_dataset, spec) for spec in changed}
+    assert len(keys) == len(changed) and key not in keys
+    # a copied detector (same bytes elsewhere) is the same detector
+    roi_copy = tmp_path / "roi_copy"
+    shutil.copytree(roi_a, roi_copy)
+    assert variant_key(tiny_dataset, VariantSpec(he="global", size=SIZE, roi_dir=str(roi_copy))) == key
+    # without a detector nothing is cropped, so the margin cannot change the arrays
+    no_roi = VariantSpec(he="global", size=SIZE)
+    wide = VariantSpec(he="global", size=SIZE, margin=0.2)
+    assert variant_key(tiny_dataset, no_roi) == variant_key(tiny_dataset, wide)
+    # the data: one label flipped is another variant
+    other = tmp_path / "dataset"
+    other.mkdir()
+    rows = pd.read_parquet(tiny_dataset / "dataset.parquet")
+    rows.loc[0, "label"] = 1 - rows.loc[0, "label"]
+    rows.to_parquet(other / "dataset.parquet")
+    assert variant_key(other, no_roi) != variant_key(tiny_dataset, no_roi)
+
+
+def test_bad_spec_is_a_one_line_error(tiny_dataset):
+    with pytest.raises(FsweepError, match="aspect='crop'"):
+        variant_key(tiny_dataset, VariantSpec(aspect="crop"))
+
+
+# --- building ------------------------------------------------------------------------------
+
+def test_build_writes_the_layout_and_the_recipe(built, tiny_dataset):
+    store, (off, glob) = built
+    rows = pd.read_parquet(tiny_dataset / "dataset.parquet")
+    assert off.key != glob.key and off.preprocessed == glob.preprocessed == len(rows)
+    for split in SPLITS:
+        for view in VIEWS:
+            expected = rows[(rows["split"] == split) & (rows["view"] == view)]
+            images = glob.images(split, view)
+            assert images.dtype == np.uint8 and images.shape == (len(expected), SIZE, SIZE)
+            assert sorted(glob.image_ids(split, view)) == sorted(expected["image_id"])
+            labels = expected.set_index("image_id")["label"].loc[glob.image_ids(split, view)]
+            np.testing.assert_array_equal(glob.labels(split, view), labels.to_numpy())
+    meta = json.loads((glob.path / "variant.json").read_text())
+    assert sum(meta["built_on"].values()) == len(rows) and meta["spec"]["he"] == "global"
+    assert sorted(p.name for p in glob.path.iterdir()) == [
+        "index.parquet", "manifest.json", *sorted(f"{s}_{v}.npy" for s in SPLITS for v in VIEWS), "variant.json",
+    ]
+    # the stored array is the recipe applied to the raw file
+    image_id = glob.image_ids("val", "right")[2]
+    path = rows.set_index("image_id").loc[image_id, "image"]
+    np.testing.assert_array_equal(glob.images("val", "right")[2], preprocess_image(path, glob.spec))
+    assert not glob.index["fallback"].any()
+
+
+def test_second_build_does_no_preprocessing(built, tiny_dataset, capsys):
+    store, first = built
+    again = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"))
+    assert [v.key for v in again] == [v.key for v in first]
+    assert [v.preprocessed for v in again] == [0, 0]
+    assert capsys.readouterr().out.count("up to date: no work") == 2
+    args = ["store", "build", str(tiny_dataset), "--store", str(store), "--size", str(SIZE), "--he", "global"]
+    assert fsweep(args) == 0
+    assert "up to date: no work" in capsys.readouterr().out
+
+
+def test_corrupted_array_is_refused_then_rebuilt(tiny_dataset, tmp_path):
+    spec = VariantSpec(he="off", size=SIZE)
+    variant = build_variant(tiny_dataset, tmp_path, spec)
+    clean = np.array(variant.images("train", "left"))
+    target = variant.path / "train_left.npy"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(FsweepError, match="train_left.npy: checksum mismatch"):
+        open_variant(tmp_path, variant.key)
+    rebuilt = build_variant(tiny_dataset, tmp_path, spec)
+    assert rebuilt.preprocessed == len(variant.index)
+    np.testing.assert_array_equal(open_variant(tmp_path, variant.key).images("train", "left"), clean)
+
+
+def test_interrupted_build_is_refused_then_completed(tiny_dataset, tmp_path):
+    spec = VariantSpec(he="clahe", size=256)  # larger arrays: the build lasts long enough to be killed
+    key = variant_key(tiny_dataset, spec)
+    script = (
+        "import sys; from preprocessing.store import VariantSpec, build_variant; "
+        f"build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=256))"
+    )
+    # the child joins this module's Ray, so killing it leaves no Ray cluster behind
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    child = subprocess.Popen([sys.executable, "-c", script, str(tiny_dataset), str(tmp_path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    variant_dir = tmp_path / key
+    deadline = time.monotonic() + 120
+    while not list(variant_dir.glob(".*.tmp")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert list(variant_dir.glob(".*.tmp")), "the build was not caught mid-way"
+    assert not (variant_dir / "manifest.json").exists()
+    with pytest.raises(FsweepError, match="incomplete"):
+        open_variant(tmp_path, key)
+    variant = build_variant(tiny_dataset, tmp_path, spec)
+    assert variant.preprocessed == len(variant.index)
+    assert not list(variant_dir.glob(".*.tmp"))  # the killed builder's temp files are gone
+    assert open_variant(tmp_path, key).images("test", "left").shape[1:] == (256, 256)
+
+
+def test_racing_builders_leave_one_verified_variant(tiny_dataset, tmp_path):
+    spec = VariantSpec(he="clahe", size=SIZE, aspect="stretch")
+    script = (
+        "import sys; from preprocessing.store import VariantSpec, build_variant; "
+        "build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=int(sys.argv[3]), aspect='stretch'))"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    builders = [subprocess.Popen([sys.executable, "-c", script, str(tiny_dataset), str(tmp_path), str(SIZE)], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for builder in builders:
+        assert builder.wait(timeout=300) == 0, builder.stderr.read().decode()[-2000:]
+    variant = open_variant(tmp_path, variant_key(tiny_dataset, spec))
+    assert not list(variant.path.glob(".*.tmp"))
+    rows = pd.read_parquet(tiny_dataset / "dataset.parquet").set_index("image_id")
+    image_id = variant.image_ids("train", "right")[0]
+    expected = preprocess_image(rows.loc[image_id, "image"], spec)
+    np.testing.assert_array_equal(variant.images("train", "right")[0], expected)
+
+
+def test_uri_store_is_uploaded_manifest_last_and_read_from_a_node_cache(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("FSWEEP_CACHE", str(tmp_path / "node_cache"))
+    uri = f"file://{tmp_path / 'bucket'}"  # the pyarrow code path of s3:// and gs://
+    spec = VariantSpec(he="global", size=SIZE)
+    built = build_variant(tiny_dataset, uri, spec)
+    remote = tmp_path / "bucket" / built.key
+    assert sorted(p.name for p in remote.iterdir()) == sorted(p.name for p in built.path.iterdir())
+    again = build_variant(tiny_dataset, uri, spec)
+    assert again.preprocessed == 0 and again.path.is_relative_to(tmp_path / "node_cache")
+    np.testing.assert_array_equal(again.images("val", "left"), built.images("val", "left"))
+    with pytest.raises(FsweepError, match="not built"):
+        open_variant(uri, "0123456789abcdef")
+
+
+# --- loader --------------------------------------------------------------------------------
+
+def test_flip_doubles_the_training_set_from_train_images_only(built):
+    _, (_, variant) = built
+    index = variant.index
+    held_out = index[index["split"] != "train"]
+    for view, other in (("right", "left"), ("left", "right")):
+        plain, flipped = train_set(variant, view, flip=False), train_set(variant, view, flip=True)
+        n_view, n_other = len(variant.labels("train", view)), len(variant.labels("train", other))
+        assert len(plain) == n_view and len(flipped) == n_view + n_other
+        np.testing.assert_array_equal(
+            flipped.labels, np.concatenate([variant.labels("train", view), variant.labels("train", other)])
+        )
+        image, label = flipped[n_view]  # the first mirrored image: the other view's first, left-right flipped
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (1, SIZE, SIZE)
+        np.testing.assert_array_equal(image[0].numpy(), variant.images("train", other)[0][:, ::-1])
+        assert label == float(variant.labels("train", other)[0])
+        assert not set(flipped.image_ids) & set(held_out["image_id"])
+        train_patients = set(index.set_index("image_id").loc[flipped.image_ids, "patient"])
+        assert not train_patients & set(held_out["patient"])
+    both = train_set(variant, "both", flip=True)
+    n_train = int((index["split"] == "train").sum())
+    assert len(both) == 2 * n_train and int(both.mirrored.sum()) == n_train
+
+
+def test_eval_set_is_one_split_never_mirrored(built):
+    _, (_, variant) = built
+    for split in ("val", "test"):
+        data = eval_set(variant, "both", split)
+        assert not data.mirrored.any()
+        assert sorted(data.image_ids) == sorted(variant.index.loc[variant.index["split"] == split, "image_id"])
+        image, _ = data[0]
+        np.testing.assert_array_equal(image[0].numpy(), variant.images(split, "left")[0])
+    with pytest.raises(FsweepError, match="view='top'"):
+        eval_set(variant, "top", "val")
+
