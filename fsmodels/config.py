@@ -57,6 +57,7 @@ class SearchConfig:
     max_t: int = 0  # ASHA: max epochs (0 = the largest `space.epochs`)
     max_concurrent: int = 0  # concurrent trials (0 = as many as resources allow)
     max_failures: int = 2  # retries of a trial after a node or process failure
+    seed: int = 0  # seed of the search algorithm itself (random sampling, Optuna's TPE)
 
 
 @dataclass

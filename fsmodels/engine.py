@@ -1,0 +1,112 @@
+"""Epoch mechanics: device choice, loaders, one training pass, prediction.
+
+On CUDA: AMP (bf16 where supported, else fp16 with a grad scaler), channels_last,
+pinned memory and non-blocking copies; losses and scores stay on the device
+until the epoch ends, so there is no host sync per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from fsmodels.config import Config, normalise_toggle
+from fsmodels.model import FsNet
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None = full precision
+    channels_last: bool
+
+
+def _auto_toggle(value, name: str) -> str:
+    """auto / on / off, with YAML's bare on/off (read as true/false) accepted."""
+    if value is True or str(value).lower() == "true":
+        return "on"
+    return normalise_toggle(value, name, ("auto", "on", "off"))
+
+
+def runtime(cfg: Config) -> Runtime:
+    """CUDA when present; AMP and channels_last follow train.amp / train.channels_last (auto = on with CUDA)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    amp = _auto_toggle(cfg.train.amp, "train.amp")
+    last = _auto_toggle(cfg.train.channels_last, "train.channels_last")
+    use_amp = amp == "on" or (amp == "auto" and cuda)
+    dtype = None
+    if use_amp:
+        dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    return Runtime(device, dtype, last == "on" or (last == "auto" and cuda))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and numpy."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffle and random ops: resume-safe without saving RNG state."""
+    return seed * 100_003 + epoch
+
+
+def make_loader(dataset, batch_size: int, rt: Runtime, cfg: Config, seed: int | None) -> DataLoader:
+    """DataLoader of uint8 batches; shuffled with ``seed`` (None = in order, for evaluation)."""
+    shuffle = seed is not None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        drop_last=shuffle and len(dataset) > batch_size,  # no size-1 last batch for BatchNorm
+        num_workers=cfg.train.num_workers, pin_memory=rt.device.type == "cuda",
+    )
+
+
+def to_input(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """uint8 (B, 1, S, S) -> float in [0, 1] on the device (normalisation happens inside FsNet)."""
+    x = images.to(rt.device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+
+def train_epoch(model: FsNet, loader: DataLoader, criterion, optimizer, scaler, rt: Runtime) -> float:
+    """One pass over the training set; the mean loss (synchronised once, at the end)."""
+    model.train()
+    total = torch.zeros((), device=rt.device)
+    count = 0
+    for images, labels in loader:
+        x = to_input(images, rt)
+        y = labels.to(rt.device, non_blocking=True).float()
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.detach() * len(y)
+        count += len(y)
+    return float(total) / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: FsNet, loader: DataLoader, criterion, rt: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, abnormal probabilities and the mean loss over ``loader``."""
+    model.eval()
+    scores, targets = [], []
+    total = torch.zeros((), device=rt.device)
+    for images, labels in loader:
+        y = labels.to(rt.device, non_blocking=True).float()
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
+            logits = model(to_input(images, rt)).float()
+        total += criterion(logits, y) * len(y)
+        scores.append(torch.sigmoid(logits))
+        targets.append(y)
+    if not scores:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), float("nan")
+    y_all = torch.cat(targets).cpu().numpy().astype(np.int64)
+    return y_all, torch.cat(scores).cpu().numpy().astype(np.float64), float(total) / len(y_all)

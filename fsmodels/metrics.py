@@ -1,0 +1,140 @@
+"""Binary classification metrics, implemented once (abnormal = 1 = positive).
+
+Undefined values are ``float('nan')``, never a made-up number: AUC and the
+Youden threshold need both classes, sensitivity needs positives, specificity
+needs negatives, F1 needs a positive label or prediction. AUC is the
+Mann-Whitney statistic with mid-ranks, so tied scores count one half.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+NAN = float("nan")
+CI_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity")  # metrics that get bootstrap intervals
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den else NAN
+
+
+def _arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    return y, s
+
+
+def auc_score(y_true, scores) -> float:
+    """ROC AUC via mid-ranks (ties = 1/2); nan when only one class is present."""
+    y, s = _arrays(y_true, scores)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return NAN
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(y.size, dtype=np.float64)
+    # mid-rank of each run of equal scores: mean of its 1-based positions
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], y.size]
+    mids = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(mids, ends - starts)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) at every distinct score, from (0, 0) at +inf to (1, 1).
+
+    A point at threshold t counts ``score >= t`` as positive. With one class the
+    undefined axis is all nan.
+    """
+    y, s = _arrays(y_true, scores)
+    thresholds = np.r_[np.inf, np.unique(s)[::-1]]
+    predicted = s[None, :] >= thresholds[:, None]
+    tp = (predicted & (y == 1)).sum(axis=1)
+    fp = (predicted & (y == 0)).sum(axis=1)
+    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
+    tpr = tp / n_pos if n_pos else np.full(tp.shape, np.nan)
+    fpr = fp / n_neg if n_neg else np.full(fp.shape, np.nan)
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds
+
+
+def youden_threshold(y_true, scores) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (nan with one class)."""
+    fpr, tpr, thresholds = roc_curve_points(y_true, scores)
+    j = tpr - fpr
+    if np.all(np.isnan(j)):
+        return NAN
+    best = int(np.nanargmax(j))
+    return float(thresholds[best]) if np.isfinite(thresholds[best]) else float(thresholds[1])
+
+
+def confusion(y_true, scores, threshold: float = 0.5) -> dict:
+    """tp, fp, tn, fn with ``score >= threshold`` predicted abnormal."""
+    y, s = _arrays(y_true, scores)
+    pred = s >= threshold
+    return dict(
+        tp=int((pred & (y == 1)).sum()),
+        fp=int((pred & (y == 0)).sum()),
+        tn=int((~pred & (y == 0)).sum()),
+        fn=int((~pred & (y == 1)).sum()),
+    )
+
+
+def rates(tp: int, fp: int, tn: int, fn: int) -> dict:
+    """accuracy, f1, sensitivity, specificity from a confusion matrix (nan when undefined)."""
+    return dict(
+        accuracy=_ratio(tp + tn, tp + fp + tn + fn),
+        f1=_ratio(2 * tp, 2 * tp + fp + fn),
+        sensitivity=_ratio(tp, tp + fn),
+        specificity=_ratio(tn, tn + fp),
+    )
+
+
+def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
+    """auc, accuracy, f1, sensitivity, specificity, youden_threshold, tp, fp, tn, fn."""
+    counts = confusion(y_true, scores, threshold)
+    return dict(
+        auc=auc_score(y_true, scores),
+        **rates(**counts),
+        youden_threshold=youden_threshold(y_true, scores),
+        **counts,
+    )
+
+
+def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float = 0.5, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals ``{'<metric>_ci': [lo, hi]}`` over resampled images.
+
+    Resamples where a metric is undefined (e.g. one class drawn) are left out of
+    that metric's interval; an interval with no defined resample is [nan, nan].
+    """
+    y, s = _arrays(y_true, scores)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, y.size, size=(n, y.size)) if y.size else np.zeros((n, 0), dtype=np.int64)
+    values = {name: np.empty(n) for name in CI_METRICS}
+    for i, idx in enumerate(draws):
+        yi, si = y[idx], s[idx]
+        values["auc"][i] = auc_score(yi, si)
+        for name, value in rates(**confusion(yi, si, threshold)).items():
+            values[name][i] = value
+    tail = (1.0 - level) / 2.0 * 100.0
+    out = {}
+    for name, vals in values.items():
+        vals = vals[~np.isnan(vals)]
+        lo, hi = (np.percentile(vals, [tail, 100.0 - tail]) if vals.size else (NAN, NAN))
+        out[f"{name}_ci"] = [float(lo), float(hi)]
+    return out
+
+
+def json_safe(value):
+    """nan/inf -> None recursively, so metrics files are strict JSON ("undefined" stays visible as null)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

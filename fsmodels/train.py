@@ -1,0 +1,263 @@
+"""One trial: the paper's training protocol on one store variant, resumable, with honest metrics.
+
+``run_trial`` is what ``fsweep train`` runs and what the sweep wraps in a Ray
+Tune trainable. Per epoch it trains, scores the validation split (abnormal =
+positive, threshold 0.5, Youden's threshold recorded), writes a checkpoint
+directory and calls ``on_epoch(metrics, checkpoint_dir)``. The best epoch by
+``search.metric`` is kept; ``train.test`` scores it on the test split with
+bootstrap 95 % intervals. On CUDA: AMP (bf16 where supported), channels_last,
+pinned memory, non-blocking copies and no host sync inside an epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fsmodels.backbones import create_backbone, resolve_backbone, weights_file
+from fsmodels.checkpoint import (
+    checkpoint_config, load_best_weights, load_state, plain, prune_checkpoints, save_checkpoint,
+)
+from fsmodels.config import Config, config_from_dict, save_config
+from fsmodels.engine import Runtime, epoch_seed, make_loader, predict, runtime, seed_everything, train_epoch
+from fsmodels.metrics import binary_metrics, bootstrap_ci, json_safe
+from fsmodels.model import FsNet, build_model
+from fsmodels.params import TrialParams, resolve_variant, trial_params
+from fsmodels.stn import STN, ensure_frozen_stn
+from preprocessing.errors import FsweepError
+
+__all__ = ["run_trial", "evaluate_checkpoint", "load_trial_model", "trial_params"]
+REPORTED = ("auc", "accuracy", "f1", "sensitivity", "specificity", "loss")  # metrics.json val/test keys
+EVAL_BATCH = 32  # evaluation batch size floor (no gradients: larger batches are cheap and change nothing)
+EpochCallback = Callable[[dict, Path], None]
+
+
+@dataclass
+class TrainingState:
+    """What changes from epoch to epoch (and what a checkpoint restores)."""
+
+    history: list  # one dict per finished epoch
+    best_epoch: int = 0  # epoch of the best ``search.metric`` so far (0 = none yet)
+    best_value: float | None = None  # its value
+    best_model: dict | None = None  # its model state dict (CPU)
+    last_epoch: int = 0  # the last finished epoch
+    checkpoint: Path | None = None  # directory of the last checkpoint
+
+
+def class_pos_weight(labels: np.ndarray, weighted: bool) -> float:
+    """BCE pos_weight = n_normal / n_abnormal of the training set (the paper's class weights), or 1."""
+    n_pos = int((labels == 1).sum())
+    n_neg = int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise FsweepError(f"training set has {n_pos} abnormal and {n_neg} normal images: both classes are needed")
+    return n_neg / n_pos if weighted else 1.0
+
+
+def make_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (paper) or AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer.lower() == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, epochs: int):
+    """StepLR(step_size, gamma) (paper: 7, 0.1) or cosine over the trial's epochs; stepped once per epoch."""
+    if cfg.train.schedule.lower() == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.step_size, gamma=cfg.train.gamma)
+
+
+def split_metrics(labels: np.ndarray, scores: np.ndarray, loss: float) -> dict:
+    """binary_metrics plus the loss."""
+    return {**binary_metrics(labels, scores), "loss": loss}
+
+
+def epoch_report(epoch: int, train_loss: float, val: dict, best_epoch: int, best_value: float, metric: str) -> dict:
+    """The dict ``on_epoch`` receives (keys fixed by the plan; Ray Tune reports it as is)."""
+    report = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
+    for key in ("auc", "accuracy", "f1", "sensitivity", "specificity", "youden_threshold"):
+        report[f"val_{key}"] = val[key]
+    report["best_epoch"] = best_epoch
+    report[f"best_{metric}"] = best_value
+    return report
+
+
+def _is_new_best(val: dict, metric: str, mode: str, run: TrainingState) -> bool:
+    """Better ``metric`` than the best so far; on a tie the lower validation loss wins (AUC saturates early)."""
+    if run.best_value is None:
+        return True
+    value, best = val[metric[len("val_"):]], run.best_value
+    if math.isnan(value):
+        return False
+    if math.isnan(best) or (value > best if mode == "max" else value < best):
+        return True
+    best_loss = next(h["val_loss"] for h in run.history if h["epoch"] == run.best_epoch)
+    return value == best and val["loss"] < best_loss
+
+
+def _datasets(variant, params: TrialParams):
+    from preprocessing.loader import eval_set, train_set
+
+    return train_set(variant, params.view, params.flip), eval_set(variant, params.view, "val")
+
+
+def _build(cfg: Config, params: TrialParams, variant) -> FsNet:
+    weights_file(resolve_backbone(params.backbone), cfg.train.pretrained)  # fail before any STN pretraining
+    stn_weights = None
+    if params.stn == "frozen":
+        stn_weights = ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=0)
+    seed_everything(params.seed)
+    return build_model(params.backbone, cfg.train.pretrained, params.finetune, params.stn, stn_weights)
+
+
+def _setup(cfg: Config, params: TrialParams, variant, rt: Runtime, train_labels: np.ndarray):
+    """Model, optimizer, scheduler, grad scaler and loss of a fresh trial."""
+    pos_weight = class_pos_weight(train_labels, cfg.train.class_weights)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=rt.device))
+    model = _build(cfg, params, variant).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model, params.lr)
+    scheduler = make_scheduler(cfg, optimizer, params.epochs)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    return model, optimizer, scheduler, scaler, criterion, pos_weight
+
+
+def _restore(resume_from, model, optimizer, scheduler, scaler) -> TrainingState:
+    """Load a checkpoint's model/optimizer/scheduler/scaler state; return its history and best so far."""
+    state = load_state(resume_from)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return TrainingState(
+        history=list(state["history"]), best_epoch=state["best_epoch"], best_value=state["best_value"],
+        best_model=load_best_weights(resume_from), last_epoch=state["epoch"], checkpoint=Path(resume_from),
+    )
+
+
+def _check_metric(metric: str) -> None:
+    valid = [f"val_{k}" for k in REPORTED]
+    if metric not in valid:
+        raise FsweepError(f"search.metric: {metric!r} is not one of {', '.join(valid)}")
+
+
+def run_trial(cfg: Config, out_dir, *, on_epoch: EpochCallback | None = None, resume_from=None) -> dict:
+    """Train one trial; write ``out_dir/config.yaml``, per-epoch checkpoints and ``out_dir/metrics.json``.
+
+    ``on_epoch(metrics, checkpoint_dir)`` runs after every epoch and must persist
+    the directory before returning (``ray.tune.report`` does): only the newest
+    epoch directory is kept under ``out_dir/checkpoints``. ``resume_from`` is a
+    checkpoint directory; training continues after its epoch with its optimizer,
+    scheduler and history, giving the same numbers as an uninterrupted run.
+    Returns the metrics.json content.
+    """
+    started = time.time()
+    cfg = config_from_dict(plain(cfg.to_dict()))  # a copy with plain Python values (Ray may sample numpy ones)
+    params = trial_params(cfg)
+    metric, mode = cfg.search.metric, cfg.search.mode
+    _check_metric(metric)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    variant = resolve_variant(cfg, params.he)
+    rt = runtime(cfg)
+    if rt.device.type == "cpu":
+        # the trial's share of cores: more threads than that makes OpenMP spin against other trials (5x slower)
+        torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    train_data, val_data = _datasets(variant, params)
+    model, optimizer, scheduler, scaler, criterion, pos_weight = _setup(
+        cfg, params, variant, rt, np.asarray(train_data.labels)
+    )
+    run = TrainingState(history=[])
+    if resume_from is not None:
+        run = _restore(resume_from, model, optimizer, scheduler, scaler)
+    val_loader = make_loader(val_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
+    ckpt_root = out / "checkpoints"
+    for epoch in range(run.last_epoch + 1, params.epochs + 1):
+        seed_everything(epoch_seed(params.seed, epoch))
+        loader = make_loader(train_data, params.batch_size, rt, cfg, epoch_seed(params.seed, epoch))
+        train_loss = train_epoch(model, loader, criterion, optimizer, scaler, rt)
+        scheduler.step()
+        val = split_metrics(*predict(model, val_loader, criterion, rt))
+        if _is_new_best(val, metric, mode, run):
+            run.best_epoch, run.best_value = epoch, val[metric[len("val_"):]]
+            run.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        run.history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}})
+        state = dict(
+            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=run.history,
+            best_epoch=run.best_epoch, best_value=run.best_value, config=cfg.to_dict(), variant=variant.key,
+            pos_weight=pos_weight,
+        )
+        run.checkpoint, run.last_epoch = save_checkpoint(ckpt_root, state, run.best_model, cfg), epoch
+        report = epoch_report(epoch, train_loss, val, run.best_epoch, run.best_value, metric)
+        print(_progress_line(report, params.epochs, metric), flush=True)
+        if on_epoch is not None:
+            on_epoch(report, run.checkpoint)
+        prune_checkpoints(ckpt_root, keep=run.checkpoint)
+    result = _final_metrics(run, metric, variant.key, time.time() - started)
+    if cfg.train.test:
+        result["test"] = evaluate_checkpoint(run.checkpoint, split="test", with_scores=False)
+    (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2))
+    return result
+
+
+def _progress_line(report: dict, epochs: int, metric: str) -> str:
+    return (
+        f"epoch {report['epoch']}/{epochs} train_loss={report['train_loss']:.4f} val_loss={report['val_loss']:.4f} "
+        f"val_auc={report['val_auc']:.3f} val_acc={report['val_accuracy']:.3f} "
+        f"best_epoch={report['best_epoch']} best_{metric}={report[f'best_{metric}']:.4f}"
+    )
+
+
+def _final_metrics(run: TrainingState, metric: str, key: str, seconds: float) -> dict:
+    best = next(h for h in run.history if h["epoch"] == run.best_epoch)
+    val = {k: best[f"val_{k}"] for k in (*REPORTED, "youden_threshold")}
+    return dict(
+        best_epoch=run.best_epoch, metric=metric, val=val, history=run.history, variant=key,
+        checkpoint=str(run.checkpoint), seconds=round(seconds, 1),
+    )
+
+
+def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
+    """The best-epoch model of a trial checkpoint (eval mode, CPU) and its config; no weights files needed."""
+    state = load_state(checkpoint_dir)
+    cfg = checkpoint_config(state)
+    params = trial_params(cfg)
+    stn = None if params.stn == "off" else STN()
+    model = FsNet(create_backbone(params.backbone, pretrained="none", finetune=True), stn)
+    model.load_state_dict(load_best_weights(checkpoint_dir))
+    return model.eval(), cfg
+
+
+def evaluate_checkpoint(checkpoint_dir, split: str = "test", n_boot: int = 1000, with_scores: bool = True) -> dict:
+    """Score a checkpoint's best epoch on ``split``: metrics, ``*_ci`` bootstrap 95 % intervals, per-image scores."""
+    from preprocessing.loader import eval_set
+
+    model, cfg = load_trial_model(checkpoint_dir)
+    params = trial_params(cfg)
+    state = load_state(checkpoint_dir)
+    variant = resolve_variant(cfg, params.he)
+    rt = runtime(cfg)
+    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    dataset = eval_set(variant, params.view, split)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(state["pos_weight"], device=rt.device))
+    loader = make_loader(dataset, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
+    labels, scores, loss = predict(model, loader, criterion, rt)
+    result = {**split_metrics(labels, scores, loss), **bootstrap_ci(labels, scores, n=n_boot, seed=params.seed)}
+    result.update(split=split, best_epoch=state["best_epoch"], n=int(len(labels)))
+    if with_scores:
+        ids = list(dataset.image_ids)
+        result["scores"] = [
+            {"image_id": i, "label": int(y), "score": float(s)} for i, y, s in zip(ids, labels, scores)
+        ]
+    return result

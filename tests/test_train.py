@@ -1,0 +1,181 @@
+"""The one-trial loop on the real tiny phantom store: AUC, metrics.json, resume, --test, the frozen STN."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fsmodels.stn as stn_module
+from fsmodels.checkpoint import load_best_weights, load_state
+from fsmodels.config import load_config
+from fsmodels.metrics import json_safe
+from fsmodels.stn import STN_FIGURE, STN_STATS, ensure_frozen_stn, load_frozen_stn, pretrain_stn_cli
+from fsmodels.train import evaluate_checkpoint, load_trial_model, run_trial
+from preprocessing.errors import FsweepError
+from preprocessing.loader import eval_set
+from preprocessing.store import VariantSpec, build_variant
+from search.cli import main as fsweep
+
+SIZE = 64  # tiny images: the whole file runs in about a minute on 2 cores
+EPOCH_KEYS = {
+    "epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_f1", "val_sensitivity",
+    "val_specificity", "val_youden_threshold", "best_epoch", "best_val_auc",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_dataset, tmp_path_factory):
+    """The real store variant (he=global, 64 px, full frame) of the tiny phantom."""
+    store = tmp_path_factory.mktemp("store")
+    return build_variant(tiny_dataset, store, VariantSpec(he="global", size=SIZE))
+
+
+@pytest.fixture(scope="session")
+def trial_yaml(tiny_dataset, tiny_variant, tmp_path_factory):
+    """A demo-sized trial config on the tiny store."""
+    path = tmp_path_factory.mktemp("cfg") / "trial.yaml"
+    path.write_text(
+        f"data: {{dataset: {tiny_dataset}, store: {tiny_variant.path.parent}, size: {SIZE}}}\n"
+        "space: {backbone: resnet10t, view: both, batch_size: 16, epochs: 5, lr: 0.01, he: global,\n"
+        "        flip: true, stn: off, finetune: true, seed: 0}\n"
+        "train: {pretrained: none}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def full_run(trial_yaml, tmp_path_factory):
+    """``fsweep train CONFIG --out DIR --test``: the uninterrupted reference run and its wall time."""
+    out = tmp_path_factory.mktemp("full")
+    start = time.perf_counter()
+    assert fsweep(["train", str(trial_yaml), "--out", str(out), "--test"]) == 0
+    return out, time.perf_counter() - start
+
+
+def test_short_cpu_run_on_the_phantom_store_learns(full_run):
+    out, seconds = full_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"]["auc"] >= 0.85
+    assert seconds < 120
+    assert set(metrics["val"]) >= {"auc", "accuracy", "f1", "sensitivity", "specificity", "loss"}
+    assert metrics["history"][metrics["best_epoch"] - 1]["val_auc"] == metrics["val"]["auc"]
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]
+    assert (out / "config.yaml").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_005"]  # only the newest is kept
+
+
+def test_test_split_scored_with_bootstrap_intervals(full_run, tiny_variant):
+    out, _ = full_run
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    for name in ("auc", "accuracy", "f1", "sensitivity", "specificity"):
+        lo, hi = test[f"{name}_ci"]
+        assert lo <= test[name] <= hi
+    assert test["n"] == len(eval_set(tiny_variant, "both", "test")) and "loss" in test and "scores" not in test
+
+
+def test_checkpoint_loads_weights_only_and_evaluates(full_run):
+    ckpt = full_run[0] / "checkpoints" / "epoch_005"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["epoch"] == 5 and set(state) >= {"model", "optimizer", "scheduler", "history", "best_epoch"}
+    model, cfg = load_trial_model(ckpt)
+    assert cfg.space.backbone == "resnet10t" and not model.training
+    result = evaluate_checkpoint(ckpt, split="val", n_boot=50)
+    metrics = json.loads((full_run[0] / "metrics.json").read_text())
+    assert result["auc"] == pytest.approx(metrics["val"]["auc"])
+    assert len(result["scores"]) == result["n"] and {"image_id", "label", "score"} <= set(result["scores"][0])
+
+
+def test_resume_continues_at_the_next_epoch_with_identical_metrics(trial_yaml, full_run, tmp_path):
+    cfg = load_config(trial_yaml)
+    seen = []
+
+    def crash_after_epoch_1(metrics, checkpoint_dir):
+        seen.append((metrics, checkpoint_dir))
+        raise KeyboardInterrupt  # the process dies right after reporting epoch 1
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, tmp_path, on_epoch=crash_after_epoch_1)
+    (first, ckpt), = seen
+    assert set(first) == EPOCH_KEYS and first["epoch"] == 1
+    resumed = []
+    result = run_trial(cfg, tmp_path, on_epoch=lambda m, d: resumed.append(m), resume_from=ckpt)
+    assert [m["epoch"] for m in resumed] == [2, 3, 4, 5]
+    reference = json.loads((full_run[0] / "metrics.json").read_text())
+    assert json_safe(result["history"]) == reference["history"]  # bit-identical floats
+    assert result["best_epoch"] == reference["best_epoch"]
+
+
+def test_amp_channels_last_joint_stn_frozen_backbone_paths_run_on_cpu(trial_yaml, tmp_path):
+    # CI has no GPU: force the CUDA-default options on (bf16 autocast on the CPU) so their code runs somewhere
+    cfg = load_config(trial_yaml, [
+        "space.epochs=1", "train.amp=on", "train.channels_last=on", "space.view=right", "space.stn=joint",
+        "space.finetune=false", "train.optimizer=adamw", "train.schedule=cosine",
+    ])
+    cfg.space.lr, cfg.space.seed = np.float64(0.01), np.int64(3)  # what Ray Tune's samplers hand over
+    result = run_trial(cfg, tmp_path)
+    assert 0 < result["history"][0]["train_loss"] < 10 and 0 <= result["val"]["auc"] <= 1
+    ckpt = tmp_path / "checkpoints" / "epoch_001"
+    assert load_state(ckpt)["config"]["space"]["lr"] == 0.01  # plain floats: loads with weights_only
+    model, _ = load_trial_model(ckpt)
+    assert model.stn is not None
+    assert evaluate_checkpoint(ckpt, split="val", n_boot=10)["auc"] == pytest.approx(result["val"]["auc"], abs=0.02)
+
+
+def test_sweep_values_and_unknown_choices_fail_clearly(trial_yaml, tmp_path):
+    for override, needle in (
+        ("space.lr=[0.1, 0.01]", "space.lr: a single trial needs one value"),
+        ("train.optimizer=adam", "train.optimizer"),
+        ("train.schedule=linear", "train.schedule"),
+        ("space.view=top", "space.view"),
+    ):
+        with pytest.raises(FsweepError, match=needle):
+            run_trial(load_config(trial_yaml, [override]), tmp_path)
+    with pytest.raises(FsweepError, match="fsweep store build"):
+        run_trial(load_config(trial_yaml, ["data.size=96"]), tmp_path)
+
+
+def test_frozen_stn_trains_once_under_concurrency_and_stays_frozen(tiny_variant, trial_yaml, tmp_path, monkeypatch,
+                                                                   capsys):
+    calls = []
+    real = stn_module.pretrain_stn
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stn_module, "pretrain_stn", counted)
+    paths = []
+    workers = [threading.Thread(target=lambda: paths.append(ensure_frozen_stn(tiny_variant, epochs=10))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(calls) == 1 and len(set(paths)) == 1
+    stn_dir = paths[0].parent
+    stats = json.loads((stn_dir / STN_STATS).read_text())
+    assert stats["train_accuracy"] >= 0.9  # the phantom's left view is the mirrored right one: learnable
+    assert (stn_dir / STN_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pretrain_stn_cli(tiny_variant.path.parent, variant=tiny_variant.key, epochs=10)
+    assert "STN view-task loss=" in capsys.readouterr().out and len(calls) == 1  # reused, not retrained
+
+    cfg = load_config(trial_yaml, ["space.stn=frozen", "space.epochs=1"])
+    run_trial(cfg, tmp_path)
+    frozen = load_frozen_stn(paths[0]).state_dict()
+    trained = load_best_weights(tmp_path / "checkpoints" / "epoch_001")
+    assert all(torch.equal(trained[f"stn.{k}"], v) for k, v in frozen.items())
+    assert load_state(tmp_path / "checkpoints" / "epoch_001")["history"][0]["epoch"] == 1
+
+
+def test_best_epoch_tie_goes_to_the_lower_validation_loss():
+    from fsmodels.train import TrainingState, _is_new_best
+
+    run = TrainingState(history=[{"epoch": 1, "val_loss": 0.5}], best_epoch=1, best_value=1.0)
+    assert _is_new_best({"auc": 1.0, "loss": 0.2}, "val_auc", "max", run)
+    assert not _is_new_best({"auc": 1.0, "loss": 0.7}, "val_auc", "max", run)
+    assert not _is_new_best({"auc": 0.9, "loss": 0.1}, "val_auc", "max", run)
+    assert not _is_new_best({"auc": float("nan"), "loss": 0.1}, "val_auc", "max", run)
+    assert _is_new_best({"loss": 0.4}, "val_loss", "min", TrainingState(history=[], best_epoch=1, best_value=0.5))
