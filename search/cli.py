@@ -68,7 +68,7 @@ def _cmd_store_build(args: argparse.Namespace) -> None:
 
     build_store(
         args.dataset, args.store, roi=args.roi, size=args.size, he_modes=args.he.split(","),
-        margin=args.margin, aspect=args.aspect,
+        margin=args.margin, aspect=args.aspect, address=args.address,
     )
 
 
@@ -81,7 +81,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     if args.test:
         cfg.train.test = True
-    run_trial(cfg, args.out)
+    result = run_trial(cfg, args.out)
+    val = result["val"]
+    print(f"best epoch {result['best_epoch']}: val auc={val['auc']:.3f} accuracy={val['accuracy']:.3f} "
+          f"f1={val['f1']:.3f} sensitivity={val['sensitivity']:.3f} specificity={val['specificity']:.3f}")
+    if "test" in result:
+        test = result["test"]
+        print(f"test (best epoch): auc={test['auc']:.3f} [95% CI {test['auc_ci'][0]:.3f}-{test['auc_ci'][1]:.3f}] "
+              f"accuracy={test['accuracy']:.3f} [{test['accuracy_ci'][0]:.3f}-{test['accuracy_ci'][1]:.3f}]")
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
 
 
 def _cmd_stn_train(args: argparse.Namespace) -> None:
@@ -177,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--imgsz", type=int, default=320, help="YOLO input size")
     p.add_argument("--model", default="yolo11n.yaml", help="model yaml (built from scratch) or a local .pt")
-    p.add_argument("--batch", type=int, default=8, help="images per batch (one optimizer step each)")
+    p.add_argument("--batch", type=int, default=4, help="images per batch (one optimizer step each)")
     p.set_defaults(func=_cmd_roi_train)
 
     p = sub.add_parser("store", help="the preprocessing store")
@@ -191,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--he", default="off,global,clahe", help="comma-separated HE modes to build")
     p.add_argument("--margin", type=float, default=0.05, help="crop margin, fraction of the box")
     p.add_argument("--aspect", default="pad", choices=("pad", "stretch"), help="how a crop becomes square")
+    p.add_argument("--address", default=None, help="Ray address: auto or ray://HOST:PORT (default: a local Ray)")
     p.set_defaults(func=_cmd_store_build)
 
     p = sub.add_parser("stn", help="the spatial transformer")

@@ -1,0 +1,188 @@
+"""``fsweep report EXPERIMENT``: report.md with the leaderboard, paper-shaped tables and plots.
+
+Tables are on *validation* metrics (selection data); only the winners' rows show
+test figures, each with its bootstrap 95 % interval. Repeated seeds are shown as
+mean ± std over seeds (n = number of seeds).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cluster.storage import exists, is_uri, join, resolve_storage
+from preprocessing.errors import FsweepError
+from search.expdir import get_text, upload_dir
+from search.select import LEADERBOARD, VAL_COLUMNS, WINNERS, finish_experiment
+from search.space import SPACE_KEYS, searched_keys
+from search.sweep import SWEEP_CONFIG, load_sweep_config
+
+REPORT = "report.md"
+TABLE_METRICS = ("val_accuracy", "val_f1", "val_specificity", "val_sensitivity", "val_auc")  # paper's column order
+TEST_METRICS = ("accuracy", "f1", "specificity", "sensitivity", "auc")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of ``frame`` (floats to 3 decimals)."""
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def seed_summary(board: pd.DataFrame, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
+    """Per combination of ``keys``: mean ± std over seeds of the validation metrics.
+
+    Keys that vary but are not in ``keys`` (other than the seed) are settled by the
+    combination with the best mean ``metric``.
+    """
+    done = board[board["status"] == "TERMINATED"]
+    if done.empty:
+        return pd.DataFrame()
+    varying = [k for k in SPACE_KEYS if k != "seed" and done[k].astype(str).nunique() > 1]
+    group_keys = list(dict.fromkeys([*keys, *varying]))
+    grouped = done.groupby([done[k].astype(str) for k in group_keys], sort=True)
+    stats = grouped[list(TABLE_METRICS)].agg(["mean", "std"])
+    counts = grouped.size()
+    best = stats[(metric, "mean")].groupby(level=list(range(len(keys)))).idxmax() if mode == "max" else \
+        stats[(metric, "mean")].groupby(level=list(range(len(keys)))).idxmin()
+    rows = []
+    for index in best.dropna():
+        index = index if isinstance(index, tuple) else (index,)
+        row = dict(zip(group_keys, index))
+        for m in TABLE_METRICS:
+            mean, std = stats.loc[index, (m, "mean")], stats.loc[index, (m, "std")]
+            row[m.removeprefix("val_")] = _fmt(mean) if counts[index] < 2 else f"{mean:.3f} ± {std:.3f}"
+        row["n"] = int(counts[index])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _winner_lines(winners: dict) -> list[str]:
+    lines = []
+    for view, win in winners.items():
+        test = win.get("test", {})
+        cells = []
+        for m in TEST_METRICS:
+            ci = test.get(f"{m}_ci")
+            interval = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+            cells.append(f"{m} {_fmt(test.get(m))}{interval}")
+        config = ", ".join(f"{k}={v}" for k, v in win["config"].items())
+        lines += [
+            f"### {view} view: trial `{win['trial_id']}` (epoch {win['best_epoch']})",
+            f"- selected by {win['selected_by']}: {_fmt(win['val'].get('val_auc'))} val AUC",
+            f"- config: {config}",
+            f"- **test** (scored once, after selection; bootstrap 95 % intervals): " + "; ".join(cells),
+            f"- ![ROC]({view}_roc.png) ![confusion]({view}_confusion.png)",
+            "",
+        ]
+    return lines
+
+
+def plot_roc(y: np.ndarray, scores: np.ndarray, title: str, path: Path) -> None:
+    """Write the ROC curve of (y, scores) as a PNG."""
+    from search.tb import roc_figure_png
+
+    path.write_bytes(roc_figure_png(y, scores, title))
+
+
+def plot_confusion(test: dict, title: str, path: Path) -> None:
+    """Write a 2x2 confusion matrix (rows truth, columns prediction) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = np.array([[test.get("tn", 0), test.get("fp", 0)], [test.get("fn", 0), test.get("tp", 0)]])
+    fig, ax = plt.subplots(figsize=(3.2, 3.0))
+    ax.imshow(cells, cmap="Blues")
+    for (i, j), count in np.ndenumerate(cells):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=12)
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "abnormal"], yticklabels=["normal", "abnormal"],
+           xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+
+
+def write_plots(experiment: Path, winners: dict) -> None:
+    """ROC and confusion-matrix PNGs of each winner on the test split."""
+    for view, win in winners.items():
+        scores = pd.read_csv(experiment / f"winner_{view}_test_scores.csv")
+        plot_roc(scores["label"].to_numpy(), scores["score"].to_numpy(), f"{view} view, test", experiment / f"{view}_roc.png")
+        plot_confusion(win["test"], f"{view} view, test", experiment / f"{view}_confusion.png")
+
+
+def _working_copy(experiment: str) -> Path:
+    """A local directory with the experiment's fsweep files (the experiment itself when it is a path)."""
+    if not is_uri(experiment):
+        return Path(experiment)
+    work = Path(tempfile.mkdtemp(prefix="fsweep-report-"))
+    names = [SWEEP_CONFIG, LEADERBOARD, WINNERS]
+    winners = json.loads(get_text(join(experiment, WINNERS)))
+    names += [f"winner_{view}_test_scores.csv" for view in winners]
+    for name in names:
+        (work / name).write_text(get_text(join(experiment, name)))
+    return work
+
+
+def write_report(experiment: str | Path) -> Path | str:
+    """Write EXPERIMENT/report.md and its PNGs (leaderboard and winners first if missing); returns its location."""
+    experiment = resolve_storage(experiment)
+    if not exists(join(experiment, SWEEP_CONFIG)):
+        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
+    cfg = load_sweep_config(experiment)
+    if not exists(join(experiment, LEADERBOARD)) or not exists(join(experiment, WINNERS)):
+        finish_experiment(experiment, cfg)
+    work = _working_copy(experiment)
+    board = pd.read_csv(work / LEADERBOARD)
+    board["best_epoch"] = board["best_epoch"].astype("Int64")
+    winners = json.loads((work / WINNERS).read_text())
+    write_plots(work, winners)
+    (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners))
+    upload_dir(work, experiment)
+    return join(experiment, REPORT) if is_uri(experiment) else Path(experiment) / REPORT
+
+
+def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
+    """The markdown of report.md."""
+    metric, mode = cfg.search.metric, cfg.search.mode
+    status = board["status"].value_counts().to_dict()
+    shown = ["trial_id", "status", *searched_keys(cfg), *[c for c in VAL_COLUMNS if c != "val_loss"], "best_epoch", "node"]
+    lines = [
+        f"# Sweep report: {name}",
+        "",
+        f"{len(board)} trials ({', '.join(f'{n} {s.lower()}' for s, n in status.items())}); "
+        f"selection by **{metric}** ({mode}) on the validation split. Tables show validation metrics; "
+        "only the winners below were scored on the test split.",
+        "",
+        "## Winners (test split)",
+        "",
+        *_winner_lines(winners),
+        "## Ablation: HE × Flip × STN per view (as the paper's Table 5; validation)",
+        "",
+        markdown_table(seed_summary(board, ["view", "he", "flip", "stn"], metric, mode)),
+        "",
+        "## Backbones per view (as the paper's Table 6; validation)",
+        "",
+        markdown_table(seed_summary(board, ["view", "backbone"], metric, mode)),
+        "",
+        "## Leaderboard",
+        "",
+        markdown_table(board[shown]),
+        "",
+    ]
+    failed = board[board["status"] == "ERROR"]
+    if not failed.empty:
+        lines += ["## Failed trials", "", markdown_table(failed[["trial_id", "error"]]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Leaderboard and honest selection (DESIGN §3, §4.5).
+
+Every trial is ranked by its best epoch's *validation* metric; the best trial per
+view is the winner; only then is the winner's checkpoint scored on the test split
+(with bootstrap intervals). Nothing here reads a test metric before the choice.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from ray.tune import ExperimentAnalysis, ResultGrid
+
+from cluster.storage import join
+from fsmodels.config import Config
+from fsmodels.metrics import json_safe
+from search.expdir import checkpoint_location, local_dir, put_text
+from search.space import SELECTABLE_METRICS, SPACE_KEYS
+
+LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
+WINNERS = "winners.json"  # per view: the winning trial, its validation and test metrics
+VAL_COLUMNS = SELECTABLE_METRICS  # the best epoch's validation metrics, per trial
+
+
+def best_epoch_metrics(history: pd.DataFrame | None, best_epoch) -> dict:
+    """The reported metrics of epoch ``best_epoch`` (the last report of it, should a resume repeat one)."""
+    if history is None or history.empty or best_epoch is None or "epoch" not in history:
+        return {}
+    rows = history[history["epoch"] == best_epoch]
+    return rows.iloc[-1].to_dict() if len(rows) else {}
+
+
+def error_reason(error: BaseException | None) -> str:
+    """The last line of a trial's error (exception type and message)."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
+    """One dict per trial: id, status, space values, best-epoch validation metrics, node, error, checkpoint."""
+    experiment = str(experiment)
+    analysis = ExperimentAnalysis(experiment, default_metric=metric, default_mode=mode)
+    rows = []
+    for trial, result in zip(analysis.trials, ResultGrid(analysis)):
+        row = {"trial_id": trial.trial_id, "status": trial.status}
+        row.update({key: trial.config.get(key) for key in SPACE_KEYS})
+        last = trial.last_result or {}
+        # run_trial picks the best epoch by search.metric and keeps its weights in every later
+        # checkpoint (best.pt), so the latest checkpoint serves the best epoch
+        best = best_epoch_metrics(result.metrics_dataframe, last.get("best_epoch"))
+        row.update({col: best.get(col, float("nan")) for col in VAL_COLUMNS})
+        row["best_epoch"] = last.get("best_epoch") if best else None
+        row["epochs_run"] = last.get("epoch", 0)
+        row["node"] = last.get("node", last.get("node_ip", ""))
+        row["error"] = error_reason(result.error) if trial.status == "ERROR" else ""
+        row["checkpoint"] = checkpoint_location(experiment, result.checkpoint) if result.checkpoint else ""
+        rows.append(row)
+    return rows
+
+
+def leaderboard(experiment: str | Path, metric: str = "val_auc", mode: str = "max") -> pd.DataFrame:
+    """All trials, best validation ``metric`` first (failed trials last, with their reason)."""
+    board = pd.DataFrame(trial_rows(experiment, metric, mode))
+    if board.empty:
+        return board
+    board["best_epoch"] = board["best_epoch"].astype("Int64")  # an integer column with gaps for failed trials
+    return board.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+
+
+def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max") -> dict[str, dict]:
+    """Best finished trial per view by validation ``metric`` (only validation columns are looked at)."""
+    if metric not in VAL_COLUMNS or board.empty:
+        return {}
+    usable = board[(board["status"] == "TERMINATED") & board[metric].notna()]
+    winners = {}
+    for view, group in usable.groupby("view", sort=True):
+        order = group.sort_values([metric, "best_epoch"], ascending=[mode == "min", True], kind="stable")
+        winners[str(view)] = order.iloc[0].to_dict()
+    return winners
+
+
+def score_on_test(winner: dict) -> dict:
+    """The winner's selected checkpoint on the test split: metrics, bootstrap intervals, per-image scores."""
+    from fsmodels.train import evaluate_checkpoint
+
+    return evaluate_checkpoint(local_dir(winner["checkpoint"]), split="test")
+
+
+def _plain(value):
+    """numpy/pandas scalars as Python values; NaN and pandas' NA as None (JSON null)."""
+    if value is pd.NA:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def finish_experiment(experiment: str | Path, cfg: Config) -> None:
+    """Write leaderboard.csv, then score each view's winner on test into winners.json (+ its per-image scores)."""
+    experiment = str(experiment)
+    board = leaderboard(experiment, cfg.search.metric, cfg.search.mode)
+    put_text(join(experiment, LEADERBOARD), board.to_csv(index=False))
+    winners = {}
+    for view, row in pick_winners(board, cfg.search.metric, cfg.search.mode).items():
+        test = score_on_test(row)
+        put_text(join(experiment, f"winner_{view}_test_scores.csv"), pd.DataFrame(test.pop("scores")).to_csv(index=False))
+        winners[view] = {
+            "trial_id": row["trial_id"],
+            "config": {k: _plain(row[k]) for k in SPACE_KEYS},
+            "best_epoch": _plain(row["best_epoch"]),
+            "checkpoint": row["checkpoint"],
+            "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation",
+            "val": {k: _plain(row[k]) for k in VAL_COLUMNS},
+            "test": test,
+        }
+    put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=_plain))
+    print(f"leaderboard: {join(experiment, LEADERBOARD)} ({len(board)} trials)")
+    for view, win in winners.items():
+        print(
+            f"winner {view}: trial {win['trial_id']} {cfg.search.metric}={_fmt(win['val'].get(cfg.search.metric))} "
+            f"(validation); test auc={_fmt(win['test'].get('auc'))}"
+        )
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None else f"{value:.3f}"

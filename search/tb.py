@@ -1,0 +1,213 @@
+"""TensorBoard for a sweep: per-trial scalars and the HParams dashboard, live.
+
+Layout under the experiment directory (``tensorboard --logdir EXPERIMENT``):
+the top-level run holds the HParams *experiment* (every space key with its domain,
+the validation metrics); each trial directory is one HParams *session*: its
+session-start record (written when the trial starts, so running trials are listed),
+its scalars per epoch, and its session-end record. The trial process adds sample
+images and the validation ROC curve to the same directory (:func:`write_samples`,
+:func:`write_roc`). Ray's own TensorBoard logger is switched off by the sweep: it
+writes HParams only at a trial's end and drops non-numeric values.
+"""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import struct_pb2
+from ray.tune import Callback
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from fsmodels.config import Config
+from search.space import SPACE_KEYS, values_of
+
+VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_sensitivity", "val_specificity", "val_loss")
+TRAIN_METRICS = ("train_loss",)
+SCALAR_PREFIXES = ("val_", "train_", "best_")  # numeric reported keys that become scalars
+
+
+def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    data.version = metadata.PLUGIN_DATA_VERSION
+    meta = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def hparam_value(value: Any) -> Any:
+    """A trial's value as the HParams plugin stores it: bool, number or string."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _struct_value(value: Any) -> struct_pb2.Value:
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, (int, float)):
+        return struct_pb2.Value(number_value=float(value))
+    return struct_pb2.Value(string_value=str(value))
+
+
+def _hparam_info(key: str, raw: Any) -> api_pb2.HParamInfo:
+    finite = values_of(key, raw)
+    if finite is None:  # a numeric distribution: its bounds as the interval
+        (_, args), = raw.items()
+        interval = api_pb2.Interval(min_value=float(args[0]), max_value=float(args[1]))
+        return api_pb2.HParamInfo(name=key, type=api_pb2.DATA_TYPE_FLOAT64, domain_interval=interval)
+    values = [hparam_value(v) for v in finite]
+    if all(isinstance(v, bool) for v in values):
+        kind = api_pb2.DATA_TYPE_BOOL
+    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        kind = api_pb2.DATA_TYPE_FLOAT64
+    else:
+        kind, values = api_pb2.DATA_TYPE_STRING, [str(v) for v in values]
+    domain = struct_pb2.ListValue(values=[_struct_value(v) for v in dict.fromkeys(values)])
+    return api_pb2.HParamInfo(name=key, type=kind, domain_discrete=domain)
+
+
+def experiment_summary(cfg: Config, description: str = "") -> Summary:
+    """The HParams experiment: every space key and the train/validation metrics."""
+    hparams = [_hparam_info(key, getattr(cfg.space, key)) for key in SPACE_KEYS]
+    metrics = [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_VALIDATION)
+        for tag in VAL_METRICS
+    ] + [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_TRAINING) for tag in TRAIN_METRICS]
+    experiment = api_pb2.Experiment(
+        description=description, time_created_secs=time.time(), hparam_infos=hparams, metric_infos=metrics
+    )
+    return _plugin_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+
+
+def session_start_summary(config: dict, group: str = "") -> Summary:
+    """One trial's hyperparameters (every space key), written when it starts."""
+    info = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
+    for key in SPACE_KEYS:
+        if key in config:
+            info.hparams[key].CopyFrom(_struct_value(hparam_value(config[key])))
+    return _plugin_summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info))
+
+
+def session_end_summary(status: int) -> Summary:
+    """The end of one trial's session with an ``api_pb2.Status`` value."""
+    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    return _plugin_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
+
+
+def write_experiment_summary(experiment_dir: str | Path, cfg: Config, description: str = "") -> None:
+    """Write the HParams experiment into the top-level run of ``experiment_dir``."""
+    with SummaryWriter(str(experiment_dir)) as writer:
+        writer.file_writer.add_summary(experiment_summary(cfg, description))
+
+
+def trial_log_dir(trial) -> str:
+    """Where a trial's TensorBoard files go: its experiment directory when storage is a local path.
+
+    Ray stages driver-side files and syncs them every ``sync_period``; writing a local
+    storage path directly makes running trials visible at once.
+    """
+    local = trial.storage.storage_filesystem.type_name == "local"
+    return trial.path if local else trial.local_path
+
+
+class TensorBoardCallback(Callback):
+    """Driver-side Tune callback: HParams session + scalars for every trial, live."""
+
+    def __init__(self):
+        self._writers: dict[str, SummaryWriter] = {}
+
+    def __getstate__(self) -> dict:
+        return {"_writers": {}}  # open writers never travel into Tune's experiment state
+
+    def _writer(self, trial) -> SummaryWriter:
+        if trial.trial_id not in self._writers:
+            self._writers[trial.trial_id] = SummaryWriter(trial_log_dir(trial))
+        return self._writers[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        """Session start: the trial shows up in the HParams table while it runs."""
+        writer = self._writer(trial)
+        writer.file_writer.add_summary(session_start_summary(trial.config))
+        writer.flush()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        """One scalar per numeric metric, at step = epoch."""
+        writer = self._writer(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        for key, value in result.items():
+            if key.startswith(SCALAR_PREFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, float(value), step)
+        writer.flush()
+
+    def _end(self, trial, status: int) -> None:
+        writer = self._writer(trial)
+        writer.file_writer.add_summary(session_end_summary(status))
+        writer.close()
+        self._writers.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        """Session end, success (also for trials ASHA stopped early)."""
+        self._end(trial, api_pb2.STATUS_SUCCESS)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        """Session end, failure."""
+        self._end(trial, api_pb2.STATUS_FAILURE)
+
+    def on_experiment_end(self, trials, **info):
+        """Close writers of trials that never ended (driver interrupted)."""
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+# --- trial-side images (written by the trial process into its own directory) ----------
+
+def _gray_grid(images: list[np.ndarray]) -> np.ndarray:
+    """(1, H, W*n) float image in [0, 1] of n equally sized uint8/float images side by side."""
+    tiles = [np.asarray(img, dtype=np.float32) / (255.0 if np.asarray(img).dtype == np.uint8 else 1.0) for img in images]
+    return np.concatenate(tiles, axis=1)[None]
+
+
+def write_samples(log_dir: str | Path, stages: dict[str, list[np.ndarray]]) -> None:
+    """One image per preprocessing stage (e.g. roi_crop, after_he, after_stn): samples side by side."""
+    with SummaryWriter(str(log_dir)) as writer:
+        for name, images in stages.items():
+            if images:
+                writer.add_image(f"samples/{name}", _gray_grid(images), 0)
+
+
+def roc_figure_png(y: np.ndarray, scores: np.ndarray, title: str) -> bytes:
+    """A ROC curve plot as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fsmodels.metrics import auc_score, roc_curve_points
+
+    fpr, tpr, _ = roc_curve_points(y, scores)
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc_score(y, scores):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_roc(log_dir: str | Path, y: np.ndarray, scores: np.ndarray, step: int, title: str = "validation ROC") -> None:
+    """The ROC curve of one trial's selected epoch as an image (tag ``roc/val``)."""
+    import cv2
+
+    png = np.frombuffer(roc_figure_png(y, scores, title), dtype=np.uint8)
+    rgb = cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_image("roc/val", rgb, step, dataformats="HWC")

@@ -1,0 +1,97 @@
+"""One sweep trial: ``fsmodels.train.run_trial`` as a Ray Tune function trainable.
+
+It reports once per epoch with the epoch's checkpoint (``tune.report``), resumes
+from ``tune.get_checkpoint()`` after a failure or an interrupted driver, opens the
+store variants the driver built (never builds one) and adds sample images and the
+validation ROC to the trial's TensorBoard run.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+
+from fsmodels.config import Config, config_from_dict, save_config
+from search import space
+
+SAMPLE_COUNT = 4  # sample images per preprocessing stage in TensorBoard
+ROC_BOOTSTRAP = 10  # bootstrap rounds when scoring validation for a trial's ROC (intervals unused there)
+
+
+def trial_config(base: dict, params: dict) -> Config:
+    """The one-trial Config: the sweep's sections with this trial's space values."""
+    raw = {section: dict(values) for section, values in base.items()}
+    raw["space"] = {key: params[key] for key in space.SPACE_KEYS}
+    cfg = config_from_dict(raw)
+    cfg.train.test = False  # selection is on validation; only the winner is ever scored on test
+    return cfg
+
+
+def _node_label() -> str:
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+def _sample_stages(cfg: Config, variants: dict[str, str]) -> dict[str, list]:
+    """A few validation images of this trial's view: ROI crop, after HE, after the frozen STN."""
+    import torch
+
+    from fsmodels.stn import STN_WEIGHTS, load_frozen_stn
+    from preprocessing.store import open_variant
+
+    view = "right" if cfg.space.view == "both" else cfg.space.view
+    he = space.normalise_value("he", cfg.space.he)
+    stages = {}
+    for stage, mode in (("roi_crop", "off"), ("after_he", he)):
+        variant = open_variant(cfg.data.store, variants[mode])
+        stages[stage] = list(variant.images("val", view)[:SAMPLE_COUNT])
+    weights = Path(open_variant(cfg.data.store, variants[he]).path) / "stn" / STN_WEIGHTS
+    if space.normalise_value("stn", cfg.space.stn) == "frozen" and weights.is_file() and stages["after_he"]:
+        batch = torch.from_numpy(np.stack(stages["after_he"])).unsqueeze(1).float() / 255.0
+        with torch.no_grad():
+            stages["after_stn"] = list(load_frozen_stn(weights)(batch).squeeze(1).clamp(0, 1).numpy())
+    return stages
+
+
+def _write_val_roc(out: Path, checkpoint_dir: Path, epoch: int) -> None:
+    """ROC of the best epoch so far on validation (the checkpoint's best weights), into TensorBoard."""
+    from fsmodels.train import evaluate_checkpoint
+    from search.tb import write_roc
+
+    scored = evaluate_checkpoint(checkpoint_dir, split="val", n_boot=ROC_BOOTSTRAP)
+    labels = np.array([s["label"] for s in scored["scores"]])
+    scores = np.array([s["score"] for s in scored["scores"]])
+    write_roc(out, labels, scores, step=epoch, title=f"validation ROC, epoch {epoch}")
+
+
+def train_trial(params: dict, *, base: dict, variants: dict[str, str]) -> None:
+    """Tune function trainable: one run_trial, reporting each epoch with its checkpoint.
+
+    run_trial works in a scratch directory beside the trial's working directory, so
+    its epoch checkpoints are not synced twice (Ray persists the reported ones); the
+    trial directory gets config.yaml, metrics.json and the TensorBoard images.
+    """
+    from fsmodels.train import run_trial
+    from search.tb import write_samples
+
+    cfg = trial_config(base, params)
+    out = Path.cwd()  # the trial's working directory; Ray syncs it into the trial directory
+    scratch = out.parent / f"{out.name}.run"
+    shutil.rmtree(scratch, ignore_errors=True)  # a failed attempt's leftovers
+    node = _node_label()
+    checkpoint = tune.get_checkpoint()
+    resume_from = Path(checkpoint.to_directory(str(scratch / "resume"))) if checkpoint else None
+    save_config(cfg, out / "config.yaml")
+    if resume_from is None:
+        write_samples(out, _sample_stages(cfg, variants))
+
+    def on_epoch(metrics: dict, checkpoint_dir: Path) -> None:
+        if metrics["best_epoch"] == metrics["epoch"]:  # a new best: its ROC, also for trials ASHA stops later
+            _write_val_roc(out, checkpoint_dir, metrics["epoch"])
+        tune.report({**metrics, "node": node}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    run_trial(cfg, scratch, on_epoch=on_epoch, resume_from=resume_from)
+    shutil.copy2(scratch / "metrics.json", out / "metrics.json")
+    shutil.rmtree(scratch, ignore_errors=True)
