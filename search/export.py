@@ -1,0 +1,301 @@
+"""Export a sweep's winners as a self-contained MODEL_DIR (DESIGN §4.6).
+
+One model per winning view (``winners.json``: left and right when the sweep spans
+both, ``both`` for a two-view model). Layout::
+
+    MODEL_DIR/model_card.json            recipe, metrics, versions, sha256 of every file below
+    MODEL_DIR/roi/best.pt, metrics.json  the ROI detector (metrics.json gives its input size)
+    MODEL_DIR/<view>/weights.safetensors the best epoch's state dict
+    MODEL_DIR/<view>/model.torchscript.pt torch.jit.trace of the same network
+    MODEL_DIR/<view>/model.onnx          opset 20 (AffineGrid + GridSample: the STN is in the graph),
+                                         input ``image`` float32 (B, 1, S, S) = uint8 / 255, output ``logit`` (B,)
+
+At export, ONNX Runtime and TorchScript are compared with PyTorch on the store's
+validation images of the view plus random inputs; a difference above
+``PARITY_TOLERANCE`` refuses the export. The directory is assembled under a
+temporary name and renamed, so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocessing.errors import FsweepError
+from preprocessing.files import file_sha256
+
+CARD = "model_card.json"  # the model card, read first by predict
+CARD_FORMAT = "fsweep-model-1"  # bump when the layout or the card's keys change
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+WEIGHTS_FILE = "weights.safetensors"
+ROI_DIR = "roi"  # the detector's directory inside MODEL_DIR
+ROI_FILES = ("best.pt", "metrics.json")  # what RoiDetector reads
+ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
+PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
+PARITY_IMAGES = 8  # real validation images per view in the parity batch (plus PARITY_RANDOM random ones)
+PARITY_RANDOM = 2
+THRESHOLD = 0.5  # the threshold every recorded metric was computed at (fsmodels.metrics default)
+PACKAGES = ("torch", "timm", "onnx", "onnxruntime", "opencv-python", "pydicom", "ultralytics", "numpy",
+            "safetensors", "ray", "fsweep")  # versions recorded in the card
+
+
+def export_experiment(experiment: str | Path, out: str | Path) -> Path:
+    """Export each view's winner of ``experiment`` (path or storage URI) into MODEL_DIR ``out``; returns ``out``."""
+    from cluster.storage import is_uri
+
+    experiment = str(experiment) if is_uri(experiment) else str(Path(experiment).resolve())
+    out = Path(out).resolve()
+    winners = read_winners(experiment)
+    if out.exists() and any(out.iterdir()):
+        raise FsweepError(f"{out}: exists and is not empty; choose another --out or remove it")
+    tmp = out.with_name(f".{out.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        card = build_card(experiment, winners, tmp)
+        (tmp / CARD).write_text(json.dumps(card, indent=2, default=_plain))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for view, model in card["models"].items():
+        print(f"exported {view}: {model['backbone']} trial {model['trial_id']} "
+              f"(ONNX parity max |diff| {model['parity']['onnx_max_abs_diff']:.1e}) -> {out / view}")
+    return out
+
+
+def read_winners(experiment: str) -> dict:
+    """``winners.json`` of a finished sweep, or a one-line FsweepError."""
+    from cluster.storage import exists, join
+    from search.expdir import get_text
+
+    location = join(experiment, "winners.json")
+    if not exists(location):
+        raise FsweepError(f"{experiment}: no winners.json (not a finished fsweep sweep; run `fsweep resume` first)")
+    winners = json.loads(get_text(location))
+    if not winners:
+        raise FsweepError(f"{location}: no winning trial (every trial failed or reported no metric)")
+    return winners
+
+
+def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
+    """Export each winner into ``model_dir`` and return the model card (sha256 of every file last)."""
+    from fsmodels.train import load_trial_model
+
+    models, detector, dataset = {}, None, None
+    for view, winner in sorted(winners.items()):
+        checkpoint = locate_checkpoint(experiment, winner["checkpoint"])
+        model, cfg = load_trial_model(checkpoint)
+        dataset = cfg.data.dataset
+        detector = copy_detector(cfg.roi.detector, model_dir) if detector is None else detector
+        models[view] = export_view(model, cfg, view, winner, checkpoint, model_dir, detector)
+    card = {
+        "format": CARD_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "experiment": experiment,
+        "views": sorted({v for m in models.values() for v in m["views"]}),
+        "models": models,
+        "data": data_fingerprint(dataset),
+        "packages": package_versions(),
+    }
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    card["sha256"] = {str(p.relative_to(model_dir)): file_sha256(p) for p in files}
+    return card
+
+
+def locate_checkpoint(experiment: str, recorded: str) -> Path:
+    """The winner's checkpoint as a local directory (a URI is downloaded); found under a moved ``experiment``."""
+    from cluster.storage import exists, is_uri, join
+    from search.expdir import local_dir
+
+    if is_uri(recorded) and exists(recorded):
+        return local_dir(recorded)
+    path = Path(recorded)
+    if path.is_dir():
+        return path
+    moved = join(experiment, path.parent.name, path.name)  # <experiment>/<trial dir>/<checkpoint dir>
+    if exists(moved):
+        return local_dir(moved)
+    raise FsweepError(f"{recorded}: the winner's checkpoint is missing (experiment incomplete or moved)")
+
+
+def copy_detector(roi: str, model_dir: Path) -> dict | None:
+    """Copy the ROI detector's files into ``model_dir/roi``; its recipe entry (None without a detector)."""
+    if str(roi).lower() in ("none", "off", "false", ""):
+        return None
+    source = Path(roi)
+    (model_dir / ROI_DIR).mkdir()
+    for name in ROI_FILES:
+        if not (source / name).is_file():
+            raise FsweepError(f"{source / name}: the ROI detector the winner was trained with is missing")
+        shutil.copy2(source / name, model_dir / ROI_DIR / name)
+    trained = json.loads((source / "metrics.json").read_text())
+    return {"dir": ROI_DIR, "sha256": file_sha256(model_dir / ROI_DIR / "best.pt"), "imgsz": trained.get("imgsz"),
+            "map50": trained.get("map50")}
+
+
+def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None) -> dict:
+    """Write one view's weights, TorchScript and ONNX; check parity; return its card entry."""
+    from fsmodels.checkpoint import load_state
+    from fsmodels.train import trial_params
+    from preprocessing.store import CODE_VERSION, open_variant
+
+    params = trial_params(cfg)
+    state = load_state(checkpoint)
+    variant = open_variant(cfg.data.store, state["variant"])
+    trained_on = json.loads((variant.path / "variant.json").read_text()).get("detector_sha256")
+    if detector is not None and trained_on != detector["sha256"]:
+        raise FsweepError(f"{cfg.roi.detector}/best.pt: changed since the store variant was built "
+                          f"(sha256 {detector['sha256'][:12]} != {str(trained_on)[:12]}); rebuild and re-run the sweep")
+    folder = model_dir / view
+    folder.mkdir()
+    samples = parity_inputs(variant, view, variant.spec.size)
+    save_weights(model, folder / WEIGHTS_FILE)
+    save_torchscript(model, samples, folder / TORCHSCRIPT_FILE)
+    save_onnx(model, samples, folder / ONNX_FILE)
+    parity = check_parity(model, samples, folder, view)
+    return {
+        "trial_id": winner["trial_id"],
+        "checkpoint": str(checkpoint),
+        "store_variant": variant.key,
+        "best_epoch": winner.get("best_epoch"),
+        "selected_by": winner.get("selected_by"),
+        "views": ["left", "right"] if view == "both" else [view],
+        "backbone": params.backbone,
+        "space": {k: getattr(params, k) for k in params.__dataclass_fields__},
+        "preprocessing": {
+            "decoder": "preprocessing.decode.decode_image",
+            "recipe": "preprocessing.store.preprocess_decoded",
+            "store_code_version": CODE_VERSION,
+            "roi": detector,
+            "margin": variant.spec.margin,
+            "he": variant.spec.he,
+            "size": variant.spec.size,
+            "aspect": variant.spec.aspect,
+            "stn": params.stn,
+            "input": "float32 (B, 1, size, size) = uint8 / 255; normalisation and STN inside the network",
+        },
+        "threshold": THRESHOLD,
+        "val_youden_threshold": _youden(state, winner.get("best_epoch")),
+        "metrics": {"val": validation_metrics(checkpoint), "test": winner.get("test")},
+        "files": {"onnx": f"{view}/{ONNX_FILE}", "torchscript": f"{view}/{TORCHSCRIPT_FILE}",
+                  "weights": f"{view}/{WEIGHTS_FILE}"},
+        "parity": parity,
+    }
+
+
+def validation_metrics(checkpoint: Path) -> dict:
+    """The selected epoch on the validation split with bootstrap intervals (the sweep kept only point values)."""
+    from fsmodels.train import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, split="val", with_scores=False)
+
+
+def parity_inputs(variant, view: str, size: int) -> torch.Tensor:
+    """Real validation images of ``view`` (both views for a two-view model) plus random ones, in [0, 1]."""
+    views = ("left", "right") if view == "both" else (view,)
+    real = [np.asarray(variant.images("val", v)[:PARITY_IMAGES]) for v in views]
+    images = torch.from_numpy(np.concatenate(real)).float().div(255.0).unsqueeze(1)
+    noise = torch.rand(PARITY_RANDOM, 1, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.cat([images, noise])
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The state dict as safetensors (loads without pickle)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def save_torchscript(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
+    """torch.jit.trace of the eval-mode network (the STN's affine grid traces as plain ops)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about python scalars in timm/STN code
+        traced = torch.jit.trace(model.eval(), samples[:2])
+    traced.save(str(path))
+
+
+def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
+    """ONNX with a dynamic batch axis; a one-line FsweepError when an operator cannot be exported."""
+    size, stn = samples.shape[-1], getattr(model, "stn", None)
+    if stn is not None and size % stn.loc_size:  # adaptive pooling exports only with a whole pooling window
+        raise FsweepError(f"{path.parent.name}: the STN pools its {size}-px input to {stn.loc_size} px, which ONNX "
+                          f"cannot express; train with data.size a multiple of {stn.loc_size} (e.g. 64, 512)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model.eval(), (samples[:2],), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["image"], output_names=["logit"],
+                dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
+            )
+        except Exception as exc:  # the exporter raises many types; the operator named in the message is what matters
+            first = str(exc).strip().splitlines()[0][:200]
+            raise FsweepError(f"{path.parent.name}: ONNX export failed ({type(exc).__name__}: {first})") from None
+
+
+def check_parity(model: torch.nn.Module, samples: torch.Tensor, folder: Path, view: str) -> dict:
+    """Max |logit difference| of ONNX Runtime and TorchScript against PyTorch; FsweepError above the tolerance."""
+    import onnxruntime as ort
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        expected = model.eval()(samples).numpy()
+        scripted = torch.jit.load(str(folder / TORCHSCRIPT_FILE))(samples).numpy()
+    session = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"image": samples.numpy()})[0]
+    diffs = {"onnx_max_abs_diff": float(np.abs(onnx_out - expected).max()),
+             "torchscript_max_abs_diff": float(np.abs(scripted - expected).max())}
+    for name, diff in diffs.items():
+        if not diff <= PARITY_TOLERANCE:  # `not <=` also catches nan
+            engine = "ONNX Runtime" if name.startswith("onnx") else "TorchScript"
+            raise FsweepError(f"{view}: {engine} and PyTorch logits differ by {diff:.2e} > {PARITY_TOLERANCE:g} "
+                              f"on {len(samples)} sample inputs; export refused")
+    return {**diffs, "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE, "compared": "logit"}
+
+
+def data_fingerprint(dataset: str | None) -> dict:
+    """The training data's identity from DATASET/summary.json (fingerprint, counts, split seed)."""
+    path = Path(dataset or "") / "summary.json"
+    if not path.is_file():
+        raise FsweepError(f"{path}: missing; the card needs the data set's fingerprint")
+    summary = json.loads(path.read_text())
+    return {"dataset": str(Path(dataset).resolve()), "fingerprint": summary.get("fingerprint"),
+            "split_seed": summary.get("seed"), "counts": summary.get("counts")}
+
+
+def package_versions() -> dict:
+    """Installed versions of the packages that shape the numbers (None when absent)."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _youden(state: dict, best_epoch) -> float | None:
+    """The validation Youden threshold of the selected epoch (informative; the card's threshold stays 0.5)."""
+    for entry in state.get("history", []):
+        if entry.get("epoch") == best_epoch:
+            return _plain(entry.get("val_youden_threshold"))
+    return None
+
+
+def _plain(value):
+    """JSON-safe scalars: numpy to python, nan to None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -1,0 +1,300 @@
+"""export + predict: a real tiny sweep exported to MODEL_DIR, then run on stored and never-seen raw files.
+
+One module fixture runs the smallest real pipeline: a 2-epoch YOLO detector at 64 px,
+a 2-trial Ray Tune sweep (left and right view, resnet10t, 64 px, 1 epoch, joint STN so
+the STN must be inside the ONNX graph) and ``fsweep export``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from fsmodels.backbones import create_backbone
+from fsmodels.cam import grad_cam, heat_to_crop, model_from_weights
+from fsmodels.config import Config
+from fsmodels.metrics import CI_METRICS, binary_metrics, bootstrap_ci
+from fsmodels.model import FsNet
+from fsmodels.stn import STN
+from preprocessing.decode import decode_image
+from preprocessing.errors import FsweepError
+from preprocessing.files import file_sha256
+from preprocessing.ingest import pixel_sha256
+from preprocessing.phantom import write_phantom
+from preprocessing.roi import margin_box, train_detector
+from preprocessing.store import open_variant
+from search import export
+from search.cli import main as fsweep
+from search.predict import load_card, model_key, predict
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test needs the module's real sweep (about 100 s on 2 busy cores)
+SIZE = 64  # network input: the STN's 64 px localisation pooling exports to ONNX at multiples of 64
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_dataset, tmp_path_factory) -> dict:
+    """A finished 2-trial sweep (one winner per view) with a YOLO ROI detector."""
+    import ray
+
+    from search.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("export")
+    train_detector(tiny_dataset, tmp / "roi", annotated=20, epochs=2, imgsz=64)
+    cfg = Config()
+    cfg.data.dataset, cfg.data.store, cfg.data.size = str(tiny_dataset), str(tmp / "store"), SIZE
+    cfg.roi.detector = str(tmp / "roi")
+    cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "resnet10t", ["left", "right"], 8, 1
+    cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "joint", 0
+    cfg.train.pretrained = "none"
+    cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        experiment = run_sweep(cfg, name="exp", storage=str(tmp / "runs"))
+    finally:
+        if started:
+            ray.shutdown()
+    return dict(tmp=tmp, cfg=cfg, experiment=experiment, dataset=tiny_dataset)
+
+
+@pytest.fixture(scope="module")
+def model_dir(sweep) -> Path:
+    """MODEL_DIR written by `fsweep export`."""
+    out = sweep["tmp"] / "model"
+    assert fsweep(["export", str(sweep["experiment"]), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def unseen(sweep, model_dir) -> dict:
+    """Raw files of a second phantom (another seed): 8-bit PNG, TIFF, JPEG, 16-bit PNG, DICOM MONOCHROME1."""
+    phantom = sweep["tmp"] / "phantom2"
+    write_phantom(phantom, patients=2, seed=11, size=(148, 252))
+    raw = sweep["tmp"] / "raw"
+    raw.mkdir()
+    left = cv2.imread(str(phantom / "images" / "P0001_left.png"), cv2.IMREAD_UNCHANGED)
+    right = cv2.imread(str(phantom / "images" / "P0002_right.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(raw / "plain.png"), right)
+    cv2.imwrite(str(raw / "plain.tif"), right)
+    cv2.imwrite(str(raw / "photo.jpg"), right)
+    cv2.imwrite(str(raw / "deep.png"), right.astype(np.uint16) * 200 + 1000)
+    write_dicom(raw / "scan.dcm", 4095 - left.astype(np.uint16) * 16, "MONOCHROME1", laterality="L")
+    return dict(phantom=phantom, raw=raw, left=left, right=right)
+
+
+def write_dicom(path: Path, stored: np.ndarray, photometric: str, laterality: str | None = None) -> Path:
+    """A minimal 12-bit uncompressed DICOM radiograph, as a scanner writes it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "DX", *stored.shape, 1
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = photometric, 16, 12, 11
+    ds.PixelRepresentation = 0
+    if laterality:
+        ds.ImageLaterality = laterality
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(sweep, model_dir):
+    card = json.loads((model_dir / "model_card.json").read_text())
+    winners = json.loads((sweep["experiment"] / "winners.json").read_text())
+    assert sorted(card["models"]) == sorted(winners) == ["left", "right"] and card["views"] == ["left", "right"]
+    files = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()} - {"model_card.json"}
+    assert set(card["sha256"]) == files
+    assert all(file_sha256(model_dir / name) == digest for name, digest in card["sha256"].items())
+    assert {"roi/best.pt", "roi/metrics.json"} <= files
+    detector_sha = file_sha256(Path(sweep["cfg"].roi.detector) / "best.pt")
+    for view, model in card["models"].items():
+        assert {model["files"][k] for k in ("onnx", "torchscript", "weights")} <= files
+        recipe = model["preprocessing"]
+        assert recipe["roi"]["sha256"] == detector_sha and recipe["roi"]["imgsz"] == 64
+        assert (recipe["he"], recipe["size"], recipe["aspect"], recipe["stn"], recipe["margin"]) == (
+            "global", SIZE, "pad", "joint", sweep["cfg"].roi.margin)
+        assert model["backbone"] == "resnet10t" and model["trial_id"] == winners[view]["trial_id"]
+        assert model["threshold"] == 0.5
+        for split in ("val", "test"):
+            assert all(f"{m}_ci" in model["metrics"][split] for m in CI_METRICS)
+        assert model["metrics"]["test"]["accuracy"] == winners[view]["test"]["accuracy"]
+        assert model["parity"]["onnx_max_abs_diff"] <= 1e-4
+    summary = json.loads((sweep["dataset"] / "summary.json").read_text())
+    assert card["data"]["fingerprint"] == summary["fingerprint"]
+    assert card["packages"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+    assert card["packages"]["onnxruntime"] == ort.__version__
+
+
+def test_onnx_runtime_matches_pytorch_with_the_stn_in_the_graph(sweep, model_dir):
+    card = load_card(model_dir)
+    entry = card["models"]["right"]
+    graph = onnx.load(str(model_dir / entry["files"]["onnx"])).graph
+    assert {"AffineGrid", "GridSample"} <= {node.op_type for node in graph.node}
+    torch_model = model_from_weights(model_dir / entry["files"]["weights"], "resnet10t", "joint")
+    assert torch_model.stn is not None
+    variant = open_variant(sweep["cfg"].data.store, entry["store_variant"])
+    images = np.asarray(variant.images("test", "right"))
+    session = ort.InferenceSession(str(model_dir / entry["files"]["onnx"]), providers=["CPUExecutionProvider"])
+    for batch in (images[:1], images[:5]):  # the batch axis is dynamic
+        x = batch[:, None].astype(np.float32) / 255.0
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(x)).numpy()
+        assert np.abs(session.run(None, {"image": x})[0] - expected).max() <= 1e-4
+
+
+def test_export_fails_when_onnx_runtime_disagrees_with_pytorch(sweep, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no engine can agree within a negative tolerance
+    uri = f"file://{sweep['experiment']}"  # experiments on object storage are read through pyarrow the same way
+    with pytest.raises(FsweepError, match="differ by .* export refused"):
+        export.export_experiment(uri, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".*export-tmp"))
+
+
+def test_predicting_the_stored_test_images_reproduces_the_recorded_test_metrics(sweep, model_dir, tmp_path):
+    rows = pd.read_parquet(sweep["dataset"] / "dataset.parquet")
+    # the store's order (view, image_id): the bootstrap resamples positions, so the order must match too
+    test = rows[rows["split"] == "test"].sort_values(["view", "image_id"]).reset_index(drop=True)
+    test[["image", "view"]].to_csv(tmp_path / "test.csv", index=False)  # absolute image paths
+    predicted = predict(model_dir, [tmp_path / "test.csv"], out=tmp_path / "preds.csv")
+    assert pd.read_csv(tmp_path / "preds.csv")["probability"].tolist() == pytest.approx(predicted["probability"])
+    card = load_card(model_dir)
+    for view in ("left", "right"):
+        mine = (test["view"] == view).to_numpy()
+        labels, scores = test.loc[mine, "label"].to_numpy(), predicted.loc[mine, "probability"].to_numpy()
+        recorded = card["models"][view]["metrics"]["test"]
+        got = {**binary_metrics(labels, scores), **bootstrap_ci(labels, scores, n=1000, seed=0)}
+        for key in (*CI_METRICS, "tp", "fp", "tn", "fn", *(f"{m}_ci" for m in CI_METRICS)):
+            assert got[key] == pytest.approx(recorded[key], abs=0, nan_ok=True), (view, key)
+        stored = pd.read_csv(sweep["experiment"] / f"winner_{view}_test_scores.csv").set_index("image_id")
+        ids = test.loc[mine, "image_id"]
+        assert np.abs(stored.loc[ids, "score"].to_numpy() - scores).max() <= 1e-5
+        assert (predicted.loc[mine, "label"] == (scores >= 0.5)).all()
+
+
+def test_predict_on_never_seen_raw_files_decodes_16_bit_png_and_dicom_monochrome1(sweep, model_dir, unseen, tmp_path):
+    known = set(pd.read_parquet(sweep["dataset"] / "dataset.parquet")["pixel_sha256"])
+    raw = unseen["raw"]
+    assert not {pixel_sha256(decode_image(p)) for p in raw.iterdir()} & known  # in no split
+    for name in ("deep.png", "scan.dcm"):  # references: the decoder's own 8-bit output, as plain PNGs
+        cv2.imwrite(str(tmp_path / f"{name}.ref.png"), decode_image(raw / name))
+    assert np.corrcoef(decode_image(raw / "scan.dcm").ravel(), unseen["left"].ravel())[0, 1] > 0.99  # bone bright
+    out = tmp_path / "preds.csv"
+    assert fsweep(["predict", str(model_dir), str(raw), "--view", "right", "--out", str(out)]) == 0
+    table = pd.read_csv(out).set_index("image")
+    assert len(table) == 5
+    scan = table.loc[str(raw / "scan.dcm")]
+    assert scan["view"] == "left" and scan["model"] == "left"  # from the DICOM ImageLaterality tag
+    assert (table.drop(index=str(raw / "scan.dcm"))["view"] == "right").all()
+    assert table.loc[str(raw / "plain.tif"), "probability"] == table.loc[str(raw / "plain.png"), "probability"]
+    assert table["probability"].between(0, 1).all() and set(table["prediction"]) <= {"abnormal", "normal"}
+    assert (table["label"] == (table["probability"] >= table["threshold"])).all()
+    assert ((table["x0"] >= 0) & (table["x0"] < table["x1"]) & (table["x1"] <= 148)).all()
+    assert ((table["y0"] >= 0) & (table["y0"] < table["y1"]) & (table["y1"] <= 252)).all()
+    refs = predict(model_dir, [tmp_path / "deep.png.ref.png", tmp_path / "scan.dcm.ref.png"], view="right")
+    assert table.loc[str(raw / "deep.png"), "probability"] == pytest.approx(refs["probability"][0], abs=1e-7)
+    left_ref = predict(model_dir, [tmp_path / "scan.dcm.ref.png"], view="left")
+    assert scan["probability"] == pytest.approx(left_ref["probability"][0], abs=1e-7)
+
+
+def test_view_comes_from_the_manifest_or_dicom_or_flag_and_is_never_guessed(model_dir, unseen, tmp_path, capsys):
+    raw = unseen["raw"]
+    pd.DataFrame({"image": [str(raw / "plain.png"), str(raw / "scan.dcm")], "view": ["L", ""]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    table = predict(model_dir, [tmp_path / "m.csv"], view="right")
+    assert table["view"].tolist() == ["left", "left"]  # manifest row, then the DICOM tag beats --view
+    assert fsweep(["predict", str(model_dir), str(raw / "plain.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no view" in err and "--view" in err
+    pd.DataFrame({"image": [str(raw / "plain.png")], "view": ["oblique"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(FsweepError, match="row 1: unknown view 'oblique'"):
+        predict(model_dir, [tmp_path / "bad.csv"])
+    right_only = {"models": {"right": {}}, "views": ["right"]}
+    with pytest.raises(FsweepError, match="view left, but .* only has a model for right"):
+        model_key(right_only, "left", raw / "scan.dcm", model_dir)
+    two_view = {"models": {"both": {}}, "views": ["left", "right"]}
+    assert model_key(two_view, "left", raw / "scan.dcm", model_dir) == "both"
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("tamper", "sha256 differs"), ("truncate", "sha256 differs"), ("remove", "missing"),
+])
+def test_a_tampered_truncated_or_missing_file_is_refused_with_one_line(model_dir, unseen, tmp_path, capsys,
+                                                                       damage, needle):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    target = {"tamper": copy / "right" / "model.onnx", "truncate": copy / "right" / "weights.safetensors",
+              "remove": copy / "roi" / "best.pt"}[damage]
+    data = target.read_bytes()
+    if damage == "tamper":
+        target.write_bytes(data[:-100] + bytes(b ^ 0xFF for b in data[-100:]))
+    elif damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    else:
+        target.unlink()
+    assert fsweep(["predict", str(copy), str(unseen["raw"] / "plain.png"), "--view", "right"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and str(target) in err
+
+
+def test_grad_cam_png_has_the_crops_size_and_is_not_constant(model_dir, unseen, tmp_path):
+    raw = unseen["raw"]
+    table = predict(model_dir, [raw / "plain.png", raw / "scan.dcm"], cam_dir=tmp_path / "cam", view="right")
+    card = load_card(model_dir)
+    for row in table.itertuples():
+        img = decode_image(row.image)
+        margin = card["models"][row.model]["preprocessing"]["margin"]
+        x0, y0, x1, y1 = margin_box((row.x0, row.y0, row.x1, row.y1), margin, img.shape)
+        png = cv2.imread(row.cam)
+        assert png.shape == (y1 - y0, x1 - x0, 3)
+        grey = cv2.cvtColor(np.ascontiguousarray(img[y0:y1, x0:x1]), cv2.COLOR_GRAY2BGR).astype(int)
+        assert np.abs(png.astype(int) - grey).std() > 1  # a heat map is drawn over the crop, not a flat tint
+    entry = card["models"]["right"]
+    model = model_from_weights(model_dir / entry["files"]["weights"], "resnet10t", "joint")
+    heat = grad_cam(model, np.asarray(unseen["right"][:SIZE, :SIZE]))
+    assert heat.shape == (SIZE, SIZE) and heat.min() >= 0 and heat.max() <= 1 and heat.std() > 0
+    assert heat_to_crop(heat, (252, 148), "pad").shape == (252, 148)
+
+
+def test_predict_imports_no_ray(model_dir, unseen):
+    code = (
+        "import sys\nfrom search.cli import main\n"
+        f"rc = main(['predict', {str(model_dir)!r}, {str(unseen['raw'] / 'scan.dcm')!r}])\n"
+        "assert rc == 0, rc\nassert 'ray' not in sys.modules, 'ray imported'\n"
+        "assert 'fsmodels' not in sys.modules and 'timm' not in sys.modules, 'training code imported'\n"
+        "print('no ray')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("no ray") and "scan.dcm" in done.stdout
+
+
+def test_export_refuses_an_unfinished_experiment_and_a_used_out_dir(model_dir, sweep, tmp_path, capsys):
+    assert fsweep(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no winners.json" in err
+    assert fsweep(["export", str(sweep["experiment"]), "--out", str(model_dir)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_an_stn_model_at_a_size_onnx_cannot_pool_is_refused_with_the_reason(tmp_path):
+    net = FsNet(create_backbone("resnet10t"), STN()).eval()
+    with pytest.raises(FsweepError, match="multiple of 64"):
+        export.save_onnx(net, torch.rand(2, 1, 32, 32), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
