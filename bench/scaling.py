@@ -1,0 +1,124 @@
+"""Throughput of one small Ray Tune sweep on 1, 2 and 3 simulated nodes.
+
+Each node is a real Ray node (``ray.cluster_utils.Cluster``: its own raylet and
+workers) with one CPU and one unit of a custom ``sim_gpu`` resource; every trial asks
+for one unit, so a node runs one trial at a time, as a one-GPU node would. A trial's
+work is a fixed sleep standing in for GPU time, so the machine's two real cores are
+not what is measured: what is left over is Ray's own cost (scheduling, actor start,
+result and checkpoint handling). The sweep runs through ``cluster.connect.connect``,
+as ``fsweep sweep --address`` does.
+
+Trial actors are reused between trials (``TuneConfig(reuse_actors=True)``): a fresh
+Python worker per trial costs a process start and imports, CPU work on the two cores
+rather than scheduling (``--fresh-actors`` measures that case too).
+
+Printed per node count: wall time of ``Tuner.fit``, the ideal wall time (the sleeps
+alone, perfectly packed), trials per minute, and Ray's overhead per trial: the node
+time each trial held beyond its sleep, ``(nodes * wall - trials * sleep) / trials``.
+Last line: ``scaling_3_nodes_x=<3-node trials/min over 1-node trials/min>`` (ideal 3).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import ray
+from ray import tune
+from ray.cluster_utils import Cluster
+
+from cluster.connect import connect
+
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no progress tables between our rows
+
+TRIALS = 12  # trials per sweep
+REPORTS = 4  # tune.report calls per trial (one per simulated epoch)
+EPOCH_S = 0.5  # sleep per simulated epoch: a trial "computes" REPORTS * EPOCH_S seconds
+NODE_COUNTS = (1, 2, 3)  # simulated worker nodes per run
+SLOT = "sim_gpu"  # custom resource standing in for one GPU per node
+
+
+def sleeping_trial(config: dict) -> None:
+    """A trial whose work is a fixed sleep; reports once per simulated epoch."""
+    node = ray.get_runtime_context().get_node_id()
+    for epoch in range(1, REPORTS + 1):
+        time.sleep(EPOCH_S)
+        tune.report({"epoch": epoch, "node": node})
+
+
+def start_cluster(nodes: int) -> Cluster:
+    """A head without the slot resource (driver only) and ``nodes`` one-slot workers."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=1, resources={SLOT: 1})
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float, int]:
+    """Run the sweep on the connected cluster; (wall seconds of fit, distinct nodes used)."""
+    tuner = tune.Tuner(
+        tune.with_resources(sleeping_trial, {"cpu": 1, SLOT: 1}),
+        param_space={"trial": tune.grid_search(list(range(TRIALS)))},
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
+        run_config=tune.RunConfig(name=f"nodes_{nodes}", storage_path=storage, verbose=0),
+    )
+    start = time.perf_counter()
+    results = tuner.fit()
+    wall = time.perf_counter() - start
+    if results.errors or len(results) != TRIALS:
+        raise RuntimeError(f"{nodes} nodes: {len(results.errors)} of {len(results)} trials failed")
+    used = {r.metrics["node"] for r in results}
+    return wall, len(used)
+
+
+def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
+    """One sweep on a fresh ``nodes``-worker cluster; the figures of one table row."""
+    cluster = start_cluster(nodes)
+    try:
+        connect(cluster.address)
+        wall, used = sweep_wall_time(storage, nodes, reuse_actors)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    trial_s = REPORTS * EPOCH_S
+    return {
+        "nodes": nodes,
+        "used": used,
+        "wall": wall,
+        "ideal": math.ceil(TRIALS / nodes) * trial_s,
+        "per_min": TRIALS / wall * 60.0,
+        "overhead": (nodes * wall - TRIALS * trial_s) / TRIALS,
+    }
+
+
+def main() -> None:
+    """Measure every node count and print the table, the ratios and the headline last."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fresh-actors", action="store_true", help="start a new trial actor per trial")
+    reuse = not parser.parse_args().fresh_actors
+    print(
+        f"{TRIALS} trials x {REPORTS} reports x {EPOCH_S}s sleep; one trial per node at a time; "
+        f"{'reused' if reuse else 'fresh'} trial actors"
+    )
+    print(f"{'nodes':>5} {'used':>4} {'wall_s':>7} {'ideal_s':>7} {'trials/min':>10} {'overhead/trial_s':>16}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fsweep-scaling-") as storage:
+        for nodes in NODE_COUNTS:
+            row = measure(nodes, storage, reuse)
+            rows.append(row)
+            print(
+                f"{row['nodes']:>5} {row['used']:>4} {row['wall']:>7.1f} {row['ideal']:>7.1f} "
+                f"{row['per_min']:>10.1f} {row['overhead']:>16.2f}",
+                flush=True,
+            )
+    base = rows[0]["per_min"]
+    for row in rows[1:-1]:
+        print(f"scaling_{row['nodes']}_nodes_x={row['per_min'] / base:.2f}")
+    print(f"scaling_{rows[-1]['nodes']}_nodes_x={rows[-1]['per_min'] / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

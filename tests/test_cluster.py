@@ -1,0 +1,496 @@
+"""cluster: connecting, storage, and fsweep on a real multi-node Ray on one machine.
+
+One ``ray.cluster_utils.Cluster`` for the module: a head and two workers of one CPU
+each (one worker also declares a GPU, to see it reported). The data: 40 phantom
+patients at the phantom's full size, rewritten as DICOM files whose headers carry
+known identifiers; the pipeline runs through the ``fsweep`` command line against the
+cluster. Node loss is a real ``Cluster.remove_node`` (processes killed, no grace).
+A killed driver and ``fsweep resume`` are tested in tests/test_search.py
+(``test_resume_after_killed_driver_keeps_completed_trials_and_optuna_state``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import ray
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from ray._private import ray_constants
+from ray.cluster_utils import Cluster
+
+from cluster import storage
+from cluster.connect import PROJECT_ROOT, connect, describe
+from fsmodels.config import Config
+from preprocessing.errors import FsweepError
+from preprocessing.phantom import write_phantom
+from preprocessing.store import VariantSpec, build_variant, open_variant, preprocess_image, variant_key
+
+PATIENTS = 40  # both classes in every split of a patient-level 60/20/20 split
+CHUNK_TASK = "ray::_process_chunk"  # process title of a Ray worker running a store build task
+# Identifiers written into the DICOM headers and the manifest; none may leave the input files.
+PATIENT_NAME = "Qzvxarian^Wolfgrith{:02d}"
+PATIENT_ID = "ZQPID-{:04d}"
+HEADER_VALUES = {"InstitutionName": "Vexholm Qarrow Hospital", "ReferringPhysicianName": "Drelvik^Osmund",
+                 "AccessionNumber": "ACCQZ91827", "PatientBirthDate": "19230117"}
+NEEDLES = [b"qzvxarian", b"wolfgrith", b"zqpid", b"vexholm", b"drelvik", b"accqz91827", b"19230117"]
+
+
+# --- the cluster ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head and two one-CPU workers (the second with a declared GPU); this process is its driver."""
+    if ray.is_initialized():
+        ray.shutdown()  # another module's private Ray: this module needs its own cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def raylet_children(node) -> list[psutil.Process]:
+    """The worker processes of one simulated node (children of its raylet)."""
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    try:
+        return psutil.Process(raylet.pid).children()
+    except psutil.Error:
+        return []
+
+
+def runs_task(node, title: str) -> bool:
+    """True when a worker of ``node`` is executing a task whose process title starts with ``title``."""
+    for child in raylet_children(node):
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:
+            continue
+        if cmdline and cmdline[0].startswith(title):
+            return True
+    return False
+
+
+class TaskNodeKiller(threading.Thread):
+    """Removes (kills, no grace) the first worker node seen running a task whose process title starts with ``title``."""
+
+    def __init__(self, cluster: Cluster, title: str):
+        super().__init__(daemon=True)
+        self.cluster, self.title = cluster, title
+        self.removed = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and self.removed is None:
+            for node in list(self.cluster.worker_nodes):
+                if runs_task(node, self.title):
+                    self.cluster.remove_node(node, allow_graceful=False)
+                    self.removed = node
+                    return
+            time.sleep(0.01)
+
+    def __enter__(self) -> TaskNodeKiller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
+
+def replace_removed_node(cluster: Cluster, killer) -> None:
+    """Give the module's cluster its third node back after a removal test."""
+    if killer.removed is not None:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+
+
+# --- data: DICOM files with known identifiers -------------------------------------------
+
+def write_dicom(path: Path, pixels: np.ndarray, patient: int) -> None:
+    """A 12-bit MONOCHROME2 DICOM file carrying this patient's name, id and other header values."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = PATIENT_NAME.format(patient), PATIENT_ID.format(patient)
+    for keyword, value in HEADER_VALUES.items():
+        setattr(ds, keyword, value)
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def dicom_inputs(tmp_path_factory) -> Path:
+    """inputs/manifest.csv + scans/img_NNN.dcm: the phantom as DICOM, raw ids in headers and manifest."""
+    phantom = tmp_path_factory.mktemp("phantom_png")
+    write_phantom(phantom, patients=PATIENTS, seed=0)
+    inputs = tmp_path_factory.mktemp("inputs")
+    (inputs / "scans").mkdir()
+    rows = pd.read_csv(phantom / "manifest.csv")
+    for number, row in enumerate(rows.itertuples()):
+        pixels = cv2.imread(str(phantom / row.image), cv2.IMREAD_GRAYSCALE)
+        patient = int(row.patient_id.removeprefix("P"))
+        write_dicom(inputs / "scans" / f"img_{number:03d}.dcm", pixels, patient)
+        rows.loc[row.Index, ["image", "patient_id"]] = f"scans/img_{number:03d}.dcm", PATIENT_ID.format(patient)
+    rows.to_csv(inputs / "manifest.csv", index=False)
+    return inputs
+
+
+def fsweep(*args: str, env: dict | None = None) -> str:
+    """Run the ``fsweep`` command line; its stdout and stderr together (the logs a user sees)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=400,
+    )
+    assert done.returncode == 0, f"fsweep {args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def tiny_sweep_config(dataset: Path, store: Path, **space_values) -> Config:
+    """A CPU-sized sweep on the DICOM phantom (32 px, resnet10t, no pretrained weights)."""
+    cfg = Config()
+    cfg.data.dataset, cfg.data.store, cfg.data.size = str(dataset), str(store), 32
+    cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "resnet10t", "right", 8, 2
+    cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "off", 0
+    for key, value in space_values.items():
+        setattr(cfg.space, key, value)
+    cfg.train.pretrained = "none"
+    return cfg
+
+
+# --- connecting -------------------------------------------------------------------------
+
+def listening_addresses(process: psutil.Process) -> set[str]:
+    """Local addresses of the listening TCP sockets of ``process`` and its descendants."""
+    found = set()
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            found |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_local_ray_listens_on_loopback_only_without_dashboard_and_with_token_auth(monkeypatch):
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        info = connect(num_cpus=1)
+        assert info["nodes"] == 1 and info["cpus"] == 1.0 and info["gpus"] == 0.0
+        assert connect() == describe()  # idempotent: still the same single node
+        addresses = listening_addresses(psutil.Process())
+        assert addresses, "Ray's services should be listening somewhere"
+        assert all(a in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for a in addresses), addresses
+        assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+        assert not ray._private.worker.global_worker.node.address_info.get("webui_url")  # dashboard off
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
+    finally:
+        ray.shutdown()
+
+
+SHIP_PROBE = """
+import json, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from cluster.connect import connect
+
+info = connect()  # no --address: RAY_ADDRESS (as `ray job submit` sets it) names the cluster
+
+@ray.remote(num_cpus=0)
+def where():
+    import fsmodels
+    return ray.get_runtime_context().get_node_id(), fsmodels.__file__
+
+refs = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
+        for n in info["node_ids"]]
+print(json.dumps({"info": info, "where": ray.get(refs)}))
+"""
+
+
+def test_connect_reports_the_cluster_and_ships_the_project_to_every_node(ray_cluster, tmp_path):
+    info = connect()  # already connected by the fixture: reports, changes nothing
+    nodes = [ray_cluster.head_node, *ray_cluster.worker_nodes]
+    assert info["nodes"] == 3 and info["cpus"] == 3.0 and info["gpus"] == 1.0
+    assert sorted(info["node_ids"]) == sorted(n.node_id for n in nodes)
+    # A second driver joins from outside the source tree, as a job on the cluster would.
+    done = subprocess.run([sys.executable, "-c", SHIP_PROBE], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ray: 3 nodes, 3 CPUs, 1 GPUs" in done.stderr
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(node for node, _ in probe["where"]) == sorted(info["node_ids"])
+    for _, module in probe["where"]:  # each node imported the shipped copy, not this checkout
+        assert "runtime_resources" in module and not module.startswith(str(PROJECT_ROOT)), module
+
+
+# --- storage ----------------------------------------------------------------------------
+
+def test_storage_paths_become_absolute_and_uris_are_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve_storage(None) == str(tmp_path / "runs")
+    assert storage.resolve_storage("exp/") == str(tmp_path / "exp")
+    assert storage.resolve_storage("s3://bucket/fsweep/") == "s3://bucket/fsweep"
+    assert storage.join("gs://bucket/a", "/b/", "c") == "gs://bucket/a/b/c"
+    assert storage.join("/shared/runs", "exp") == "/shared/runs/exp"
+    with pytest.raises(FsweepError, match="ftp://host/x: unsupported storage scheme"):
+        storage.resolve_storage("ftp://host/x")
+    fs, path = storage.open_filesystem(f"file://{tmp_path}")
+    assert type(fs).__name__ == "LocalFileSystem" and path == str(tmp_path)
+    assert storage.exists(f"file://{tmp_path}") and not storage.exists(f"file://{tmp_path}/missing")
+
+
+def test_cached_copy_downloads_a_uri_once_per_node_even_when_asked_concurrently(tmp_path, monkeypatch):
+    import pyarrow.fs
+
+    remote = tmp_path / "bucket" / "variant"
+    (remote / "stn").mkdir(parents=True)
+    (remote / "train_left.npy").write_bytes(os.urandom(50_000))
+    (remote / "stn" / "weights.pt").write_bytes(b"w" * 10)
+    uri = f"file://{remote}"
+    downloads = []
+    real_copy = pyarrow.fs.copy_files
+
+    def slow_counted_copy(*args, **kwargs):  # the real copy, slowed so that the four callers overlap
+        downloads.append(args[0])
+        time.sleep(0.3)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(pyarrow.fs, "copy_files", slow_counted_copy)
+    with ThreadPoolExecutor(4) as pool:
+        copies = set(pool.map(lambda _: storage.cached_copy(uri, tmp_path / "cache"), range(4)))
+    assert len(copies) == 1 and downloads == [str(remote)]
+    copy = copies.pop()
+    assert (copy / "train_left.npy").read_bytes() == (remote / "train_left.npy").read_bytes()
+    assert (copy / "stn" / "weights.pt").read_bytes() == b"w" * 10
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [copy.name, f"{copy.name}.lock"]  # no temp left
+    assert storage.cached_copy(uri, tmp_path / "cache") == copy and len(downloads) == 1  # later asks: no download
+    assert storage.cached_copy(remote) == remote  # a path (shared FS) is used in place
+    with pytest.raises(FsweepError, match="no such directory"):
+        storage.cached_copy(f"file://{tmp_path}/nothing", tmp_path / "cache")
+
+
+# --- cluster files -----------------------------------------------------------------------
+
+def test_cluster_launcher_config_validates_and_opens_no_port_to_the_world():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = (PROJECT_ROOT / "cluster" / "ray-cluster.yaml").read_text()
+    config = prepare_config(yaml.safe_load(text))
+    validate_config(config)  # Ray's own schema check, as `ray up` runs it
+    assert "0.0.0.0" not in yaml.safe_dump(config) and config["provider"]["use_internal_ips"] is True
+    node_types = config["available_node_types"]
+    # With SecurityGroupIds on every node type Ray creates no group of its own (its default opens SSH to all).
+    assert all(t["node_config"].get("SecurityGroupIds") for t in node_types.values())
+    worker = node_types["gpu_worker"]
+    assert worker["min_workers"] == 0 < worker["max_workers"] and worker["node_config"]["InstanceType"].startswith("g")
+    assert node_types["head"]["resources"] == {"CPU": 0}
+    setup = "\n".join(config["setup_commands"])
+    assert "/shared" in setup and "pip install" in setup and "fsweep" in setup
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+
+
+def test_kuberay_manifest_has_a_gpu_group_a_shared_volume_and_no_outside_exposure():
+    docs = list(yaml.safe_load_all((PROJECT_ROOT / "cluster" / "kuberay.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert not {"Service", "Ingress"} & set(kinds)  # KubeRay's own head Service only, ClusterIP
+    cluster_spec = kinds["RayCluster"]["spec"]
+    assert kinds["RayCluster"]["apiVersion"] == "ray.io/v1" and cluster_spec["authOptions"]["mode"] == "token"
+    head = cluster_spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    claim = kinds["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    groups = [head, *cluster_spec["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounted = [m["name"] for c in pod["containers"] for m in c["volumeMounts"] if m["mountPath"] == "/shared"]
+        assert mounted and volumes[mounted[0]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    gpu = [g for g in cluster_spec["workerGroupSpecs"]
+           if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    assert gpu and gpu[0]["minReplicas"] == 0 < gpu[0]["maxReplicas"]
+
+
+# --- the pipeline on the cluster ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline(ray_cluster, dicom_inputs, tmp_path_factory):
+    """ingest -> store build -> sweep -> report -> export -> predict through the CLI on the cluster."""
+    out = tmp_path_factory.mktemp("outputs")
+    dataset, store, runs = out / "dataset", out / "store", out / "runs"
+    logs = fsweep("ingest", str(dicom_inputs / "manifest.csv"), "--out", str(dataset), "--seed", "0")
+    logs += fsweep("store", "build", str(dataset), "--store", str(store), "--size", "32", "--he", "off,global",
+                   "--address", ray_cluster.address)
+    cfg = tiny_sweep_config(dataset, store, backbone=["resnet10t", "no_such_net"], seed=[0, 1])
+    cfg.search.max_failures = 0  # a bad backbone fails the same way every time
+    config = out / "sweep.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    storage_uri = f"file://{runs}"  # through pyarrow's URI file systems, exactly as s3:// or gs:// storage goes
+    logs += fsweep("sweep", str(config), "--address", ray_cluster.address, "--name", "pipe", "--storage", storage_uri)
+    logs += fsweep("report", f"{storage_uri}/pipe")
+    logs += fsweep("export", f"{storage_uri}/pipe", "--out", str(out / "model"))
+    scans = [str(dicom_inputs / "scans" / f"img_{n:03d}.dcm") for n in range(2)]
+    logs += fsweep("predict", str(out / "model"), *scans, "--out", str(out / "preds.csv"), "--view", "right")
+    return dict(out=out, dataset=dataset, store=store, experiment=runs / "pipe", logs=logs)
+
+
+@pytest.mark.slow
+def test_store_is_built_by_tasks_on_several_nodes_and_read_by_trials_on_several_nodes(pipeline, ray_cluster):
+    node_ids = [n.node_id for n in [ray_cluster.head_node, *ray_cluster.worker_nodes]]
+    images = len(pd.read_parquet(pipeline["dataset"] / "dataset.parquet"))
+    variants = [json.loads(p.read_text()) for p in pipeline["store"].glob("*/variant.json")]
+    assert len(variants) == 2  # off and global, built in one pass
+    for meta in variants:
+        assert len(meta["built_on"]) >= 2 and set(meta["built_on"]) <= set(node_ids), meta["built_on"]
+        assert sum(meta["built_on"].values()) == images  # every image once, wherever it ran
+    board = pd.read_csv(pipeline["experiment"] / "leaderboard.csv")
+    done = board[board["status"] == "TERMINATED"]
+    assert len(done) == 2 and done["val_auc"].between(0, 1).all()
+    ran_on = {label.rsplit("/", 1)[-1] for label in done["node"]}
+    assert len(ran_on) == 2, board[["trial_id", "node"]]  # the two good trials ran (and read the store) apart
+    assert all(any(n.startswith(prefix) for n in node_ids) for prefix in ran_on)
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_on_a_node_is_recorded_with_its_reason(pipeline):
+    board = pd.read_csv(pipeline["experiment"] / "leaderboard.csv")
+    failed = board[board["status"] == "ERROR"]
+    assert list(failed["backbone"]) == ["no_such_net", "no_such_net"]
+    assert failed["error"].str.contains("no_such_net").all()
+    assert (board["status"] == "TERMINATED").sum() == 2  # the sweep went on
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every regular file below ``root`` (sockets and links left out)."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+@pytest.mark.slow
+def test_no_patient_identifier_leaves_the_input_files(pipeline, ray_cluster, dicom_inputs):
+    # The inputs do hold them (so the search below can find what it looks for).
+    assert all(needle in (dicom_inputs / "scans" / "img_000.dcm").read_bytes().lower() for needle in NEEDLES)
+    session = Path(ray_cluster.head_node.get_session_dir_path())  # Ray's logs and the trials' working dirs
+    written = files_under(pipeline["out"]) + files_under(session)
+    kinds = {p.suffix for p in written}
+    assert {".parquet", ".npy", ".csv", ".json", ".pt", ".md", ".onnx", ".safetensors", ".log"} <= kinds, kinds
+    assert any(p.name.startswith("events.out.tfevents") for p in written)  # TensorBoard event files
+    leaks = []
+    for path in written:
+        text = path.read_bytes().lower()
+        leaks += [f"{path}: {needle.decode()}" for needle in NEEDLES if needle in text or needle in str(path).lower().encode()]
+    leaks += [f"logs: {needle.decode()}" for needle in NEEDLES if needle in pipeline["logs"].lower().encode()]
+    assert not leaks, "\n".join(leaks)
+
+
+# --- losing a node ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_store_build_that_loses_a_node_finishes_with_a_verified_store(pipeline, ray_cluster):
+    spec = VariantSpec(he="clahe", size=48, aspect="pad")
+    with TaskNodeKiller(ray_cluster, CHUNK_TASK) as killer:
+        variant = build_variant(pipeline["dataset"], pipeline["store"], spec)
+    try:
+        assert killer.removed is not None, "no store task was seen on a worker node"  # killed while it ran one
+        variant = open_variant(pipeline["store"], variant_key(pipeline["dataset"], spec))  # checksums verified
+        rows = pd.read_parquet(pipeline["dataset"] / "dataset.parquet").set_index("image_id")
+        assert len(variant.index) == len(rows)
+        built_on = json.loads((variant.path / "variant.json").read_text())["built_on"]
+        assert sum(built_on.values()) == len(rows)  # each image counted once: lost chunks ran again elsewhere
+        for split in ("train", "val", "test"):
+            for view in ("left", "right"):
+                images = variant.images(split, view)
+                for image_id, stored in zip(variant.image_ids(split, view), images):
+                    assert np.array_equal(stored, preprocess_image(rows.loc[image_id, "image"], spec)), image_id
+    finally:
+        replace_removed_node(ray_cluster, killer)
+
+
+def trial_histories(experiment: Path) -> dict[str, list[dict]]:
+    """trial dir name -> every result row Tune recorded for it (one per reported epoch)."""
+    out = {}
+    for path in experiment.glob("trial_*/result.json"):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        out[path.parent.name] = [json.loads(line) for line in lines]
+    return out
+
+
+class TrialNodeKiller(threading.Thread):
+    """Removes the worker node of the first trial that reported an epoch there and still has epochs to run."""
+
+    def __init__(self, cluster: Cluster, experiment: Path, epochs: int):
+        super().__init__(daemon=True)
+        self.cluster, self.experiment, self.epochs = cluster, experiment, epochs
+        self.removed, self.victim = None, None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and self.removed is None:
+            for trial, history in trial_histories(self.experiment).items():
+                last = history[-1] if history else {}
+                for node in list(self.cluster.worker_nodes):
+                    if last.get("epoch", self.epochs) < self.epochs and last.get("node", "").endswith(node.node_id[:8]):
+                        self.cluster.remove_node(node, allow_graceful=False)
+                        self.removed, self.victim = node, trial
+                        return
+            time.sleep(0.05)
+
+    def __enter__(self) -> TrialNodeKiller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
+
+@pytest.mark.slow
+def test_sweep_that_loses_a_worker_node_resumes_its_trials_elsewhere_without_repeating_epochs(pipeline, ray_cluster):
+    from search.sweep import run_sweep
+
+    epochs = 4
+    cfg = tiny_sweep_config(pipeline["dataset"], pipeline["store"], epochs=epochs, seed=[0, 1, 2])
+    cfg.search.max_failures = 2
+    experiment = pipeline["out"] / "runs" / "node_loss"
+    with TrialNodeKiller(ray_cluster, experiment, epochs) as killer:
+        run_sweep(cfg, address=ray_cluster.address, name="node_loss", storage=str(experiment.parent))
+    try:
+        assert killer.removed is not None, "no trial was caught running on a worker node"
+        board = pd.read_csv(experiment / "leaderboard.csv")
+        assert len(board) == 3 and (board["status"] == "TERMINATED").all(), board
+        histories = trial_histories(experiment)
+        assert len(histories) == 3
+        for trial, history in histories.items():
+            assert [row["epoch"] for row in history] == list(range(1, epochs + 1)), trial  # none twice, none lost
+        nodes = [row["node"].rsplit("/", 1)[-1] for row in histories[killer.victim]]
+        assert killer.removed.node_id[:8] in nodes[:-1] and nodes[-1] != nodes[0]  # started there, finished elsewhere
+    finally:
+        replace_removed_node(ray_cluster, killer)
