@@ -72,13 +72,19 @@ def leaderboard(experiment: str | Path, metric: str = "val_auc", mode: str = "ma
 
 
 def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max") -> dict[str, dict]:
-    """Best finished trial per view by validation ``metric`` (only validation columns are looked at)."""
+    """Best finished trial per view by validation ``metric`` (only validation columns are looked at).
+
+    Ties (AUC saturates on small validation sets) go to the lower validation loss, as
+    the best epoch within a trial does, then to the earlier best epoch.
+    """
     if metric not in VAL_COLUMNS or board.empty:
         return {}
     usable = board[(board["status"] == "TERMINATED") & board[metric].notna()]
     winners = {}
     for view, group in usable.groupby("view", sort=True):
-        order = group.sort_values([metric, "best_epoch"], ascending=[mode == "min", True], kind="stable")
+        keys = [metric, "val_loss", "best_epoch"] if metric != "val_loss" else [metric, "best_epoch"]
+        ascending = [mode == "min"] + [True] * (len(keys) - 1)
+        order = group.sort_values(keys, ascending=ascending, kind="stable")
         winners[str(view)] = order.iloc[0].to_dict()
     return winners
 

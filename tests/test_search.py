@@ -122,16 +122,27 @@ def test_asha_max_t_defaults_to_the_largest_epochs():
 
 def test_pick_winners_reads_validation_only():
     board = pd.DataFrame([
-        dict(trial_id="a", status="TERMINATED", view="left", val_auc=0.70, best_epoch=3, test_auc=0.99),
-        dict(trial_id="b", status="TERMINATED", view="left", val_auc=0.80, best_epoch=2, test_auc=0.10),
-        dict(trial_id="c", status="ERROR", view="left", val_auc=0.95, best_epoch=1, test_auc=0.99),
-        dict(trial_id="d", status="TERMINATED", view="right", val_auc=0.60, best_epoch=1, test_auc=0.50),
-        dict(trial_id="e", status="TERMINATED", view="right", val_auc=float("nan"), best_epoch=None, test_auc=0.9),
+        dict(trial_id="a", status="TERMINATED", view="left", val_auc=0.70, val_loss=0.3, best_epoch=3, test_auc=0.99),
+        dict(trial_id="b", status="TERMINATED", view="left", val_auc=0.80, val_loss=0.6, best_epoch=2, test_auc=0.10),
+        dict(trial_id="c", status="ERROR", view="left", val_auc=0.95, val_loss=0.1, best_epoch=1, test_auc=0.99),
+        dict(trial_id="d", status="TERMINATED", view="right", val_auc=0.60, val_loss=0.5, best_epoch=1, test_auc=0.50),
+        dict(trial_id="e", status="TERMINATED", view="right", val_auc=float("nan"), val_loss=0.1, best_epoch=None,
+             test_auc=0.9),
     ])
     winners = pick_winners(board, "val_auc", "max")
     assert {v: w["trial_id"] for v, w in winners.items()} == {"left": "b", "right": "d"}
     assert pick_winners(board, "test_auc", "max") == {}  # a test column can never select
     assert pick_winners(board.assign(val_auc=-board["val_auc"]), "val_auc", "min")["left"]["trial_id"] == "b"
+
+
+def test_pick_winners_breaks_a_saturated_metric_by_validation_loss():
+    board = pd.DataFrame([
+        dict(trial_id="a", status="TERMINATED", view="right", val_auc=1.0, val_loss=1.21, best_epoch=4),
+        dict(trial_id="b", status="TERMINATED", view="right", val_auc=1.0, val_loss=0.01, best_epoch=4),
+        dict(trial_id="c", status="TERMINATED", view="right", val_auc=0.9, val_loss=0.001, best_epoch=1),
+    ])
+    assert pick_winners(board, "val_auc", "max")["right"]["trial_id"] == "b"
+    assert pick_winners(board, "val_loss", "min")["right"]["trial_id"] == "c"
 
 
 # --- a real grid sweep ----------------------------------------------------------------------
