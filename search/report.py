@@ -171,6 +171,9 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
         *_winner_lines(winners),
         "## Ablation: HE × Flip × STN per view (as the paper's Table 5; validation)",
         "",
+        "Each row of this table and the next is one combination of its keys; any other searched key "
+        f"(shown as a column) is set to the value with the best mean {metric} for that row.",
+        "",
         markdown_table(seed_summary(board, ["view", "he", "flip", "stn"], metric, mode)),
         "",
         "## Backbones per view (as the paper's Table 6; validation)",
