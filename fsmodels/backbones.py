@@ -110,11 +110,10 @@ def create_backbone(
     arch = resolve_backbone(name)
     path = weights_file(arch, pretrained)
     kwargs = dict(in_chans=in_chans, num_classes=num_classes)
+    if path is not None:  # timm's loader with a local file: no network; folds conv1, drops a mismatched head
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
     try:
-        if path is None:
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-        else:  # timm's loader with a local file: no network; folds conv1, drops a mismatched head
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        model = timm.create_model(arch, pretrained=path is not None, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FsweepError(f"{path}: cannot load weights into {arch} ({first[:200]})") from exc
