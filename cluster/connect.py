@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from preprocessing.errors import FsweepError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("preprocessing", "fsmodels", "search", "cluster")
 LOCAL_ADDRESSES = (None, "", "local")  # values of ``address`` that start a private Ray
@@ -60,7 +62,11 @@ def _join(address: str) -> None:
     import ray
 
     runtime_env = None if installed_as_distribution() else project_runtime_env()
-    ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+    try:
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+    except ConnectionError as exc:  # no cluster there: bad input, so the one-line error, not a traceback
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FsweepError(f"address {address}: cannot join Ray ({reason})") from None
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:

@@ -79,13 +79,14 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fsweep").expanduser()
 
 
-def cached_copy(location: str | os.PathLike, root: Path | None = None) -> Path:
+def cached_copy(location: str | os.PathLike, root: Path | None = None, refresh: bool = False) -> Path:
     """A local directory with the files of ``location``.
 
     A local path is returned as it is (a shared FS needs no copy). A URI is downloaded
     once per node into ``root`` (default :func:`cache_root`): under a file lock, into a
     temporary directory renamed into place, so concurrent callers on one node download
-    once and a crash never leaves a half copy. Meant for immutable content (store variants).
+    once and a crash never leaves a half copy. Meant for immutable content (store variants);
+    ``refresh`` downloads again anyway, for a copy that failed its checksums.
     """
     if not is_uri(location):
         return Path(resolve_storage(location))
@@ -94,11 +95,13 @@ def cached_copy(location: str | os.PathLike, root: Path | None = None) -> Path:
     uri = resolve_storage(location)
     root = Path(root or cache_root())
     target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (target / COMPLETE).is_file():
+    if not refresh and (target / COMPLETE).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if refresh:
+            (target / COMPLETE).unlink(missing_ok=True)
         if not (target / COMPLETE).is_file():
             fs, path = open_filesystem(uri)
             if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
@@ -106,8 +109,15 @@ def cached_copy(location: str | os.PathLike, root: Path | None = None) -> Path:
             tmp = root / f"{target.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
-            (tmp / COMPLETE).write_text(uri + "\n")
+            try:
+                pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+                (tmp / COMPLETE).write_text(uri + "\n")
+            except BaseException as exc:
+                shutil.rmtree(tmp, ignore_errors=True)  # another pid's retry would never clean this one up
+                if isinstance(exc, OSError):  # pyarrow's I/O errors (network, permissions, disk full)
+                    raise FsweepError(f"{uri}: download to {root} failed: {exc}") from exc
+                raise
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     return target

@@ -35,9 +35,12 @@ def decode_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FsweepError(f"{path}: file not found")
-    if is_dicom(path):
-        return _decode_dicom(path)
-    return _decode_raster(path)
+    try:
+        if is_dicom(path):
+            return _decode_dicom(path)
+        return _decode_raster(path)
+    except OSError as exc:  # e.g. no read permission: the manifest contract rejects the row, it does not crash
+        raise FsweepError(f"{path}: unreadable file ({exc.strerror or type(exc).__name__})") from None
 
 
 def is_dicom(path: Path) -> bool:
@@ -89,14 +92,17 @@ def _decode_dicom(path: Path) -> np.ndarray:
     try:
         dataset = pydicom.dcmread(path, force=True)  # force: older files lack the Part 10 preamble
         stored = dataset.pixel_array
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        # malformed rescale/window values fail here, inside the try, so they reject the row too
+        values = stored if stored.ndim == 3 else apply_voi_lut(apply_modality_lut(stored, dataset), dataset)
     except Exception as exc:  # pydicom raises many types for broken files; the reason is what matters
-        raise FsweepError(f"{path}: not a decodable DICOM image ({type(exc).__name__}: {exc})") from None
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise FsweepError(f"{path}: not a decodable DICOM image ({type(exc).__name__}: {reason})") from None
+    if frames > 1:
         raise FsweepError(f"{path}: multi-frame DICOM is not supported (one radiograph per file)")
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if stored.ndim == 3:
         return to_uint8(_to_grey(stored, path, "rgb"))
-    values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset)
     grey = to_uint8(values)
     return 255 - grey if photometric == "MONOCHROME1" else grey
 

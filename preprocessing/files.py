@@ -1,4 +1,4 @@
-"""Atomic file writes and checksums shared by the ROI detector and the store.
+"""Atomic file writes and checksums shared by ingestion, the ROI detector and the store.
 
 A reader never sees a half-written file: everything is written to a temporary file in
 the destination's directory and moved into place with ``os.replace`` (atomic on POSIX
@@ -28,20 +28,31 @@ def temp_owner(tmp: Path) -> tuple[str, int] | None:
     return (match["host"], int(match["pid"])) if match else None
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp)`` on a ``temp_name`` of ``path``, then move it into place; no temp survives a failure."""
     path = Path(path)
     tmp = temp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_parquet(table, path: str | Path) -> None:
+    """Write the DataFrame ``table`` (without its index) to ``path`` as Parquet, atomically."""
+    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
     """Copy ``src`` to ``dst`` atomically."""
-    dst = Path(dst)
-    tmp = temp_name(dst)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def file_sha256(path: str | Path) -> str:

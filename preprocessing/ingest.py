@@ -33,6 +33,7 @@ import pandas as pd
 
 from preprocessing.decode import decode_image
 from preprocessing.errors import FsweepError
+from preprocessing.files import atomic_write_parquet, atomic_write_text
 from preprocessing.splits import SPLITS, patient_splits
 
 REQUIRED = ("image", "patient_id", "view", "label")
@@ -40,6 +41,7 @@ BOX = ("x0", "y0", "x1", "y1")
 VIEWS = {"left": "left", "l": "left", "right": "right", "r": "right"}
 LABELS = {"abnormal": 1, "1": 1, "1.0": 1, "normal": 0, "0": 0, "0.0": 0}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
+MISSING_CELLS = {"na", "nan", "null", "none"}  # how R, pandas and SQL exports spell an empty box cell
 COLUMNS = ["image_id", "image", "patient", "view", "label", "split", *BOX, "height", "width", "pixel_sha256", "row"]
 
 
@@ -94,7 +96,7 @@ def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | Non
             (out / stale).unlink(missing_ok=True)
         raise FsweepError(f"{manifest}: no usable rows, all {len(rejected)} rejected (see {out / 'rejected.csv'})")
     table = _dataset_table(accepted, seed, _salt(out, salt))
-    _write_parquet(table, out / "dataset.parquet")
+    atomic_write_parquet(table, out / "dataset.parquet")  # a reader never sees half a dataset
     result = _summarise(out, table, rejected)
     _write_summary(out, result, manifest, seed)
     if echo:
@@ -119,8 +121,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    with path.open("rb") as handle:
-        parquet_magic = handle.read(4) == b"PAR1"
+    try:
+        with path.open("rb") as handle:
+            parquet_magic = handle.read(4) == b"PAR1"
+    except OSError as exc:
+        raise FsweepError(f"{path}: unreadable manifest ({exc.strerror or type(exc).__name__})") from None
     if parquet_magic or path.suffix.lower() in PARQUET_SUFFIXES:
         try:
             frame = pd.read_parquet(path)
@@ -207,6 +212,7 @@ def pixel_sha256(pixels: np.ndarray) -> str:
 def _box(record: dict, width: int, height: int) -> dict:
     """The optional ROI box as floats (NaN when absent); a partial or out-of-image box is rejected."""
     cells = [str(record.get(k, "")).strip() for k in BOX]
+    cells = ["" if c.lower() in MISSING_CELLS else c for c in cells]
     if not any(cells):
         return {k: float("nan") for k in BOX}
     if not all(cells):
@@ -224,17 +230,15 @@ def _box(record: dict, width: int, height: int) -> dict:
 
 def _reject_label_conflicts(accepted: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict]]:
     """Reject every row of a (patient, view) that has both labels (see module doc for why all)."""
-    labels: dict[tuple[str, str], set[int]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in accepted:
-        labels.setdefault((row["patient_id"], row["view"]), set()).add(row["label"])
-    conflicted = {key for key, seen in labels.items() if len(seen) > 1}
+        groups.setdefault((row["patient_id"], row["view"]), []).append(row)
     kept = []
     for row in accepted:
-        key = (row["patient_id"], row["view"])
-        if key in conflicted:
-            rows = [r["row"] for r in accepted if (r["patient_id"], r["view"]) == key]
+        group = groups[row["patient_id"], row["view"]]
+        if len({r["label"] for r in group}) > 1:
             reason = f"conflicting labels: the patient's {row['view']} view is both normal and abnormal " \
-                     f"(rows {', '.join(map(str, rows))})"
+                     f"(rows {', '.join(str(r['row']) for r in group)})"
             rejected.append({"row": row["row"], "image": row["given"], "reason": reason, "kind": "conflicting labels"})
         else:
             kept.append(row)
@@ -248,7 +252,10 @@ def _salt(out: Path, salt: str | None) -> str:
         return salt
     keep = out / ".salt"
     if keep.is_file():
-        return keep.read_text().strip()
+        kept = keep.read_text().strip()
+        if not kept:  # hashing with an empty salt would make the ids easy to recover by guessing
+            raise FsweepError(f"{keep}: empty salt file (delete it for a new random salt, or pass --salt)")
+        return kept
     salt = secrets.token_hex(16)
     descriptor = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as handle:
@@ -272,16 +279,9 @@ def _dataset_table(accepted: list[dict], seed: int, salt: str) -> pd.DataFrame:
                          **{k: "float64" for k in BOX}}).reset_index(drop=True)
 
 
-def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    """Write then rename, so a reader never sees half a dataset."""
-    partial = path.with_suffix(".parquet.partial")
-    table.to_parquet(partial, index=False)
-    os.replace(partial, path)
-
-
 def _write_rejected(out: Path, rejected: list[dict]) -> None:
     frame = pd.DataFrame(rejected, columns=["row", "image", "reason"])
-    frame.to_csv(out / "rejected.csv", index=False)
+    atomic_write_text(out / "rejected.csv", frame.to_csv(index=False))
 
 
 def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict]) -> IngestResult:
@@ -313,7 +313,7 @@ def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int) -
         "rejected_by_reason": result.rejected_by_reason,
         "fingerprint": result.fingerprint,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def load_dataset(dataset_dir: str | Path) -> pd.DataFrame:

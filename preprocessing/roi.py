@@ -31,8 +31,9 @@ import pandas as pd
 
 from preprocessing.errors import FsweepError
 from preprocessing.files import atomic_copy, atomic_write_text, file_sha256
+from preprocessing.ingest import BOX, load_dataset
 
-BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
+BOX_COLUMNS = list(BOX)  # the manifest's optional box, in raw-image pixels
 CONF_THRESHOLD = 0.1  # below this score the ROI counts as not found (every image holds one spine: keep the best box)
 CLASS_NAME = "spine"  # the one class: the cervical spine with its foramina
 
@@ -148,9 +149,7 @@ def detector_sha256(roi_dir: str | Path) -> str:
 def _boxed_rows(dataset_dir: Path, annotated: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """First ``annotated`` boxed train rows (dataset order) and every boxed val row."""
     table = dataset_dir / "dataset.parquet"
-    if not table.is_file():
-        raise FsweepError(f"{table}: not found (run `fsweep ingest` first)")
-    rows = pd.read_parquet(table)
+    rows = load_dataset(dataset_dir)
     boxed = rows.dropna(subset=BOX_COLUMNS)
     train = boxed[boxed["split"] == "train"].head(annotated)
     val = boxed[boxed["split"] == "val"]

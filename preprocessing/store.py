@@ -39,12 +39,14 @@ import pandas as pd
 
 from cluster.storage import cache_root, cached_copy, exists, is_uri, join, open_filesystem, resolve_storage
 from preprocessing.contrast import HE_MODES, equalize
+from preprocessing.decode import decode_image
 from preprocessing.errors import FsweepError
-from preprocessing.files import atomic_write_text, file_sha256, temp_name, temp_owner
+from preprocessing.files import atomic_write_parquet, atomic_write_text, file_sha256, temp_name, temp_owner
+from preprocessing.ingest import load_dataset
 from preprocessing.roi import BOX_COLUMNS, RoiDetector, crop_box, detector_sha256, full_frame_box
+from preprocessing.splits import SPLITS
 
 CODE_VERSION = "store-1"  # bump whenever the same inputs would give different arrays
-SPLITS = ("train", "val", "test")
 VIEWS = ("left", "right")
 ASPECTS = ("pad", "stretch")
 CHUNK = 16  # images per Ray task: small enough for a smooth progress bar, large enough to amortise a task
@@ -149,19 +151,25 @@ def build_store(
 
 def open_variant(store: str | Path, key: str) -> Variant:
     """Open a complete variant; FsweepError when it is missing, incomplete or fails its checksums."""
-    path = _variant_dir(resolve_storage(store), key)
-    _verify(path)
+    store = resolve_storage(store)
+    path = _variant_dir(store, key)
+    try:
+        _verify(path)
+    except FsweepError:
+        if not is_uri(store):
+            raise
+        # this node's copy is damaged, or is of a variant since rebuilt remotely: without a fresh
+        # download it would be refused for good, and every `store build` would rebuild in vain
+        path = _variant_dir(store, key, refresh=True)
+        _verify(path)
     meta = json.loads((path / "variant.json").read_text())
     index = pd.read_parquet(path / "index.parquet")
     return Variant(key=key, path=path, spec=VariantSpec(**meta["spec"]), index=index)
 
 
 def read_dataset(dataset_dir: str | Path) -> pd.DataFrame:
-    """DATASET/dataset.parquet in a canonical order (split, view, image_id)."""
-    table = Path(dataset_dir) / "dataset.parquet"
-    if not table.is_file():
-        raise FsweepError(f"{table}: not found (run `fsweep ingest` first)")
-    rows = pd.read_parquet(table)
+    """DATASET/dataset.parquet (checked by ``ingest.load_dataset``) in a canonical order (split, view, image_id)."""
+    rows = load_dataset(dataset_dir)
     return rows.sort_values(["split", "view", "image_id"], kind="stable").reset_index(drop=True)
 
 
@@ -199,8 +207,6 @@ def preprocess_decoded(img: np.ndarray, spec: VariantSpec, detector: RoiDetector
 
 def preprocess_image(path: str, spec: VariantSpec, detector: RoiDetector | None = None) -> np.ndarray:
     """The whole recipe for one raw file: decode, then ``preprocess_decoded`` (the store's unit of work)."""
-    from preprocessing.decode import decode_image
-
     return preprocess_decoded(decode_image(path), spec, detector)[0]
 
 
@@ -211,7 +217,7 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
     rows = read_dataset(dataset_dir)
     keys = [variant_key(dataset_dir, spec) for spec in specs]
     done, todo = {}, []
-    for key, spec in zip(keys, specs):
+    for key, spec in dict(zip(keys, specs)).items():  # a mode given twice (--he off,off) is built once
         try:
             done[key] = open_variant(store, key)
             print(f"variant {key} ({_describe(spec)}) up to date: no work")
@@ -274,37 +280,44 @@ def _run_tasks(rows: pd.DataFrame, specs: list[VariantSpec], outputs: list[dict]
 
     items = list(rows[["image", "split", "view", "pos", "image_id"]].itertuples(index=False, name=None))
     chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+    roi_dir = specs[0].roi_dir
+    roi_sha256 = detector_sha256(roi_dir) if roi_dir else None  # hashed once here, not once per chunk
     records = []
     with _ray_session(address):
         # tasks are pure functions of their chunk: a chunk whose worker or node died simply runs again
         task = ray.remote(num_cpus=1, max_retries=3)(_process_chunk)
-        pending = [task.remote(chunk, specs) for chunk in chunks]
-        with tqdm(total=len(items), desc=title, unit="img") as progress:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                chunk_meta, arrays = ray.get(ready[0])
-                for record, *images in zip(chunk_meta, *arrays):
-                    for out, image in zip(outputs, images):
-                        out[f"{record['split']}_{record['view']}"][1][record["pos"]] = image
-                    records.append(record)
-                progress.update(len(chunk_meta))
+        pending = [task.remote(chunk, specs, roi_sha256) for chunk in chunks]
+        try:
+            with tqdm(total=len(items), desc=title, unit="img") as progress:
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    chunk_meta, arrays = ray.get(ready[0])
+                    for record, *images in zip(chunk_meta, *arrays):
+                        for out, image in zip(outputs, images):
+                            out[f"{record['split']}_{record['view']}"][1][record["pos"]] = image
+                        records.append(record)
+                    progress.update(len(chunk_meta))
+        except BaseException as exc:
+            for ref in pending:  # on a joined cluster they would otherwise run on for a build that failed
+                ray.cancel(ref)
+            if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, FsweepError):
+                raise FsweepError(str(exc.cause)) from None  # e.g. an image gone since ingest: its one line
+            raise
     return pd.DataFrame(records)
 
 
-def _process_chunk(chunk, specs: list[VariantSpec]):
+def _process_chunk(chunk, specs: list[VariantSpec], roi_sha256: str | None):
     """Ray task: decode each image once, locate its ROI once, then finish it for every spec."""
     import ray
 
-    from preprocessing.decode import decode_image
-
     node = ray.get_runtime_context().get_node_id()
     roi_dir = specs[0].roi_dir
-    detector = _cached_detector(roi_dir, detector_sha256(roi_dir)) if roi_dir else None
+    detector = _cached_detector(roi_dir, roi_sha256) if roi_dir else None
     meta, arrays = [], [[] for _ in specs]
     for image, split, view, pos, image_id in chunk:
         img = decode_image(image)
         box, conf, fallback = locate_roi(img, detector)
-        crop = crop_box(img, box, specs[0].margin)
+        crop = np.ascontiguousarray(crop_box(img, box, specs[0].margin))  # one copy shared by every spec
         for out, spec in zip(arrays, specs):
             out.append(finish_crop(crop, spec))
         meta.append(dict(zip(["image_id", "split", "view", "pos", *BOX_COLUMNS, "conf", "fallback", "node"],
@@ -341,9 +354,7 @@ def _commit(path: Path, outputs: dict, index: pd.DataFrame, meta: dict) -> None:
         array.flush()
         checksums[f"{group}.npy"] = file_sha256(tmp)
         os.replace(tmp, path / f"{group}.npy")
-    tmp = temp_name(path / "index.parquet")
-    index.to_parquet(tmp, index=False)
-    os.replace(tmp, path / "index.parquet")
+    atomic_write_parquet(index, path / "index.parquet")
     checksums["index.parquet"] = file_sha256(path / "index.parquet")
     atomic_write_text(path / "variant.json", json.dumps(meta, indent=2))
     checksums["variant.json"] = file_sha256(path / "variant.json")
@@ -373,12 +384,13 @@ def _remove_dead_temps(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True unless no process ``pid`` exists (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -393,7 +405,10 @@ def _verify(path: Path) -> None:
     if not manifest.is_file():
         state = "not built" if not path.exists() else "incomplete (no manifest.json: interrupted or in progress)"
         raise FsweepError(f"{path}: variant {state}; run `fsweep store build`")
-    checksums = json.loads(manifest.read_text())["sha256"]
+    try:
+        checksums = dict(json.loads(manifest.read_text())["sha256"])
+    except (ValueError, KeyError, TypeError):  # hand-edited or foreign: refuse it, so a build replaces it
+        raise FsweepError(f"{manifest}: unreadable; run `fsweep store build` to rebuild") from None
     stats = _stats(path, [manifest.name, *checksums])
     if _VERIFIED.get(path) == stats:
         return
@@ -416,14 +431,14 @@ def _stats(path: Path, names: list[str]) -> tuple:
 
 # --- small helpers ---------------------------------------------------------------------
 
-def _variant_dir(store: str, key: str) -> Path:
+def _variant_dir(store: str, key: str, refresh: bool = False) -> Path:
     """The variant's local directory: STORE/<key>, or this node's cached copy of a URI store's variant."""
     if not is_uri(store):
         return Path(store) / key
     remote = join(store, key)
     if not exists(join(remote, "manifest.json")):  # uploaded last: without it the variant is not (fully) there
         raise FsweepError(f"{remote}: variant not built; run `fsweep store build`")
-    return cached_copy(remote)
+    return cached_copy(remote, refresh=refresh)
 
 
 def _staging_dir(store: str) -> Path:

@@ -297,6 +297,34 @@ def test_cached_copy_downloads_a_uri_once_per_node_even_when_asked_concurrently(
         storage.cached_copy(f"file://{tmp_path}/nothing", tmp_path / "cache")
 
 
+def test_an_unreachable_address_is_one_line(monkeypatch):
+    def refused(**kwargs):
+        raise ConnectionError(f"Could not find any running Ray instance at {kwargs['address']}.\nMore help...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(FsweepError, match="address 10.9.9.9:6379: cannot join Ray") as error:
+        connect("10.9.9.9:6379")
+    assert "\n" not in str(error.value)
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_partial_copy(tmp_path, monkeypatch):
+    import pyarrow.fs
+
+    remote = tmp_path / "bucket" / "variant"
+    remote.mkdir(parents=True)
+    (remote / "train_left.npy").write_bytes(b"x")
+
+    def broken_copy(source, destination, **kwargs):  # the connection drops after part of the files arrived
+        (Path(destination) / "train_left.npy").write_bytes(b"half")
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(pyarrow.fs, "copy_files", broken_copy)
+    with pytest.raises(FsweepError, match="failed: connection reset by peer"):
+        storage.cached_copy(f"file://{remote}", tmp_path / "cache")
+    assert all(p.name.endswith(".lock") for p in (tmp_path / "cache").iterdir())  # no half copy, no temp dir
+
+
 # --- cluster files -----------------------------------------------------------------------
 
 def test_cluster_launcher_config_validates_and_opens_no_port_to_the_world():

@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from preprocessing.decode import decode_image, dicom_laterality, to_uint8
 from preprocessing.errors import FsweepError
-from preprocessing.ingest import COLUMNS, fingerprint, ingest, load_dataset
+from preprocessing.ingest import COLUMNS, fingerprint, ingest, load_dataset, read_manifest
 from preprocessing.phantom import write_phantom
 
 HEADER = ["image", "patient_id", "view", "label", "x0", "y0", "x1", "y1"]
@@ -156,6 +156,24 @@ def test_undecodable_files_raise_one_line(tmp_path, name, content, reason):
     assert str(error.value).startswith(str(tmp_path / name)) and "\n" not in str(error.value)
 
 
+def test_malformed_dicom_window_is_one_line(tmp_path):
+    path = write_dicom(tmp_path / "w0.dcm", _gradient(0, 1200), window=(1000, 0))  # width 0: no VOI possible
+    with pytest.raises(FsweepError, match="not a decodable DICOM") as error:
+        decode_image(path)
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((4, 4), np.uint8))
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))  # what a chmod 000 file gives a non-root user
+
+    monkeypatch.setattr("preprocessing.decode.is_dicom", denied)
+    with pytest.raises(FsweepError, match="unreadable file .Permission denied"):
+        decode_image(tmp_path / "a.png")
+
+
 # --- the ingested phantom ------------------------------------------------------------------
 
 def test_dataset_follows_the_contract(tiny_dataset, tiny_phantom):
@@ -239,6 +257,9 @@ def test_random_salt_is_kept_private_and_reused(tiny_phantom, tmp_path):
     assert load_dataset(tmp_path / "d")["patient"].equals(first)
     ingest(tiny_phantom / "manifest.csv", tmp_path / "other", echo=False)
     assert not load_dataset(tmp_path / "other")["patient"].isin(set(first)).any()
+    salt_file.write_text("\n")  # an emptied salt file would hash the ids unsalted: refused
+    with pytest.raises(FsweepError, match="empty salt file"):
+        ingest(tiny_phantom / "manifest.csv", tmp_path / "d", echo=False)
 
 
 # --- rejections ---------------------------------------------------------------------------
@@ -335,6 +356,18 @@ def _foreign_manifest(phantom: Path, root: Path) -> tuple[pd.DataFrame, set[int]
     return pd.DataFrame(rows, columns=HEADER), broken
 
 
+def test_na_box_cells_mean_no_box(tiny_phantom, tmp_path):
+    img = _copy_images(tiny_phantom, tmp_path, 3)
+    (tmp_path / "manifest.csv").write_text(  # as R's write.csv and pandas' na_rep write rows without a box
+        "image,patient_id,view,label,x0,y0,x1,y1\n"
+        f"{img[0]},p1,left,normal,NA,NA,NA,NA\n{img[1]},p1,right,normal,NaN,NaN,NaN,NaN\n"
+        f"{img[2]},p2,left,abnormal,NA,1,NA,NA\n"
+    )
+    result = ingest(tmp_path / "manifest.csv", tmp_path / "out", echo=False)
+    assert result.accepted == 2 and result.rejected_by_reason == {"bad box": 1}  # a partial box is still one
+    assert load_dataset(tmp_path / "out")[["x0", "y0", "x1", "y1"]].isna().all().all()
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "parquet named .csv"])
 def test_a_foreign_manifest_rejects_exactly_the_broken_rows(tiny_phantom, tmp_path, fmt):
     manifest, broken = _foreign_manifest(tiny_phantom, tmp_path)
@@ -385,6 +418,17 @@ def test_a_file_that_is_not_a_manifest_stops_with_one_line(tmp_path, name, conte
     with pytest.raises(FsweepError, match=reason) as error:
         ingest(tmp_path / name, tmp_path / "out", echo=False)
     assert "\n" not in str(error.value)
+
+
+def test_an_unreadable_manifest_stops_with_one_line(tmp_path, monkeypatch):
+    (tmp_path / "m.csv").write_text("image,patient_id,view,label\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # what a chmod 000 file gives a non-root user
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(FsweepError, match="unreadable manifest .Permission denied"):
+        read_manifest(tmp_path / "m.csv")
 
 
 def test_all_rows_rejected_stops_after_writing_the_reasons(tiny_phantom, tmp_path):

@@ -159,6 +159,12 @@ def test_second_build_does_no_preprocessing(built, tiny_dataset, capsys):
     assert "up to date: no work" in capsys.readouterr().out
 
 
+def test_a_mode_given_twice_is_built_once(tiny_dataset, tmp_path):
+    first, second = build_store(tiny_dataset, tmp_path, roi="none", size=SIZE, he_modes=("off", "off"))
+    assert first.key == second.key and first.preprocessed == len(first.index)
+    assert not list(first.path.glob(".*.tmp"))
+
+
 def test_corrupted_array_is_refused_then_rebuilt(tiny_dataset, tmp_path):
     spec = VariantSpec(he="off", size=SIZE)
     variant = build_variant(tiny_dataset, tmp_path, spec)
@@ -172,6 +178,11 @@ def test_corrupted_array_is_refused_then_rebuilt(tiny_dataset, tmp_path):
     rebuilt = build_variant(tiny_dataset, tmp_path, spec)
     assert rebuilt.preprocessed == len(variant.index)
     np.testing.assert_array_equal(open_variant(tmp_path, variant.key).images("train", "left"), clean)
+    manifest = variant.path / "manifest.json"
+    manifest.write_text(manifest.read_text()[:20])  # a truncated manifest is refused as well, then rebuilt
+    with pytest.raises(FsweepError, match="manifest.json: unreadable"):
+        open_variant(tmp_path, variant.key)
+    assert build_variant(tiny_dataset, tmp_path, spec).preprocessed == len(variant.index)
 
 
 def test_interrupted_build_is_refused_then_completed(tiny_dataset, tmp_path):
@@ -179,7 +190,7 @@ def test_interrupted_build_is_refused_then_completed(tiny_dataset, tmp_path):
     key = variant_key(tiny_dataset, spec)
     script = (
         "import sys; from preprocessing.store import VariantSpec, build_variant; "
-        f"build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=256))"
+        "build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=256))"
     )
     # the child joins this module's Ray, so killing it leaves no Ray cluster behind
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -220,6 +231,18 @@ def test_racing_builders_leave_one_verified_variant(tiny_dataset, tmp_path):
     np.testing.assert_array_equal(variant.images("train", "right")[0], expected)
 
 
+def test_an_image_gone_since_ingest_is_a_one_line_error(tiny_dataset, tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    rows = pd.read_parquet(tiny_dataset / "dataset.parquet")
+    rows.loc[0, "image"] = str(tmp_path / "gone.png")
+    rows.to_parquet(dataset / "dataset.parquet")
+    with pytest.raises(FsweepError, match="gone.png: file not found") as error:
+        build_variant(dataset, tmp_path / "store", VariantSpec(he="off", size=SIZE))
+    assert "\n" not in str(error.value)  # the task's reason, not the Ray worker's traceback
+    assert not list((tmp_path / "store").glob("*/.*.tmp"))
+
+
 def test_uri_store_is_uploaded_manifest_last_and_read_from_a_node_cache(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("FSWEEP_CACHE", str(tmp_path / "node_cache"))
     uri = f"file://{tmp_path / 'bucket'}"  # the pyarrow code path of s3:// and gs://
@@ -232,6 +255,11 @@ def test_uri_store_is_uploaded_manifest_last_and_read_from_a_node_cache(tiny_dat
     np.testing.assert_array_equal(again.images("val", "left"), built.images("val", "left"))
     with pytest.raises(FsweepError, match="not built"):
         open_variant(uri, "0123456789abcdef")
+    cached = again.path / "val_left.npy"
+    damaged = bytearray(cached.read_bytes())
+    damaged[-1] ^= 0xFF
+    cached.write_bytes(bytes(damaged))  # this node's copy goes bad: it is fetched again, not refused for good
+    np.testing.assert_array_equal(open_variant(uri, built.key).images("val", "left"), built.images("val", "left"))
 
 
 # --- loader --------------------------------------------------------------------------------
