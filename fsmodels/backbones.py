@@ -25,6 +25,7 @@ from pathlib import Path
 import timm
 import torch.nn as nn
 
+from fsmodels.config import is_off
 from preprocessing.errors import FsweepError
 
 # The paper's names (Tables 3 and 6) -> timm architectures.
@@ -88,7 +89,7 @@ def cached_imagenet_file(arch: str) -> Path:
 def weights_file(arch: str, pretrained: str) -> Path | None:
     """The weights file for ``pretrained`` (none -> None), checked to exist."""
     choice = str(pretrained)
-    if choice.lower() in ("none", "off", "false", ""):
+    if is_off(choice):
         return None
     if choice.lower() == "imagenet":
         return cached_imagenet_file(arch)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsmodels.model import FsNet
+from fsmodels.model import FsNet, model_skeleton
 
 HEAT_WEIGHT = 0.4  # share of the colour map in the overlay (the rest is the grey crop)
 
@@ -26,10 +26,7 @@ def model_from_weights(weights: str | Path, backbone: str, stn: str) -> FsNet:
     """An eval-mode FsNet with the exported safetensors state dict (no pickle, no pretrained download)."""
     from safetensors.torch import load_file
 
-    from fsmodels.backbones import create_backbone
-    from fsmodels.stn import STN
-
-    model = FsNet(create_backbone(backbone, pretrained="none"), None if stn == "off" else STN())
+    model = model_skeleton(backbone, stn)
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
 

@@ -14,6 +14,7 @@ leaves a half checkpoint.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -64,20 +65,25 @@ def prune_checkpoints(root: Path, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _load(checkpoint_dir: str | Path, name: str, missing: str) -> dict:
+    """``torch.load(weights_only=True)`` of one checkpoint file; a missing or damaged file is one FsweepError."""
+    path = Path(checkpoint_dir) / name
+    if not path.is_file():
+        raise FsweepError(f"{checkpoint_dir}: {missing}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated zip, empty file, foreign pickle
+        raise FsweepError(f"{path}: unreadable ({type(exc).__name__}); the checkpoint is damaged") from None
+
+
 def load_state(checkpoint_dir: str | Path) -> dict:
     """The training state of a checkpoint directory (weights_only load)."""
-    path = Path(checkpoint_dir) / STATE_FILE
-    if not path.is_file():
-        raise FsweepError(f"{checkpoint_dir}: not a trial checkpoint ({STATE_FILE} missing)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _load(checkpoint_dir, STATE_FILE, f"not a trial checkpoint ({STATE_FILE} missing)")
 
 
 def load_best_weights(checkpoint_dir: str | Path) -> dict:
     """The best epoch's model state dict of a checkpoint directory."""
-    path = Path(checkpoint_dir) / BEST_FILE
-    if not path.is_file():
-        raise FsweepError(f"{checkpoint_dir}: {BEST_FILE} missing")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _load(checkpoint_dir, BEST_FILE, f"{BEST_FILE} missing")
 
 
 def checkpoint_config(state: dict) -> Config:

@@ -104,15 +104,32 @@ class ConfigError(FsweepError):
 SECTIONS = {f.name: f.type for f in fields(Config)}
 
 
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+OFF_WORDS = ("none", "off", "false", "")  # spellings of "no detector / no weights" (YAML reads bare off as False)
+
+
+def parse_flag(value: Any, where: str) -> bool:
+    """A boolean from a bool or a true/false word (on/off, yes/no, 1/0); ConfigError otherwise."""
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in TRUE_WORDS:
+        return True
+    if low in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+
+
+def is_off(value: Any) -> bool:
+    """True when a path-like option (roi.detector, train.pretrained) says none/off rather than naming a path."""
+    return value is None or str(value).strip().lower() in OFF_WORDS
+
+
 def _coerce(current: Any, value: Any, where: str) -> Any:
     """Cast ``value`` to the type of the default ``current`` when it is a scalar."""
     if isinstance(current, bool) and isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("true", "yes", "on", "1"):
-            return True
-        if low in ("false", "no", "off", "0"):
-            return False
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return parse_flag(value, where)
     if isinstance(current, bool) or value is None:
         return value
     if isinstance(current, int) and isinstance(value, (str, float)):

@@ -13,6 +13,9 @@ import numpy as np
 
 NAN = float("nan")
 CI_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity")  # metrics that get bootstrap intervals
+SPLIT_METRICS = (*CI_METRICS, "loss")  # what every scored split reports (metrics.json `val` / `test` keys)
+# the per-epoch validation metrics that may select epochs and trials (never a test metric)
+SELECTABLE_METRICS = tuple(f"val_{name}" for name in SPLIT_METRICS)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -52,10 +55,13 @@ def roc_curve_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
     undefined axis is all nan.
     """
     y, s = _arrays(y_true, scores)
-    thresholds = np.r_[np.inf, np.unique(s)[::-1]]
-    predicted = s[None, :] >= thresholds[:, None]
-    tp = (predicted & (y == 1)).sum(axis=1)
-    fp = (predicted & (y == 0)).sum(axis=1)
+    # one sort and cumulative counts: O(n log n), where a threshold x image table is O(n^2) every epoch
+    order = np.argsort(-s, kind="mergesort")
+    s_desc, y_desc = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_desc)), s.size - 1] if s.size else np.zeros(0, dtype=np.int64)
+    thresholds = np.r_[np.inf, s_desc[last]]
+    tp = np.r_[0, np.cumsum(y_desc == 1)[last]]
+    fp = np.r_[0, np.cumsum(y_desc == 0)[last]]
     n_pos, n_neg = int(y.sum()), int((y == 0).sum())
     tpr = tp / n_pos if n_pos else np.full(tp.shape, np.nan)
     fpr = fp / n_neg if n_neg else np.full(fp.shape, np.nan)

@@ -14,7 +14,6 @@ from fsmodels.params import STN_MODES
 from fsmodels.stn import STN, load_frozen_stn
 
 
-
 class FsNet(nn.Module):
     """Classifier returning one abnormal-vs-normal logit per image (shape (B,))."""
 
@@ -52,3 +51,9 @@ def build_model(
     elif mode == "joint":
         stn = STN()
     return FsNet(create_backbone(backbone, pretrained=pretrained, in_chans=1, num_classes=1, finetune=finetune), stn)
+
+
+def model_skeleton(backbone: str, stn_mode: str) -> FsNet:
+    """An FsNet of the right shape with random weights, to load a saved state dict into (reads no weights file)."""
+    stn = None if normalise_toggle(stn_mode, "space.stn", STN_MODES) == "off" else STN()
+    return FsNet(create_backbone(backbone, pretrained="none", in_chans=1, num_classes=1, finetune=True), stn)

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from fsmodels.config import Config, normalise_toggle
+from fsmodels.config import Config, is_off, normalise_toggle, parse_flag
 from preprocessing.errors import FsweepError
 
 VIEWS = ("left", "right", "both")  # space.view choices
@@ -37,17 +36,6 @@ def _scalar(cfg: Config, key: str):
     return value
 
 
-def _flag(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "on", "yes", "1"):
-        return True
-    if text in ("false", "off", "no", "0"):
-        return False
-    raise FsweepError(f"{name}: expected true/false, got {value!r}")
-
-
 def trial_params(cfg: Config) -> TrialParams:
     """Validate the trial's ``space`` values (one each) and the ``train`` choices."""
     normalise_toggle(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
@@ -60,9 +48,9 @@ def trial_params(cfg: Config) -> TrialParams:
             epochs=int(_scalar(cfg, "epochs")),
             lr=float(_scalar(cfg, "lr")),
             he=normalise_toggle(_scalar(cfg, "he"), "space.he", HE_MODES),
-            flip=_flag(_scalar(cfg, "flip"), "space.flip"),
+            flip=parse_flag(_scalar(cfg, "flip"), "space.flip"),
             stn=normalise_toggle(_scalar(cfg, "stn"), "space.stn", STN_MODES),
-            finetune=_flag(_scalar(cfg, "finetune"), "space.finetune"),
+            finetune=parse_flag(_scalar(cfg, "finetune"), "space.finetune"),
             seed=int(_scalar(cfg, "seed")),
         )
     except (TypeError, ValueError) as exc:
@@ -74,13 +62,14 @@ def trial_params(cfg: Config) -> TrialParams:
 
 def resolve_variant(cfg: Config, he: str):
     """Open the store variant the config names; never builds one (sweeps only read the store)."""
+    from cluster.storage import exists, join
     from preprocessing.store import VariantSpec, open_variant, variant_key
 
     detector = cfg.roi.detector
-    roi_dir = None if str(detector).lower() in ("none", "off", "false", "") else detector
+    roi_dir = None if is_off(detector) else detector
     spec = VariantSpec(he=he, size=cfg.data.size, aspect=cfg.data.aspect, roi_dir=roi_dir, margin=cfg.roi.margin)
     key = variant_key(cfg.data.dataset, spec)
-    if not (Path(cfg.data.store) / key).is_dir():
+    if not exists(join(cfg.data.store, key, "manifest.json")):  # a path or an s3:// / gs:// URI
         raise FsweepError(
             f"{cfg.data.store}: no store variant {key} (he={he}, size={cfg.data.size}, roi={detector}); "
             f"build it with `fsweep store build {cfg.data.dataset} --store {cfg.data.store} --size {cfg.data.size} "

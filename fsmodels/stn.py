@@ -11,8 +11,6 @@ half-written file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from fsmodels.metrics import json_safe
 from preprocessing.errors import FsweepError
+from preprocessing.files import atomic_write, atomic_write_text
 
 STN_WEIGHTS = "stn.safetensors"  # frozen STN weights in the variant's stn/ dir (written last)
 STN_STATS = "stn.json"  # pretraining loss/accuracy, epochs, seed
@@ -146,12 +145,6 @@ def pretrain_stn(variant, epochs: int = 10, seed: int = 0, batch: int = 16) -> t
     return model.stn.cpu().eval(), stats
 
 
-def _atomic_target(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_stn_figure(stn: STN, variant, path: Path, count: int = 6) -> None:
     """Validation images (both views) before (top row) and after (bottom row) the STN."""
     import matplotlib
@@ -173,16 +166,8 @@ def save_stn_figure(stn: STN, variant, path: Path, count: int = 6) -> None:
     axes[0, 0].set_title("before STN", loc="left", fontsize=9)
     axes[1, 0].set_title("after STN", loc="left", fontsize=9)
     fig.tight_layout()
-    tmp = _atomic_target(path)
-    fig.savefig(tmp, format="png", dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = _atomic_target(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def ensure_frozen_stn(variant, epochs: int = 10, seed: int = 0, force: bool = False) -> Path:
@@ -195,10 +180,9 @@ def ensure_frozen_stn(variant, epochs: int = 10, seed: int = 0, force: bool = Fa
             return weights
         stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed)
         save_stn_figure(stn, variant, stn_dir / STN_FIGURE)
-        _write_atomic_text(stn_dir / STN_STATS, json.dumps(json_safe(stats), indent=2))
-        tmp = _atomic_target(weights)
-        save_file(stn.state_dict(), str(tmp))
-        os.replace(tmp, weights)  # weights last: their presence means the STN is complete
+        atomic_write_text(stn_dir / STN_STATS, json.dumps(json_safe(stats), indent=2))
+        # weights last: their presence means the STN is complete
+        atomic_write(weights, lambda tmp: save_file(stn.state_dict(), str(tmp)))
     return weights
 
 

@@ -21,22 +21,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fsmodels.backbones import create_backbone, resolve_backbone, weights_file
+from fsmodels.backbones import resolve_backbone, weights_file
 from fsmodels.checkpoint import (
     checkpoint_config, load_best_weights, load_state, plain, prune_checkpoints, save_checkpoint,
 )
 from fsmodels.config import Config, config_from_dict, save_config
 from fsmodels.engine import Runtime, epoch_seed, make_loader, predict, runtime, seed_everything, train_epoch
-from fsmodels.metrics import binary_metrics, bootstrap_ci, json_safe
-from fsmodels.model import FsNet, build_model
+from fsmodels.metrics import SELECTABLE_METRICS, SPLIT_METRICS, binary_metrics, bootstrap_ci, json_safe
+from fsmodels.model import FsNet, build_model, model_skeleton
 from fsmodels.params import TrialParams, resolve_variant, trial_params
-from fsmodels.stn import STN, ensure_frozen_stn
+from fsmodels.stn import ensure_frozen_stn
 from preprocessing.errors import FsweepError
 
 __all__ = ["run_trial", "evaluate_checkpoint", "load_trial_model", "trial_params"]
-REPORTED = ("auc", "accuracy", "f1", "sensitivity", "specificity", "loss")  # metrics.json val/test keys
+REPORTED = SPLIT_METRICS  # metrics.json val/test keys
 EVAL_BATCH = 32  # evaluation batch size floor (no gradients: larger batches are cheap and change nothing)
 EpochCallback = Callable[[dict, Path], None]
+BestCallback = Callable[[int, np.ndarray, np.ndarray], None]  # (epoch, validation labels, scores)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def split_metrics(labels: np.ndarray, scores: np.ndarray, loss: float) -> dict:
 
 
 def epoch_report(epoch: int, train_loss: float, val: dict, best_epoch: int, best_value: float, metric: str) -> dict:
-    """The dict ``on_epoch`` receives (keys fixed by the plan; Ray Tune reports it as is)."""
+    """The dict ``on_epoch`` receives; Ray Tune reports it as is, so its keys are the sweep's result columns."""
     report = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
     for key in ("auc", "accuracy", "f1", "sensitivity", "specificity", "youden_threshold"):
         report[f"val_{key}"] = val[key]
@@ -145,12 +146,14 @@ def _restore(resume_from, model, optimizer, scheduler, scaler) -> TrainingState:
 
 
 def _check_metric(metric: str) -> None:
-    valid = [f"val_{k}" for k in REPORTED]
-    if metric not in valid:
-        raise FsweepError(f"search.metric: {metric!r} is not one of {', '.join(valid)}")
+    if metric not in SELECTABLE_METRICS:
+        raise FsweepError(f"search.metric: {metric!r} is not one of {', '.join(SELECTABLE_METRICS)}")
 
 
-def run_trial(cfg: Config, out_dir, *, on_epoch: EpochCallback | None = None, resume_from=None) -> dict:
+def run_trial(
+    cfg: Config, out_dir, *, on_epoch: EpochCallback | None = None, resume_from=None,
+    on_best: BestCallback | None = None,
+) -> dict:
     """Train one trial; write ``out_dir/config.yaml``, per-epoch checkpoints and ``out_dir/metrics.json``.
 
     ``on_epoch(metrics, checkpoint_dir)`` runs after every epoch and must persist
@@ -158,6 +161,8 @@ def run_trial(cfg: Config, out_dir, *, on_epoch: EpochCallback | None = None, re
     epoch directory is kept under ``out_dir/checkpoints``. ``resume_from`` is a
     checkpoint directory; training continues after its epoch with its optimizer,
     scheduler and history, giving the same numbers as an uninterrupted run.
+    ``on_best(epoch, labels, scores)`` runs when an epoch becomes the best so far, with
+    its validation labels and scores (e.g. for a ROC plot without scoring them again).
     Returns the metrics.json content.
     """
     started = time.time()
@@ -187,10 +192,14 @@ def run_trial(cfg: Config, out_dir, *, on_epoch: EpochCallback | None = None, re
         loader = make_loader(train_data, params.batch_size, rt, cfg, epoch_seed(params.seed, epoch))
         train_loss = train_epoch(model, loader, criterion, optimizer, scaler, rt)
         scheduler.step()
-        val = split_metrics(*predict(model, val_loader, criterion, rt))
+        val_labels, val_scores, val_loss = predict(model, val_loader, criterion, rt)
+        val = split_metrics(val_labels, val_scores, val_loss)
         if _is_new_best(val, metric, mode, run):
             run.best_epoch, run.best_value = epoch, val[metric[len("val_"):]]
-            run.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # one copy (.cpu().clone() copies twice from CUDA)
+            run.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if on_best is not None:
+                on_best(epoch, val_labels, val_scores)
         run.history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}})
         state = dict(
             epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -233,8 +242,7 @@ def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
     state = load_state(checkpoint_dir)
     cfg = checkpoint_config(state)
     params = trial_params(cfg)
-    stn = None if params.stn == "off" else STN()
-    model = FsNet(create_backbone(params.backbone, pretrained="none", finetune=True), stn)
+    model = model_skeleton(params.backbone, params.stn)
     model.load_state_dict(load_best_weights(checkpoint_dir))
     return model.eval(), cfg
 

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsmodels.checkpoint import plain
+from fsmodels.config import is_off
+from fsmodels.metrics import json_safe
 from preprocessing.errors import FsweepError
 from preprocessing.files import file_sha256
 
@@ -61,7 +64,8 @@ def export_experiment(experiment: str | Path, out: str | Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         card = build_card(experiment, winners, tmp)
-        (tmp / CARD).write_text(json.dumps(card, indent=2, default=_plain))
+        # json.dumps writes float nan as a bare NaN (not JSON) and never asks `default` about it: json_safe first
+        (tmp / CARD).write_text(json.dumps(json_safe(plain(card)), indent=2))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -130,7 +134,7 @@ def locate_checkpoint(experiment: str, recorded: str) -> Path:
 
 def copy_detector(roi: str, model_dir: Path) -> dict | None:
     """Copy the ROI detector's files into ``model_dir/roi``; its recipe entry (None without a detector)."""
-    if str(roi).lower() in ("none", "off", "false", ""):
+    if is_off(roi):
         return None
     source = Path(roi)
     (model_dir / ROI_DIR).mkdir()
@@ -288,14 +292,6 @@ def _youden(state: dict, best_epoch) -> float | None:
     """The validation Youden threshold of the selected epoch (informative; the card's threshold stays 0.5)."""
     for entry in state.get("history", []):
         if entry.get("epoch") == best_epoch:
-            return _plain(entry.get("val_youden_threshold"))
+            return entry.get("val_youden_threshold")
     return None
 
-
-def _plain(value):
-    """JSON-safe scalars: numpy to python, nan to None."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and value != value:
-        return None
-    return value

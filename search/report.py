@@ -46,18 +46,18 @@ def seed_summary(board: pd.DataFrame, keys: list[str], metric: str, mode: str) -
     Keys that vary but are not in ``keys`` (other than the seed) are settled by the
     combination with the best mean ``metric``.
     """
-    done = board[board["status"] == "TERMINATED"]
+    done = board[(board["status"] == "TERMINATED") & board[metric].notna()]  # idxmax/idxmin raise on all-NaN groups
     if done.empty:
         return pd.DataFrame()
     varying = [k for k in SPACE_KEYS if k != "seed" and done[k].astype(str).nunique() > 1]
     group_keys = list(dict.fromkeys([*keys, *varying]))
     grouped = done.groupby([done[k].astype(str) for k in group_keys], sort=True)
-    stats = grouped[list(TABLE_METRICS)].agg(["mean", "std"])
+    stats = grouped[list(dict.fromkeys([*TABLE_METRICS, metric]))].agg(["mean", "std"])  # metric may be val_loss
     counts = grouped.size()
-    best = stats[(metric, "mean")].groupby(level=list(range(len(keys)))).idxmax() if mode == "max" else \
-        stats[(metric, "mean")].groupby(level=list(range(len(keys)))).idxmin()
+    by_keys = stats[(metric, "mean")].groupby(level=list(range(len(keys))))
+    best = by_keys.idxmax() if mode == "max" else by_keys.idxmin()
     rows = []
-    for index in best.dropna():
+    for index in best:
         index = index if isinstance(index, tuple) else (index,)
         row = dict(zip(group_keys, index))
         for m in TABLE_METRICS:
@@ -68,7 +68,7 @@ def seed_summary(board: pd.DataFrame, keys: list[str], metric: str, mode: str) -
     return pd.DataFrame(rows)
 
 
-def _winner_lines(winners: dict) -> list[str]:
+def _winner_lines(winners: dict, metric: str) -> list[str]:
     lines = []
     for view, win in winners.items():
         test = win.get("test", {})
@@ -80,9 +80,9 @@ def _winner_lines(winners: dict) -> list[str]:
         config = ", ".join(f"{k}={v}" for k, v in win["config"].items())
         lines += [
             f"### {view} view: trial `{win['trial_id']}` (epoch {win['best_epoch']})",
-            f"- selected by {win['selected_by']}: {_fmt(win['val'].get('val_auc'))} val AUC",
+            f"- selected by {win['selected_by']}: {metric} = {_fmt(win['val'].get(metric))}",
             f"- config: {config}",
-            f"- **test** (scored once, after selection; bootstrap 95 % intervals): " + "; ".join(cells),
+            "- **test** (scored once, after selection; bootstrap 95 % intervals): " + "; ".join(cells),
             f"- ![ROC]({view}_roc.png) ![confusion]({view}_confusion.png)",
             "",
         ]
@@ -168,7 +168,7 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
         "",
         "## Winners (test split)",
         "",
-        *_winner_lines(winners),
+        *_winner_lines(winners, metric),
         "## Ablation: HE × Flip × STN per view (as the paper's Table 5; validation)",
         "",
         "Each row of this table and the next is one combination of its keys; any other searched key "

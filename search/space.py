@@ -15,7 +15,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fsmodels.config import Config, ConfigError, SpaceConfig, normalise_toggle
+from fsmodels.config import Config, ConfigError, SpaceConfig, normalise_toggle, parse_flag
+from fsmodels.metrics import SELECTABLE_METRICS
+from fsmodels.params import HE_MODES, STN_MODES, VIEWS
 
 SPACE_KEYS = tuple(f.name for f in fields(SpaceConfig))
 ALGORITHMS = ("grid", "random", "optuna")
@@ -28,14 +30,12 @@ DISTRIBUTIONS = {
     "qloguniform": tune.qloguniform,
     "randint": tune.randint,  # upper bound exclusive, as in ray.tune
     "qrandint": tune.qrandint,
-    "lograndint": tune.lograndint,
+    "lograndint": tune.lograndint,  # upper bound exclusive too
     "choice": None,  # categorical over the listed values
     "grid": None,  # grid axis over the listed values
 }
-CATEGORICAL = {"view": ("left", "right", "both"), "he": ("off", "global", "clahe"), "stn": ("off", "frozen", "joint")}
+CATEGORICAL = {"view": VIEWS, "he": HE_MODES, "stn": STN_MODES}  # the choices run_trial accepts
 BOOLEAN = ("flip", "finetune")
-# Validation metrics every epoch reports that can select epochs and trials.
-SELECTABLE_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_sensitivity", "val_specificity", "val_loss")
 
 
 def normalise_value(key: str, value: Any) -> Any:
@@ -43,12 +43,7 @@ def normalise_value(key: str, value: Any) -> Any:
     if key in CATEGORICAL:
         return normalise_toggle(value, f"space.{key}", CATEGORICAL[key])
     if key in BOOLEAN:
-        if isinstance(value, str) and value.lower() in ("on", "true", "yes"):
-            return True
-        if isinstance(value, str) and value.lower() in ("off", "false", "no"):
-            return False
-        if not isinstance(value, bool):
-            raise ConfigError(f"space.{key}: expected true/false, got {value!r}")
+        return parse_flag(value, f"space.{key}")
     return value
 
 
@@ -130,14 +125,24 @@ def max_epochs(cfg: Config) -> int:
         name, args = _distribution("epochs", value)
         if name in ("choice", "grid"):
             return int(max(args))
-        return int(args[1]) - (1 if name == "randint" else 0)
+        return int(args[1]) - (1 if name in ("randint", "lograndint") else 0)  # their upper bound is exclusive
     return int(max(value)) if isinstance(value, list) else int(value)
+
+
+def tune_metric(cfg: Config) -> str:
+    """The metric Tune, Optuna and ASHA see: the trial's best validation ``search.metric`` so far.
+
+    Selection takes each trial's best epoch, so Optuna must learn from that value and
+    not from whatever the last epoch happened to score; ASHA then compares trials on
+    the same running best at each rung.
+    """
+    return f"best_{cfg.search.metric}"
 
 
 def search_algorithm(cfg: Config, concurrency: int) -> Searcher | None:
     """Optuna's TPE behind one concurrency limit; grid/random use Tune's variant generator."""
     if cfg.search.algorithm == "optuna":
-        optuna = OptunaSearch(metric=cfg.search.metric, mode=cfg.search.mode, seed=cfg.search.seed)
+        optuna = OptunaSearch(metric=tune_metric(cfg), mode=cfg.search.mode, seed=cfg.search.seed)
         return ConcurrencyLimiter(optuna, max_concurrent=max(1, concurrency))
     return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrency)
 

@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cluster.storage import exists, is_uri, join, resolve_storage
-from fsmodels.config import Config, ConfigError, config_from_dict, load_config
+from fsmodels.config import Config, ConfigError, config_from_dict, is_off, load_config
 from preprocessing.errors import FsweepError
 from search import space
 from search.expdir import get_text, put_text, upload_dir
@@ -31,7 +31,7 @@ STORE_VARIANTS = "fsweep_variants.yaml"  # HE mode -> store variant key prepared
 
 
 def _absolute(path: str) -> str:
-    if not path or path == "none" or is_uri(path):
+    if is_off(path) or is_uri(path):  # `roi.detector: off` must not become <cwd>/off
         return path
     return str(Path(path).expanduser().resolve())
 
@@ -171,7 +171,7 @@ def run_sweep(
         trainable(cfg, variants),
         param_space=params,
         tune_config=tune.TuneConfig(
-            metric=cfg.search.metric,
+            metric=space.tune_metric(cfg),
             mode=cfg.search.mode,
             num_samples=cfg.search.num_samples,
             search_alg=space.search_algorithm(cfg, limit),

@@ -24,9 +24,9 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from fsmodels.config import Config
-from search.space import SPACE_KEYS, values_of
+from search.space import SELECTABLE_METRICS, SPACE_KEYS, values_of
 
-VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_sensitivity", "val_specificity", "val_loss")
+VAL_METRICS = SELECTABLE_METRICS
 TRAIN_METRICS = ("train_loss",)
 SCALAR_PREFIXES = ("val_", "train_", "best_")  # numeric reported keys that become scalars
 

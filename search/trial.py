@@ -18,7 +18,6 @@ from fsmodels.config import Config, config_from_dict, save_config
 from search import space
 
 SAMPLE_COUNT = 4  # sample images per preprocessing stage in TensorBoard
-ROC_BOOTSTRAP = 10  # bootstrap rounds when scoring validation for a trial's ROC (intervals unused there)
 
 
 def trial_config(base: dict, params: dict) -> Config:
@@ -55,17 +54,6 @@ def _sample_stages(cfg: Config, variants: dict[str, str]) -> dict[str, list]:
     return stages
 
 
-def _write_val_roc(out: Path, checkpoint_dir: Path, epoch: int) -> None:
-    """ROC of the best epoch so far on validation (the checkpoint's best weights), into TensorBoard."""
-    from fsmodels.train import evaluate_checkpoint
-    from search.tb import write_roc
-
-    scored = evaluate_checkpoint(checkpoint_dir, split="val", n_boot=ROC_BOOTSTRAP)
-    labels = np.array([s["label"] for s in scored["scores"]])
-    scores = np.array([s["score"] for s in scored["scores"]])
-    write_roc(out, labels, scores, step=epoch, title=f"validation ROC, epoch {epoch}")
-
-
 def train_trial(params: dict, *, base: dict, variants: dict[str, str]) -> None:
     """Tune function trainable: one run_trial, reporting each epoch with its checkpoint.
 
@@ -74,7 +62,7 @@ def train_trial(params: dict, *, base: dict, variants: dict[str, str]) -> None:
     trial directory gets config.yaml, metrics.json and the TensorBoard images.
     """
     from fsmodels.train import run_trial
-    from search.tb import write_samples
+    from search.tb import write_roc, write_samples
 
     cfg = trial_config(base, params)
     out = Path.cwd()  # the trial's working directory; Ray syncs it into the trial directory
@@ -87,11 +75,15 @@ def train_trial(params: dict, *, base: dict, variants: dict[str, str]) -> None:
     if resume_from is None:
         write_samples(out, _sample_stages(cfg, variants))
 
+    def on_best(epoch: int, labels: np.ndarray, scores: np.ndarray) -> None:
+        # every new best gets its ROC (written before the report syncs it), also for trials ASHA stops later
+        write_roc(out, labels, scores, step=epoch, title=f"validation ROC, epoch {epoch}")
+
     def on_epoch(metrics: dict, checkpoint_dir: Path) -> None:
-        if metrics["best_epoch"] == metrics["epoch"]:  # a new best: its ROC, also for trials ASHA stops later
-            _write_val_roc(out, checkpoint_dir, metrics["epoch"])
         tune.report({**metrics, "node": node}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-    run_trial(cfg, scratch, on_epoch=on_epoch, resume_from=resume_from)
-    shutil.copy2(scratch / "metrics.json", out / "metrics.json")
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        run_trial(cfg, scratch, on_epoch=on_epoch, resume_from=resume_from, on_best=on_best)
+        shutil.copy2(scratch / "metrics.json", out / "metrics.json")
+    finally:  # also when ASHA stops it inside tune.report (SystemExit) or it fails: Ray holds the reported checkpoints
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -116,7 +116,10 @@ def write_dicom(path: Path, stored: np.ndarray, photometric: str, laterality: st
 
 
 def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(sweep, model_dir):
-    card = json.loads((model_dir / "model_card.json").read_text())
+    def not_json(constant):
+        raise AssertionError(f"model_card.json has a bare {constant}: not strict JSON (undefined must be null)")
+
+    card = json.loads((model_dir / "model_card.json").read_text(), parse_constant=not_json)
     winners = json.loads((sweep["experiment"] / "winners.json").read_text())
     assert sorted(card["models"]) == sorted(winners) == ["left", "right"] and card["views"] == ["left", "right"]
     files = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()} - {"model_card.json"}

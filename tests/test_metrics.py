@@ -76,6 +76,16 @@ def test_roc_points_and_youden_threshold():
     assert youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8)
 
 
+def test_roc_points_match_a_threshold_by_threshold_count_with_ties():
+    rng = np.random.default_rng(1)
+    y, s = rng.integers(0, 2, 200), np.round(rng.random(200), 1)  # many tied scores
+    fpr, tpr, thr = roc_curve_points(y, s)
+    for f, t, th in zip(fpr, tpr, thr):
+        assert t == ((s >= th) & (y == 1)).sum() / (y == 1).sum()
+        assert f == ((s >= th) & (y == 0)).sum() / (y == 0).sum()
+    assert list(thr[1:]) == sorted(set(s), reverse=True)
+
+
 def test_bootstrap_intervals_bracket_the_estimate_and_repeat_with_the_seed():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 120)

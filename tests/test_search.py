@@ -22,6 +22,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 
 from fsmodels.config import Config, ConfigError
 from search import space
+from search.report import _winner_lines, seed_summary
 from search.select import LEADERBOARD, WINNERS, leaderboard, pick_winners
 from search.sweep import absolute_paths, prepare_store, resume_sweep, run_sweep
 from search.tb import VAL_METRICS
@@ -120,6 +121,35 @@ def test_asha_max_t_defaults_to_the_largest_epochs():
     assert asha._max_t == 9 and asha._time_attr == "epoch"
 
 
+def test_asha_max_t_excludes_the_upper_bound_of_integer_distributions():
+    cfg = Config()
+    for dist, expected in (("randint", 9), ("lograndint", 9), ("qrandint", 10)):
+        cfg.space.epochs = {dist: [2, 10]}
+        assert space.max_epochs(cfg) == expected
+
+
+def test_an_off_detector_stays_off_and_is_not_made_a_path(tmp_path):
+    cfg = Config()
+    cfg.data.dataset, cfg.data.store, cfg.roi.detector = "ds", "st", "off"  # YAML's bare `off`
+    out = absolute_paths(cfg)
+    assert out.roi.detector == "off" and Path(out.data.store).is_absolute()
+
+
+def test_report_tables_work_when_selecting_by_validation_loss():
+    board = pd.DataFrame([
+        dict(trial_id=t, status="TERMINATED", view="right", backbone=b, he="global", flip=True, stn="off", seed=seed,
+             batch_size=4, epochs=2, lr=0.01, finetune=True, val_auc=auc, val_accuracy=0.7, val_f1=0.6,
+             val_specificity=0.8, val_sensitivity=0.5, val_loss=loss, best_epoch=1)
+        for t, b, seed, auc, loss in (("a", "resnet18", 0, 0.9, 0.4), ("b", "resnet18", 1, 0.8, 0.5),
+                                      ("c", "vgg16", 0, 0.95, 0.2), ("d", "vgg19", 0, 0.5, float("nan")))
+    ])  # vgg19's only trial has no defined metric: left out, not a crash
+    table = seed_summary(board, ["view", "backbone"], "val_loss", "min")
+    assert list(table["backbone"]) == ["resnet18", "vgg16"] and list(table["n"]) == [2, 1]
+    winner = dict(trial_id="c", best_epoch=1, selected_by="val_loss (min) on validation", config={},
+                  val={"val_loss": 0.2, "val_auc": 0.95}, test={})
+    assert "val_loss = 0.200" in "\n".join(_winner_lines({"right": winner}, "val_loss"))
+
+
 def test_pick_winners_reads_validation_only():
     board = pd.DataFrame([
         dict(trial_id="a", status="TERMINATED", view="left", val_auc=0.70, val_loss=0.3, best_epoch=3, test_auc=0.99),
@@ -215,7 +245,7 @@ def test_winner_is_best_on_validation_and_only_it_is_scored_on_test(grid_sweep):
     winners = json.loads((experiment / WINNERS).read_text())
     done = board[board["status"] == "TERMINATED"]
     assert list(winners) == ["right"]
-    best = done.sort_values(["val_auc", "best_epoch"], ascending=[False, True]).iloc[0]
+    best = done.sort_values(["val_auc", "val_loss", "best_epoch"], ascending=[False, True, True]).iloc[0]
     assert winners["right"]["trial_id"] == best["trial_id"]
     test = winners["right"]["test"]
     assert 0 <= test["auc"] <= 1 and test["auc_ci"][0] <= test["auc"] <= test["auc_ci"][1]
@@ -304,6 +334,9 @@ def test_resume_after_killed_driver_keeps_completed_trials_and_optuna_state(loca
     study = searcher._ot_study.trials
     assert len(study) == 3 and all(t.value is not None for t in study)
     assert {round(t.params["lr"], 12) for t in study} == {round(v, 12) for v in board["lr"]}
+    best_auc = {round(lr, 12): auc for lr, auc in zip(board["lr"], board["val_auc"])}
+    for trial in study:  # TPE learns from each trial's best epoch, the value selection uses
+        assert trial.value == pytest.approx(best_auc[round(trial.params["lr"], 12)])
 
 
 @pytest.mark.slow  # a real Ray Tune sweep

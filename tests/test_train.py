@@ -12,7 +12,7 @@ import torch
 import fsmodels.stn as stn_module
 from fsmodels.checkpoint import load_best_weights, load_state
 from fsmodels.config import load_config
-from fsmodels.metrics import json_safe
+from fsmodels.metrics import auc_score, json_safe
 from fsmodels.stn import STN_FIGURE, STN_STATS, ensure_frozen_stn, load_frozen_stn, pretrain_stn_cli
 from fsmodels.train import evaluate_checkpoint, load_trial_model, run_trial
 from preprocessing.errors import FsweepError
@@ -89,6 +89,20 @@ def test_checkpoint_loads_weights_only_and_evaluates(full_run):
     assert len(result["scores"]) == result["n"] and {"image_id", "label", "score"} <= set(result["scores"][0])
 
 
+def test_a_damaged_checkpoint_is_one_clear_error(full_run, tmp_path):
+    ckpt = sorted((full_run[0] / "checkpoints").glob("epoch_*"))[-1]
+    damaged = tmp_path / ckpt.name
+    damaged.mkdir()
+    data = (ckpt / "best.pt").read_bytes()
+    (damaged / "state.pt").write_bytes((ckpt / "state.pt").read_bytes())
+    (damaged / "best.pt").write_bytes(data[: len(data) // 2])  # truncated by a full disk or a killed copy
+    with pytest.raises(FsweepError, match="best.pt: unreadable"):
+        load_trial_model(damaged)
+    (damaged / "best.pt").unlink()
+    with pytest.raises(FsweepError, match="best.pt missing"):
+        load_best_weights(damaged)
+
+
 def test_resume_continues_at_the_next_epoch_with_identical_metrics(trial_yaml, full_run, tmp_path):
     cfg = load_config(trial_yaml)
     seen = []
@@ -116,8 +130,11 @@ def test_amp_channels_last_joint_stn_frozen_backbone_paths_run_on_cpu(trial_yaml
         "space.finetune=false", "train.optimizer=adamw", "train.schedule=cosine",
     ])
     cfg.space.lr, cfg.space.seed = np.float64(0.01), np.int64(3)  # what Ray Tune's samplers hand over
-    result = run_trial(cfg, tmp_path)
+    bests = []
+    result = run_trial(cfg, tmp_path, on_best=lambda epoch, y, s: bests.append((epoch, y, s)))
     assert 0 < result["history"][0]["train_loss"] < 10 and 0 <= result["val"]["auc"] <= 1
+    (epoch, labels, scores), = bests  # the new best's validation scores, handed over without scoring again
+    assert epoch == 1 and auc_score(labels, scores) == pytest.approx(result["val"]["auc"])
     ckpt = tmp_path / "checkpoints" / "epoch_001"
     assert load_state(ckpt)["config"]["space"]["lr"] == 0.01  # plain floats: loads with weights_only
     model, _ = load_trial_model(ckpt)
@@ -179,3 +196,14 @@ def test_best_epoch_tie_goes_to_the_lower_validation_loss():
     assert not _is_new_best({"auc": 0.9, "loss": 0.1}, "val_auc", "max", run)
     assert not _is_new_best({"auc": float("nan"), "loss": 0.1}, "val_auc", "max", run)
     assert _is_new_best({"loss": 0.4}, "val_loss", "min", TrainingState(history=[], best_epoch=1, best_value=0.5))
+
+
+def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_missing(tiny_dataset, tmp_path):
+    from fsmodels.params import resolve_variant
+
+    store = f"file://{tmp_path / 'uri_store'}"
+    built = build_variant(tiny_dataset, store, VariantSpec(he="off", size=32, aspect="pad", roi_dir=None))
+    cfg = load_config(None, [f"data.dataset={tiny_dataset}", f"data.store={store}", "data.size=32"])
+    assert resolve_variant(cfg, "off").key == built.key
+    with pytest.raises(FsweepError, match="fsweep store build"):
+        resolve_variant(cfg, "clahe")  # never built: the error says how to build it
