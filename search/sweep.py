@@ -9,7 +9,9 @@ the TensorBoard files, ``leaderboard.csv``, ``winners.json`` and the report.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -77,12 +79,28 @@ def prepare_store(cfg: Config) -> dict[str, str]:
     return {he: variant.key for he, variant in zip(modes, variants)}
 
 
-def trainable(cfg: Config, variants: dict[str, str]):
-    """The Tune trainable with its small handles (config dict, variant keys) and per-trial resources."""
+SCRATCH_ROOT = Path(tempfile.gettempdir()) / "fsweep-scratch"  # trials' working checkpoints, one folder per experiment
+
+
+def scratch_root(experiment: str | Path) -> Path:
+    """This node's scratch folder of ``experiment``; a resume reuses it, so it also clears a killed driver's."""
+    return SCRATCH_ROOT / hashlib.sha256(str(experiment).encode()).hexdigest()[:12]
+
+
+def trainable(cfg: Config, variants: dict[str, str], scratch: Path):
+    """The Tune trainable with its small handles (config dict, variant keys, scratch folder) and per-trial resources."""
     base = cfg.to_dict()
     base.pop("space")
-    fn = tune.with_parameters(train_trial, base=base, variants=variants)
+    fn = tune.with_parameters(train_trial, base=base, variants=variants, scratch_root=str(scratch))
     return tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+
+
+def fit_and_clean(tuner: tune.Tuner, scratch: Path) -> None:
+    """Run the sweep, then drop this node's scratch checkpoints (Ray kills some trial actors before their cleanup)."""
+    try:
+        tuner.fit()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def trial_dirname(trial) -> str:
@@ -167,8 +185,9 @@ def run_sweep(
     cluster = _connect(address)
     variants = prepare_store(cfg)
     limit = concurrency(cfg, cluster)
+    scratch = scratch_root(experiment)
     tuner = tune.Tuner(
-        trainable(cfg, variants),
+        trainable(cfg, variants, scratch),
         param_space=params,
         tune_config=tune.TuneConfig(
             metric=space.tune_metric(cfg),
@@ -182,7 +201,7 @@ def run_sweep(
         run_config=run_config(cfg, storage, name),
     )
     write_sweep_files(experiment, cfg, variants, name)
-    tuner.fit()
+    fit_and_clean(tuner, scratch)
     finish_experiment(experiment, cfg)
     return _location(experiment)
 
@@ -197,7 +216,8 @@ def resume_sweep(experiment: str | Path, address: str | None = None) -> Path | s
     cfg = load_sweep_config(experiment)
     variants = yaml.safe_load(get_text(join(experiment, STORE_VARIANTS)))
     _connect(address)
-    tuner = tune.Tuner.restore(experiment, trainable=trainable(cfg, variants), resume_errored=False)
-    tuner.fit()
+    scratch = scratch_root(experiment)
+    tuner = tune.Tuner.restore(experiment, trainable=trainable(cfg, variants, scratch), resume_errored=False)
+    fit_and_clean(tuner, scratch)
     finish_experiment(experiment, cfg)
     return _location(experiment)

@@ -54,19 +54,20 @@ def _sample_stages(cfg: Config, variants: dict[str, str]) -> dict[str, list]:
     return stages
 
 
-def train_trial(params: dict, *, base: dict, variants: dict[str, str]) -> None:
+def train_trial(params: dict, *, base: dict, variants: dict[str, str], scratch_root: str) -> None:
     """Tune function trainable: one run_trial, reporting each epoch with its checkpoint.
 
-    run_trial works in a scratch directory beside the trial's working directory, so
-    its epoch checkpoints are not synced twice (Ray persists the reported ones); the
-    trial directory gets config.yaml, metrics.json and the TensorBoard images.
+    run_trial works in ``scratch_root/<trial id>`` outside the trial's working
+    directory, so its epoch checkpoints are not synced twice (Ray persists the
+    reported ones); the trial directory gets config.yaml, metrics.json and the
+    TensorBoard images. The driver removes ``scratch_root`` when the sweep ends.
     """
     from fsmodels.train import run_trial
     from search.tb import write_roc, write_samples
 
     cfg = trial_config(base, params)
     out = Path.cwd()  # the trial's working directory; Ray syncs it into the trial directory
-    scratch = out.parent / f"{out.name}.run"
+    scratch = Path(scratch_root) / tune.get_context().get_trial_id()
     shutil.rmtree(scratch, ignore_errors=True)  # a failed attempt's leftovers
     node = _node_label()
     checkpoint = tune.get_checkpoint()
@@ -86,4 +87,5 @@ def train_trial(params: dict, *, base: dict, variants: dict[str, str]) -> None:
         run_trial(cfg, scratch, on_epoch=on_epoch, resume_from=resume_from, on_best=on_best)
         shutil.copy2(scratch / "metrics.json", out / "metrics.json")
     finally:  # also when ASHA stops it inside tune.report (SystemExit) or it fails: Ray holds the reported checkpoints
+        # (Ray may kill the actor of a trial that ended before this runs: the driver's cleanup covers that)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -24,7 +24,7 @@ from fsmodels.config import Config, ConfigError
 from search import space
 from search.report import _winner_lines, seed_summary
 from search.select import LEADERBOARD, WINNERS, leaderboard, pick_winners
-from search.sweep import absolute_paths, prepare_store, resume_sweep, run_sweep
+from search.sweep import SCRATCH_ROOT, absolute_paths, prepare_store, resume_sweep, run_sweep, scratch_root
 from search.tb import VAL_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +80,12 @@ def grid_sweep(local_ray, tiny_dataset, tmp_path_factory):
                       stn="frozen")
     variants = prepare_store(absolute_paths(cfg))  # what run_sweep reuses: trials must not change it
     before = store_snapshot(tmp / "store")
+    scratch_before = set(SCRATCH_ROOT.glob("*"))
     started = time.time()
     experiment = run_sweep(cfg, name="grid", storage=str(tmp / "runs"))
     return dict(cfg=cfg, experiment=experiment, variants=variants, before=before,
-                after=store_snapshot(tmp / "store"), seconds=time.time() - started)
+                after=store_snapshot(tmp / "store"), seconds=time.time() - started,
+                scratch_left=set(SCRATCH_ROOT.glob("*")) - scratch_before)
 
 
 # --- config -> Ray Tune (no Ray needed) -------------------------------------------------
@@ -190,6 +192,7 @@ def test_grid_sweep_completes_and_trials_only_read_the_store(grid_sweep):
     assert done["val_auc"].between(0, 1).all() and done["best_epoch"].isin([1, 2]).all()
     assert done["node"].str.len().gt(0).all()
     assert grid_sweep["after"] == grid_sweep["before"]  # no variant built or rewritten by a trial
+    assert not grid_sweep["scratch_left"]  # the trials' working checkpoints are gone with the sweep
     dirs = trial_dirs(experiment)
     for row in done.itertuples():
         metrics = json.loads((dirs[row.trial_id] / "metrics.json").read_text())
@@ -324,6 +327,7 @@ def test_resume_after_killed_driver_keeps_completed_trials_and_optuna_state(loca
     before = _completed(experiment)
     assert 0 < len(before) < 3  # killed mid-sweep: something left to resume
     resume_sweep(experiment)
+    assert not scratch_root(experiment).exists()  # the killed driver's scratch checkpoints are cleared too
     board = pd.read_csv(experiment / LEADERBOARD)
     assert len(board) == 3 and (board["status"] == "TERMINATED").all()
     after = _completed(experiment)
