@@ -130,11 +130,11 @@ def max_epochs(cfg: Config) -> int:
 
 
 def tune_metric(cfg: Config) -> str:
-    """The metric Tune, Optuna and ASHA see: the trial's best validation ``search.metric`` so far.
+    """The metric Optuna learns from: the trial's best validation ``search.metric`` so far.
 
-    Selection takes each trial's best epoch, so Optuna must learn from that value and
-    not from whatever the last epoch happened to score; ASHA then compares trials on
-    the same running best at each rung.
+    Selection takes each trial's best epoch, so TPE must learn from that value and not
+    from whatever the last epoch happened to score. ASHA keeps the epoch's own value:
+    a running best saturates (many trials tie at AUC 1.0) and stops fewer weak trials.
     """
     return f"best_{cfg.search.metric}"
 
@@ -157,4 +157,5 @@ def scheduler(cfg: Config) -> TrialScheduler:
         raise ConfigError(
             f"search: ASHA needs 1 <= grace_period ({s.grace_period}) <= max_t ({max_t}) and reduction_factor >= 2"
         )
-    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)

@@ -189,9 +189,7 @@ def run_sweep(
     tuner = tune.Tuner(
         trainable(cfg, variants, scratch),
         param_space=params,
-        tune_config=tune.TuneConfig(
-            metric=space.tune_metric(cfg),
-            mode=cfg.search.mode,
+        tune_config=tune.TuneConfig(  # no metric here: it would override the searcher's and the scheduler's own
             num_samples=cfg.search.num_samples,
             search_alg=space.search_algorithm(cfg, limit),
             scheduler=space.scheduler(cfg),
