@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from preprocessing.ingest import ingest
 from preprocessing.phantom import write_phantom
@@ -27,3 +30,33 @@ def tiny_dataset(tiny_phantom, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dataset")
     ingest(tiny_phantom / "manifest.csv", out, seed=0, salt=TINY_SALT, echo=False)
     return out
+
+
+def write_dicom(path: Path, stored: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
+                slope: float | None = None, intercept: float | None = None, window: tuple | None = None,
+                laterality: str | None = None, headers: dict | None = None) -> Path:
+    """A minimal uncompressed DICOM file, written with pydicom as a scanner would (``headers``: extra tags)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    for keyword, value in (headers or {}).items():
+        setattr(ds, keyword, value)
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits_stored == 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if laterality is not None:
+        ds.ImageLaterality = laterality
+    ds.PixelData = stored.astype(np.uint8 if bits_stored == 8 else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -26,8 +26,6 @@ import psutil
 import pytest
 import ray
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
@@ -37,6 +35,8 @@ from fsmodels.config import Config
 from preprocessing.errors import FsweepError
 from preprocessing.phantom import write_phantom
 from preprocessing.store import VariantSpec, build_variant, open_variant, preprocess_image, variant_key
+
+from conftest import write_dicom
 
 PATIENTS = 40  # both classes in every split of a patient-level 60/20/20 split
 CHUNK_TASK = "ray::_process_chunk"  # process title of a Ray worker running a store build task
@@ -124,24 +124,10 @@ def replace_removed_node(cluster: Cluster, killer) -> None:
 
 # --- data: DICOM files with known identifiers -------------------------------------------
 
-def write_dicom(path: Path, pixels: np.ndarray, patient: int) -> None:
+def write_patient_dicom(path: Path, pixels: np.ndarray, patient: int) -> None:
     """A 12-bit MONOCHROME2 DICOM file carrying this patient's name, id and other header values."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID = PATIENT_NAME.format(patient), PATIENT_ID.format(patient)
-    for keyword, value in HEADER_VALUES.items():
-        setattr(ds, keyword, value)
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    headers = {"PatientName": PATIENT_NAME.format(patient), "PatientID": PATIENT_ID.format(patient), **HEADER_VALUES}
+    write_dicom(path, pixels.astype(np.uint16) * 16, headers=headers)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +141,7 @@ def dicom_inputs(tmp_path_factory) -> Path:
     for number, row in enumerate(rows.itertuples()):
         pixels = cv2.imread(str(phantom / row.image), cv2.IMREAD_GRAYSCALE)
         patient = int(row.patient_id.removeprefix("P"))
-        write_dicom(inputs / "scans" / f"img_{number:03d}.dcm", pixels, patient)
+        write_patient_dicom(inputs / "scans" / f"img_{number:03d}.dcm", pixels, patient)
         rows.loc[row.Index, ["image", "patient_id"]] = f"scans/img_{number:03d}.dcm", PATIENT_ID.format(patient)
     rows.to_csv(inputs / "manifest.csv", index=False)
     return inputs

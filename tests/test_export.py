@@ -37,6 +37,8 @@ from search import export
 from search.cli import main as fsweep
 from search.predict import load_card, model_key, predict
 
+from conftest import write_dicom
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test needs the module's real sweep (about 100 s on 2 busy cores)
 SIZE = 64  # network input: the STN's 64 px localisation pooling exports to ONNX at multiples of 64
@@ -92,27 +94,6 @@ def unseen(sweep, model_dir) -> dict:
     cv2.imwrite(str(raw / "deep.png"), right.astype(np.uint16) * 200 + 1000)
     write_dicom(raw / "scan.dcm", 4095 - left.astype(np.uint16) * 16, "MONOCHROME1", laterality="L")
     return dict(phantom=phantom, raw=raw, left=left, right=right)
-
-
-def write_dicom(path: Path, stored: np.ndarray, photometric: str, laterality: str | None = None) -> Path:
-    """A minimal 12-bit uncompressed DICOM radiograph, as a scanner writes it."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "DX", *stored.shape, 1
-    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = photometric, 16, 12, 11
-    ds.PixelRepresentation = 0
-    if laterality:
-        ds.ImageLaterality = laterality
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(sweep, model_dir):

@@ -10,45 +10,22 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from preprocessing.decode import decode_image, dicom_laterality, to_uint8
 from preprocessing.errors import FsweepError
 from preprocessing.ingest import COLUMNS, fingerprint, ingest, load_dataset, read_manifest
 from preprocessing.phantom import write_phantom
 
+import conftest
+
 HEADER = ["image", "patient_id", "view", "label", "x0", "y0", "x1", "y1"]
 SECRETS = ("Doe^Jane", "SECRET-4711", "St Elsewhere")  # DICOM header values that must never leave ingestion
+SECRET_TAGS = ("PatientName", "PatientID", "InstitutionName")  # where write_dicom puts them
 
 
-def write_dicom(path: Path, stored: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
-                slope: float | None = None, intercept: float | None = None, window: tuple | None = None,
-                laterality: str | None = None) -> Path:
-    """A minimal uncompressed DICOM file, written with pydicom as a scanner would."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.InstitutionName = SECRETS
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits_stored == 8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if laterality is not None:
-        ds.ImageLaterality = laterality
-    ds.PixelData = stored.astype(np.uint8 if bits_stored == 8 else np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def write_dicom(path: Path, stored: np.ndarray, *args, **kwargs) -> Path:
+    """conftest's DICOM writer, with this file's identifying header values in every file."""
+    return conftest.write_dicom(path, stored, *args, headers=dict(zip(SECRET_TAGS, SECRETS)), **kwargs)
 
 
 def _gradient(low: int, high: int, shape=(40, 30)) -> np.ndarray:
