@@ -8,6 +8,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from fsmodels.config import Config
 from preprocessing.ingest import ingest
 from preprocessing.phantom import write_phantom
 
@@ -60,3 +61,15 @@ def write_dicom(path: Path, stored: np.ndarray, photometric: str = "MONOCHROME2"
     ds.PixelData = stored.astype(np.uint8 if bits_stored == 8 else np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def tiny_sweep_config(dataset: Path, store: Path, **space_values) -> Config:
+    """A CPU-sized sweep config (32 px, timm's test_resnet, no pretrained weights, 2 epochs, STN off)."""
+    cfg = Config()
+    cfg.data.dataset, cfg.data.store, cfg.data.size = str(dataset), str(store), 32
+    cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "test_resnet", "right", 8, 2
+    cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "off", 0
+    for key, value in space_values.items():
+        setattr(cfg.space, key, value)
+    cfg.train.pretrained, cfg.train.stn_epochs = "none", 1
+    return cfg

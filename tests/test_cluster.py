@@ -31,12 +31,11 @@ from ray.cluster_utils import Cluster
 
 from cluster import storage
 from cluster.connect import PROJECT_ROOT, connect, describe
-from fsmodels.config import Config
 from preprocessing.errors import FsweepError
 from preprocessing.phantom import write_phantom
 from preprocessing.store import VariantSpec, build_variant, open_variant, preprocess_image, variant_key
 
-from conftest import write_dicom
+from conftest import tiny_sweep_config, write_dicom
 
 PATIENTS = 40  # both classes in every split of a patient-level 60/20/20 split
 CHUNK_TASK = "ray::_process_chunk"  # process title of a Ray worker running a store build task
@@ -155,18 +154,6 @@ def fsweep(*args: str, env: dict | None = None) -> str:
     )
     assert done.returncode == 0, f"fsweep {args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
-
-
-def tiny_sweep_config(dataset: Path, store: Path, **space_values) -> Config:
-    """A CPU-sized sweep on the DICOM phantom (32 px, resnet10t, no pretrained weights)."""
-    cfg = Config()
-    cfg.data.dataset, cfg.data.store, cfg.data.size = str(dataset), str(store), 32
-    cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "resnet10t", "right", 8, 2
-    cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "off", 0
-    for key, value in space_values.items():
-        setattr(cfg.space, key, value)
-    cfg.train.pretrained = "none"
-    return cfg
 
 
 # --- connecting -------------------------------------------------------------------------
@@ -491,7 +478,8 @@ def test_sweep_that_loses_a_worker_node_resumes_its_trials_elsewhere_without_rep
     from search.sweep import run_sweep
 
     epochs = 4
-    cfg = tiny_sweep_config(pipeline["dataset"], pipeline["store"], epochs=epochs, seed=[0, 1, 2])
+    cfg = tiny_sweep_config(pipeline["dataset"], pipeline["store"], backbone="resnet10t", epochs=epochs,
+                            seed=[0, 1, 2])
     cfg.search.max_failures = 2
     experiment = pipeline["out"] / "runs" / "node_loss"
     with TrialNodeKiller(ray_cluster, experiment, epochs) as killer:

@@ -27,6 +27,8 @@ from search.select import LEADERBOARD, WINNERS, leaderboard, pick_winners
 from search.sweep import SCRATCH_ROOT, absolute_paths, prepare_store, resume_sweep, run_sweep, scratch_root
 from search.tb import VAL_METRICS
 
+from conftest import tiny_sweep_config
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,14 +42,8 @@ def local_ray():
 
 
 def tiny_config(dataset: Path, store: Path, **space_values) -> Config:
-    """A CPU-sized sweep config on the tiny phantom (32 px, test_resnet, no pretrained weights)."""
-    cfg = Config()
-    cfg.data.dataset, cfg.data.store, cfg.data.size = str(dataset), str(store), 32
-    cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "test_resnet", "right", 8, 2
-    cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "off", 0
-    for key, value in space_values.items():
-        setattr(cfg.space, key, value)
-    cfg.train.pretrained, cfg.train.stn_epochs = "none", 1
+    """conftest's tiny sweep with no retries (a failing trial fails at once) and 2 trials at a time."""
+    cfg = tiny_sweep_config(dataset, store, **space_values)
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
     return cfg
 
