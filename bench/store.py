@@ -29,7 +29,8 @@ from preprocessing.ingest import ingest  # noqa: E402
 from preprocessing.loader import train_set  # noqa: E402
 from preprocessing.phantom import write_phantom  # noqa: E402
 from preprocessing.roi import RoiDetector, train_detector  # noqa: E402
-from preprocessing.store import VariantSpec, build_variant, preprocess_image, read_dataset  # noqa: E402
+from preprocessing.recipe import preprocess_image, read_dataset, VariantSpec
+from preprocessing.store import build_variant  # noqa: E402
 
 
 class NaiveSet(Dataset):
@@ -63,7 +64,7 @@ def prepare(out: Path, patients: int, roi: str | None) -> tuple[Path, str]:
     ingest(out / "phantom" / "manifest.csv", out / "dataset", seed=0, salt="bench", echo=False)
     if roi:
         return out / "dataset", roi
-    metrics = train_detector(out / "dataset", out / "roi", annotated=100, epochs=30, imgsz=128, batch=4)
+    metrics = train_detector(out / "dataset", out / "roi", annotated=100, epochs=30, imgsz=128, batch=4, model="yolo11n.yaml")
     print(f"detector: mAP50={metrics['map50']:.3f} in {metrics['seconds']:.0f} s")
     return out / "dataset", str(out / "roi")
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("preprocessing", "fsmodels", "search", "cluster")

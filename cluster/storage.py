@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # schemes pyarrow.fs opens
 CACHE_ENV = "FSWEEP_CACHE"  # overrides the per-node cache directory (default ~/.cache/fsweep)

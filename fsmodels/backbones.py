@@ -3,9 +3,7 @@
 Grey input is handled once, by timm itself: ``in_chans=1`` folds (sums) the
 pretrained RGB first-conv weights into one channel. Convolution is linear, so
 this gives the same output as repeating the (normalised) grey channel three
-times: ``bench/train_throughput.py`` measured a relative output difference of
-6e-8 (64 px) and 2.5e-7 (128 px) on ResNet50, i.e. float rounding. Speed on the
-shared 2-core CPU was equal within noise (x1.04 at 64 px, x0.85 at 128 px); the
+times up to float rounding (``bench/train_throughput.py`` measures both); the
 folded stem does a third of the first conv's work and needs no 3x copy of the
 batch, so it is never the costlier choice. The grey input is normalised with
 the mean of ImageNet's channel means and stds (inside ``FsNet``).
@@ -25,8 +23,8 @@ from pathlib import Path
 import timm
 import torch.nn as nn
 
-from fsmodels.config import is_off
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
+from preprocessing.vocab import is_off
 
 # The paper's names (Tables 3 and 6) -> timm architectures.
 PAPER_BACKBONES = {

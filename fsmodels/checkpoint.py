@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cluster.errors import FsweepError
 from fsmodels.config import Config, config_from_dict, save_config
-from preprocessing.errors import FsweepError
 
 STATE_FILE = "state.pt"  # training state (see module docstring)
 BEST_FILE = "best.pt"  # best epoch's model weights

@@ -1,7 +1,9 @@
-"""One config path: dataclass defaults <- YAML <- ``--set key=value``.
+"""One config path: dataclass defaults <- YAML <- ``--set key=value``, for every command.
 
-The same file drives ``fsweep train`` (one value per ``space`` key) and
-``fsweep sweep`` (a value, a list or a distribution per ``space`` key). Defaults
+The same file drives ``fsweep store build``, ``roi train``, ``stn train``, ``train``
+(one value per ``space`` key), ``plan``, ``sweep`` (a value, a list or a distribution per
+``space`` key) and ``demo``; their flags are shortcuts for ``--set``. ``load_config``
+types and checks every value once, so later code trusts what it reads. Defaults
 are the paper's (Park et al. 2023): 512 px, batch 4, 25 epochs, SGD 0.9,
 lr 1e-3, StepLR 7 x 0.1, fine-tuned ImageNet ResNet50 with HE, Flip and STN.
 """
@@ -14,7 +16,21 @@ from typing import Any
 
 import yaml
 
-from preprocessing.errors import FsweepError
+from preprocessing.vocab import (
+    ASPECTS,
+    HE_MODES,
+    VIEW_CHOICES,
+    ConfigError,
+    is_off,
+    normalise_choice,
+    parse_flag,
+)
+
+STN_MODES = ("off", "frozen", "joint")  # space.stn: none, pretrained then frozen (the paper), trained with the classifier
+OPTIMIZERS = ("sgd", "adamw")  # train.optimizer
+SCHEDULES = ("step", "cosine")  # train.schedule
+# Distributions a space key may name; search.space maps each to its Ray Tune function.
+DISTRIBUTIONS = ("uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint", "choice", "grid")
 
 
 @dataclass
@@ -29,6 +45,11 @@ class DataConfig:
 class RoiConfig:
     detector: str = "none"  # ROI_DIR from `fsweep roi train`, or none (full frame)
     margin: float = 0.05  # fraction of the box size added on every side of the crop
+    annotated: int = 100  # boxed train images the detector learns from (paper: 100 clinician-annotated)
+    epochs: int = 30  # detector training epochs
+    imgsz: int = 320  # YOLO input size
+    model: str = "yolo11n.yaml"  # model yaml (built from scratch, no download) or a local .pt
+    batch: int = 4  # detector images per optimizer step (at 8 a 60-patient detector did not learn)
 
 
 @dataclass
@@ -97,33 +118,111 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(FsweepError):
-    """A config file or override that cannot be applied."""
-
-
 SECTIONS = {f.name: f.type for f in fields(Config)}
+SPACE_KEYS = tuple(f.name for f in fields(SpaceConfig))
+PATH_KEYS = (("roi", "detector"), ("train", "pretrained"))  # path-like options that may say none/off
 
 
-TRUE_WORDS = ("true", "yes", "on", "1")
-FALSE_WORDS = ("false", "no", "off", "0")
-OFF_WORDS = ("none", "off", "false", "")  # spellings of "no detector / no weights" (YAML reads bare off as False)
+def _positive_int(value: Any, where: str) -> int:
+    number = _number(value, where)
+    if number != int(number) or number < 1:
+        raise ConfigError(f"{where}: expected a whole number >= 1, got {value!r}")
+    return int(number)
 
 
-def parse_flag(value: Any, where: str) -> bool:
-    """A boolean from a bool or a true/false word (on/off, yes/no, 1/0); ConfigError otherwise."""
+def _int(value: Any, where: str) -> int:
+    number = _number(value, where)
+    if number != int(number):
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+    return int(number)
+
+
+def _positive_float(value: Any, where: str) -> float:
+    number = _number(value, where)
+    if not number > 0:
+        raise ConfigError(f"{where}: expected a number > 0, got {value!r}")
+    return number
+
+
+def _number(value: Any, where: str) -> float:
     if isinstance(value, bool):
-        return value
-    low = str(value).strip().lower()
-    if low in TRUE_WORDS:
-        return True
-    if low in FALSE_WORDS:
-        return False
-    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        return float(value)  # YAML reads 1e-3 (no dot) as a string
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
 
 
-def is_off(value: Any) -> bool:
-    """True when a path-like option (roi.detector, train.pretrained) says none/off rather than naming a path."""
-    return value is None or str(value).strip().lower() in OFF_WORDS
+# How one value of each space key is read: the type every trial and the search see.
+SPACE_TYPES = {
+    "backbone": lambda v, where: str(v),
+    "view": lambda v, where: normalise_choice(v, where, VIEW_CHOICES),
+    "batch_size": _positive_int,
+    "epochs": _positive_int,
+    "lr": _positive_float,
+    "he": lambda v, where: normalise_choice(v, where, HE_MODES),
+    "flip": parse_flag,
+    "stn": lambda v, where: normalise_choice(v, where, STN_MODES),
+    "finetune": parse_flag,
+    "seed": _int,
+}
+
+
+def space_value(key: str, value: Any) -> Any:
+    """One concrete value of space key ``key`` in its canonical type ('off', True, 0.001, ...)."""
+    return SPACE_TYPES[key](value, f"space.{key}")
+
+
+def distribution(key: str, spec: dict) -> tuple[str, list]:
+    """(name, arguments) of a one-key distribution mapping such as ``{loguniform: [1e-4, 1e-2]}``."""
+    if len(spec) != 1:
+        raise ConfigError(f"space.{key}: a distribution is one key, e.g. {{loguniform: [1e-4, 1e-2]}}; got {spec}")
+    (name, args), = spec.items()
+    if name not in DISTRIBUTIONS:
+        raise ConfigError(f"space.{key}: unknown distribution {name!r} (valid: {', '.join(DISTRIBUTIONS)})")
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"space.{key}: {name} needs a list of arguments, got {args!r}")
+    return name, args
+
+
+def space_entry(key: str, value: Any) -> Any:
+    """A space entry (a value, a list or a distribution) with every listed value typed; ConfigError if bad."""
+    if isinstance(value, dict):
+        name, args = distribution(key, value)
+        if name in ("choice", "grid"):
+            return {name: [space_value(key, v) for v in args]}
+        return {name: [v if isinstance(v, (int, float)) and not isinstance(v, bool) else _number(v, f"space.{key}")
+                       for v in args]}
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"space.{key}: empty list")
+        return [space_value(key, v) for v in value]
+    return space_value(key, value)
+
+
+def entry_values(key: str, value: Any) -> list | None:
+    """The finite set of values a space entry can take, or None for a numeric distribution."""
+    if isinstance(value, dict):
+        name, args = distribution(key, value)
+        return [space_value(key, v) for v in args] if name in ("choice", "grid") else None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"space.{key}: empty list")
+        return [space_value(key, v) for v in value]
+    return [space_value(key, value)]
+
+
+def validate(cfg: Config) -> Config:
+    """Type every space entry and check every choice once, so later code can trust the config."""
+    for key in SPACE_KEYS:
+        setattr(cfg.space, key, space_entry(key, getattr(cfg.space, key)))
+    for section, key in PATH_KEYS:
+        if is_off(getattr(getattr(cfg, section), key)):
+            setattr(getattr(cfg, section), key, "none")
+    cfg.data.aspect = normalise_choice(cfg.data.aspect, "data.aspect", ASPECTS)
+    cfg.train.optimizer = normalise_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
+    cfg.train.schedule = normalise_choice(cfg.train.schedule, "train.schedule", SCHEDULES)
+    return cfg
 
 
 def _coerce(current: Any, value: Any, where: str) -> Any:
@@ -180,8 +279,13 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), shortcuts: dict | None = None
+) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``shortcuts``, then ``--set`` overrides.
+
+    ``shortcuts`` maps ``section.key`` to a value: what a command's own flags set (``--size 64`` is
+    ``data.size=64``); a flag left out is None and sets nothing.
 
     Relative ``data.dataset``/``data.store``/``roi.detector`` paths in the file are
     taken relative to the current directory, as a user typing a command expects.
@@ -202,10 +306,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
+    for dotted, value in (shortcuts or {}).items():
+        if value is not None:
+            section, key = dotted.split(".")
+            _apply(cfg, section, key, value, f"--{key}")
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, section, key, value, f"--set {text}")
-    return cfg
+    return validate(cfg)
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -214,19 +322,9 @@ def config_from_dict(raw: dict) -> Config:
     for section, values in raw.items():
         for key, value in values.items():
             _apply(cfg, section, key, value, "config dict")
-    return cfg
+    return validate(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def normalise_toggle(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    """Map YAML's False (bare ``off``) to 'off' and check ``value`` is one of ``choices``."""
-    if value is False or value is None:
-        value = "off"
-    value = str(value).lower()
-    if value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
-    return value

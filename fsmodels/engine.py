@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fsmodels.config import Config, normalise_toggle
+from fsmodels.config import Config
 from fsmodels.model import FsNet
+from preprocessing.vocab import normalise_choice
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def _auto_toggle(value, name: str) -> str:
     """auto / on / off, with YAML's bare on/off (read as true/false) accepted."""
     if value is True or str(value).lower() == "true":
         return "on"
-    return normalise_toggle(value, name, ("auto", "on", "off"))
+    return normalise_choice(value, name, ("auto", "on", "off"))
 
 
 def runtime(cfg: Config) -> Runtime:

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from fsmodels.backbones import GREY_MEAN, GREY_STD, create_backbone, set_frozen_eval
-from fsmodels.config import normalise_toggle
-from fsmodels.params import STN_MODES
+from fsmodels.config import STN_MODES
 from fsmodels.stn import STN, load_frozen_stn
+from preprocessing.vocab import normalise_choice
 
 
 class FsNet(nn.Module):
@@ -44,7 +44,7 @@ def build_model(
 
     ``joint`` starts the STN at the identity and trains it with the classifier.
     """
-    mode = normalise_toggle(stn_mode, "space.stn", STN_MODES)
+    mode = normalise_choice(stn_mode, "space.stn", STN_MODES)
     stn = None
     if mode == "frozen":
         stn = load_frozen_stn(stn_weights)
@@ -55,5 +55,5 @@ def build_model(
 
 def model_skeleton(backbone: str, stn_mode: str) -> FsNet:
     """An FsNet of the right shape with random weights, to load a saved state dict into (reads no weights file)."""
-    stn = None if normalise_toggle(stn_mode, "space.stn", STN_MODES) == "off" else STN()
+    stn = None if normalise_choice(stn_mode, "space.stn", STN_MODES) == "off" else STN()
     return FsNet(create_backbone(backbone, pretrained="none", in_chans=1, num_classes=1, finetune=True), stn)

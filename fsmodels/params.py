@@ -3,14 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fsmodels.config import Config, is_off, normalise_toggle, parse_flag
-from preprocessing.errors import FsweepError
-
-VIEWS = ("left", "right", "both")  # space.view choices
-HE_MODES = ("off", "global", "clahe")  # space.he choices
-STN_MODES = ("off", "frozen", "joint")  # space.stn choices
-OPTIMIZERS = ("sgd", "adamw")  # train.optimizer choices
-SCHEDULES = ("step", "cosine")  # train.schedule choices
+from cluster.errors import FsweepError
+from fsmodels.config import Config, space_value
+from preprocessing.vocab import is_off
 
 
 @dataclass(frozen=True)
@@ -37,33 +32,15 @@ def _scalar(cfg: Config, key: str):
 
 
 def trial_params(cfg: Config) -> TrialParams:
-    """Validate the trial's ``space`` values (one each) and the ``train`` choices."""
-    normalise_toggle(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
-    normalise_toggle(cfg.train.schedule, "train.schedule", SCHEDULES)
-    try:
-        params = TrialParams(
-            backbone=str(_scalar(cfg, "backbone")),
-            view=normalise_toggle(_scalar(cfg, "view"), "space.view", VIEWS),
-            batch_size=int(_scalar(cfg, "batch_size")),
-            epochs=int(_scalar(cfg, "epochs")),
-            lr=float(_scalar(cfg, "lr")),
-            he=normalise_toggle(_scalar(cfg, "he"), "space.he", HE_MODES),
-            flip=parse_flag(_scalar(cfg, "flip"), "space.flip"),
-            stn=normalise_toggle(_scalar(cfg, "stn"), "space.stn", STN_MODES),
-            finetune=parse_flag(_scalar(cfg, "finetune"), "space.finetune"),
-            seed=int(_scalar(cfg, "seed")),
-        )
-    except (TypeError, ValueError) as exc:
-        raise FsweepError(f"space: {exc}") from exc
-    if params.batch_size < 1 or params.epochs < 1 or params.lr <= 0:
-        raise FsweepError(f"space: batch_size and epochs must be >= 1 and lr > 0, got {params}")
-    return params
+    """The trial's ``space`` values, one each, typed by the config's own rules (a Config built in code skips load)."""
+    return TrialParams(**{key: space_value(key, _scalar(cfg, key)) for key in TrialParams.__dataclass_fields__})
 
 
 def resolve_variant(cfg: Config, he: str):
     """Open the store variant the config names; never builds one (sweeps only read the store)."""
     from cluster.storage import exists, join
-    from preprocessing.store import VariantSpec, open_variant, variant_key
+    from preprocessing.recipe import VariantSpec, variant_key
+    from preprocessing.variant import open_variant
 
     detector = cfg.roi.detector
     roi_dir = None if is_off(detector) else detector

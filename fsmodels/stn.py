@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from cluster.errors import FsweepError
 from fsmodels.metrics import json_safe
-from preprocessing.errors import FsweepError
 from preprocessing.files import atomic_write, atomic_write_text
+from preprocessing.vocab import VIEWS
 
 STN_WEIGHTS = "stn.safetensors"  # frozen STN weights in the variant's stn/ dir (written last)
 STN_STATS = "stn.json"  # pretraining loss/accuracy, epochs, seed
 STN_FIGURE = "stn_before_after.png"  # validation images before (top) and after (bottom) the STN
 PAPER_STN = {"loss": 0.0218, "accuracy": 0.99}  # what the paper reports for its STN pretraining
-VIEWS = ("left", "right")  # class 0, class 1 of the auxiliary task
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ def view_accuracy(model: ViewClassifier, images: np.ndarray, labels: np.ndarray,
     return correct / max(len(images), 1)
 
 
-def pretrain_stn(variant, epochs: int = 10, seed: int = 0, batch: int = 16) -> tuple[STN, dict]:
+def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16) -> tuple[STN, dict]:
     """Train STN + tiny classifier on left vs right; return the STN and its loss/accuracy."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
@@ -170,7 +170,7 @@ def save_stn_figure(stn: STN, variant, path: Path, count: int = 6) -> None:
     plt.close(fig)
 
 
-def ensure_frozen_stn(variant, epochs: int = 10, seed: int = 0, force: bool = False) -> Path:
+def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False) -> Path:
     """Path of the variant's pretrained STN weights, training them first if missing (once, under a lock)."""
     stn_dir = Path(variant.path) / "stn"
     stn_dir.mkdir(parents=True, exist_ok=True)
@@ -199,9 +199,9 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def pretrain_stn_cli(store, variant: str | None = None, epochs: int = 10, seed: int = 0, force: bool = False) -> None:
+def pretrain_stn_cli(store, *, variant: str | None, epochs: int, seed: int, force: bool = False) -> None:
     """``fsweep stn train``: pretrain the STN of one variant (or every variant) in ``store``; print loss/accuracy."""
-    from preprocessing.store import open_variant
+    from preprocessing.variant import open_variant
 
     root = Path(store)
     if not root.is_dir():

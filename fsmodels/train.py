@@ -21,17 +21,36 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cluster.errors import FsweepError
 from fsmodels.backbones import resolve_backbone, weights_file
 from fsmodels.checkpoint import (
-    checkpoint_config, load_best_weights, load_state, plain, prune_checkpoints, save_checkpoint,
+    checkpoint_config,
+    load_best_weights,
+    load_state,
+    plain,
+    prune_checkpoints,
+    save_checkpoint,
 )
 from fsmodels.config import Config, config_from_dict, save_config
-from fsmodels.engine import Runtime, epoch_seed, make_loader, predict, runtime, seed_everything, train_epoch
-from fsmodels.metrics import SELECTABLE_METRICS, SPLIT_METRICS, binary_metrics, bootstrap_ci, json_safe
+from fsmodels.engine import (
+    Runtime,
+    epoch_seed,
+    make_loader,
+    predict,
+    runtime,
+    seed_everything,
+    train_epoch,
+)
+from fsmodels.metrics import (
+    SELECTABLE_METRICS,
+    SPLIT_METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    json_safe,
+)
 from fsmodels.model import FsNet, build_model, model_skeleton
 from fsmodels.params import TrialParams, resolve_variant, trial_params
 from fsmodels.stn import ensure_frozen_stn
-from preprocessing.errors import FsweepError
 
 __all__ = ["run_trial", "evaluate_checkpoint", "load_trial_model", "trial_params"]
 REPORTED = SPLIT_METRICS  # metrics.json val/test keys
@@ -176,7 +195,7 @@ def run_trial(
     variant = resolve_variant(cfg, params.he)
     rt = runtime(cfg)
     if rt.device.type == "cpu":
-        # the trial's share of cores: more threads than that makes OpenMP spin against other trials (5x slower)
+        # the trial's share of cores: more threads than that makes OpenMP spin against the other trials
         torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     train_data, val_data = _datasets(variant, params)
     model, optimizer, scheduler, scaler, criterion, pos_weight = _setup(

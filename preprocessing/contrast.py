@@ -13,9 +13,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
+from preprocessing.vocab import HE_MODES
 
-HE_MODES = ("off", "global", "clahe")
 L_MAX = 255  # highest grey level of uint8 images (eq. 4)
 CLAHE_CLIP = 2.0  # OpenCV's usual clip limit: limits noise amplification in flat regions
 CLAHE_TILES = (8, 8)  # OpenCV's default tile grid

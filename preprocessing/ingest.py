@@ -9,6 +9,13 @@ When one patient has both a normal and an abnormal row for the same view, every
 row of that patient and view is rejected: nothing says which label is right, and
 keeping either would train on a guess.
 
+The reason names the kind first (``no pixel data: RT Plan``, ``truncated file``,
+``multi-frame: 2 frames ...``, ``no decoder: compressed with ...``, ``not a DICOM file``,
+``undecodable image: ...``), in plain words; ``summary.json`` counts rows per kind.
+Warnings that pydicom, numpy or a decoder raise while a file decodes are not printed:
+each goes to ``warnings.csv`` (row, image, warning), and ``summary.json``'s
+``warnings`` counts the rows per warning (file-specific numbers and tags blanked).
+
 A file that is not a manifest at all (not found, empty, not CSV/Parquet, missing
 required columns) stops ingestion with one ``FsweepError`` line.
 
@@ -24,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +39,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocessing.decode import decode_image
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
+from preprocessing.decode import DecodeError, decode_with_warnings
 from preprocessing.files import atomic_write_parquet, atomic_write_text
-from preprocessing.splits import SPLITS, patient_splits
+from preprocessing.splits import patient_splits
+from preprocessing.vocab import LABEL_ALIASES, LABEL_NAMES, SPLITS, VIEWS, parse_view
 
 REQUIRED = ("image", "patient_id", "view", "label")
 BOX = ("x0", "y0", "x1", "y1")
-VIEWS = {"left": "left", "l": "left", "right": "right", "r": "right"}
-LABELS = {"abnormal": 1, "1": 1, "1.0": 1, "normal": 0, "0": 0, "0.0": 0}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 MISSING_CELLS = {"na", "nan", "null", "none"}  # how R, pandas and SQL exports spell an empty box cell
 COLUMNS = ["image_id", "image", "patient", "view", "label", "split", *BOX, "height", "width", "pixel_sha256", "row"]
@@ -56,6 +63,7 @@ class IngestResult:
     counts: dict = field(default_factory=dict)  # counts[split][view][label name] -> images
     rejected_by_reason: dict = field(default_factory=dict)  # reason kind -> rows
     fingerprint: str = ""  # sha256 over sorted image_id,label,split lines
+    warnings: dict = field(default_factory=dict)  # library warning (file-specific parts blanked) -> rows
 
     def table(self) -> str:
         """Images per view x label x split, laid out like the paper's Table 2, then the rejections.
@@ -64,13 +72,14 @@ class IngestResult:
         """
         header = f"{'view':<12} {'label':<8} {'train':>6} {'val':>6} {'test':>6} {'total':>6}"
         lines = [header]
-        for view in ("left", "right", "both (flip)"):
-            for label in ("abnormal", "normal"):
-                sides = ("left", "right") if view.startswith("both") else (view,)
+        for view in (*VIEWS, "both (flip)"):
+            for label in reversed(LABEL_NAMES):
+                sides = VIEWS if view.startswith("both") else (view,)
                 n = [sum(self.counts[split][side][label] for side in sides) for split in SPLITS]
                 lines.append(f"{view:<12} {label:<8} {n[0]:>6} {n[1]:>6} {n[2]:>6} {sum(n):>6}")
         lines.append(f"accepted {self.accepted} images of {self.patients} patients; rejected {self.rejected} rows")
         lines += [f"  rejected {n:>4}: {kind}" for kind, n in sorted(self.rejected_by_reason.items())]
+        lines += [f"  warning  {n:>4}: {text}" for text, n in sorted(self.warnings.items())]
         return "\n".join(lines)
 
 
@@ -88,16 +97,17 @@ def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | Non
     if out.exists() and not out.is_dir():
         raise FsweepError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    accepted, rejected = _check_rows(frame, manifest.resolve().parent)
+    accepted, rejected, heard = _check_rows(frame, manifest.resolve().parent)
     accepted, rejected = _reject_label_conflicts(accepted, rejected)
     _write_rejected(out, rejected)
+    _write_warnings(out, heard)
     if not accepted:
         for stale in ("dataset.parquet", "summary.json"):  # never leave an older dataset beside these reasons
             (out / stale).unlink(missing_ok=True)
         raise FsweepError(f"{manifest}: no usable rows, all {len(rejected)} rejected (see {out / 'rejected.csv'})")
     table = _dataset_table(accepted, seed, _salt(out, salt))
     atomic_write_parquet(table, out / "dataset.parquet")  # a reader never sees half a dataset
-    result = _summarise(out, table, rejected)
+    result = _summarise(out, table, rejected, heard)
     _write_summary(out, result, manifest, seed)
     if echo:
         print(result.table())
@@ -147,22 +157,26 @@ def _cell_text(value) -> str:
     return str(value)
 
 
-def _check_rows(frame: pd.DataFrame, base: Path) -> tuple[list[dict], list[dict]]:
-    """One pass over the rows: accepted records and rejections (row, image, reason, kind)."""
-    accepted, rejected = [], []
+def _check_rows(frame: pd.DataFrame, base: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """One pass over the rows: accepted records, rejections (row, image, reason, kind) and the
+    library warnings heard while decoding (row, image, warning), accepted or not."""
+    accepted, rejected, heard = [], [], []
     by_path, by_pixels = {}, {}
     for number, record in enumerate(frame.to_dict("records"), start=1):
         image = str(record.get("image", "")).strip()
+        said: list[str] = []
         try:
-            row = _check_row(record, image, base, by_path, by_pixels)
+            row = _check_row(record, image, base, by_path, by_pixels, said)
         except _Rejected as reason:
             rejected.append({"row": number, "image": image, "reason": str(reason), "kind": reason.kind})
             continue
+        finally:
+            heard += [{"row": number, "image": image, "warning": text} for text in said]
         row["row"], row["given"] = number, image
         by_path[row["image"]] = number
         by_pixels[row["pixel_sha256"]] = number
         accepted.append(row)
-    return accepted, rejected
+    return accepted, rejected, heard
 
 
 class _Rejected(Exception):
@@ -173,13 +187,13 @@ class _Rejected(Exception):
         self.kind = kind
 
 
-def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: dict) -> dict:
+def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: dict, said: list[str]) -> dict:
     if not image:
         raise _Rejected("missing image path")
-    view = VIEWS.get(str(record["view"]).strip().lower())
+    view = parse_view(record["view"])
     if view is None:
         raise _Rejected("unknown view", f"{record['view']!r} (use left/right or L/R)")
-    label = LABELS.get(str(record["label"]).strip().lower())
+    label = LABEL_ALIASES.get(str(record["label"]).strip().lower())
     if label is None:
         raise _Rejected("unknown label", f"{record['label']!r} (use abnormal/normal or 1/0)")
     patient = str(record["patient_id"]).strip()
@@ -191,9 +205,11 @@ def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: d
     if str(path) in by_path:
         raise _Rejected("duplicate image", f"same file as row {by_path[str(path)]}")
     try:
-        pixels = decode_image(path)
-    except FsweepError as exc:
-        raise _Rejected("undecodable image", str(exc).removeprefix(f"{path}: ")) from None
+        pixels, heard = decode_with_warnings(path)  # warnings come back as text, never to the terminal
+    except DecodeError as exc:  # kind in plain words: no pixel data, truncated file, multi-frame, no decoder ...
+        said += exc.warnings
+        raise _Rejected(exc.kind, exc.detail) from None
+    said += heard
     digest = pixel_sha256(pixels)
     if digest in by_pixels:
         raise _Rejected("duplicate image", f"same pixels as row {by_pixels[digest]}")
@@ -284,16 +300,39 @@ def _write_rejected(out: Path, rejected: list[dict]) -> None:
     atomic_write_text(out / "rejected.csv", frame.to_csv(index=False))
 
 
-def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict]) -> IngestResult:
-    counts = {split: {view: {"abnormal": 0, "normal": 0} for view in ("left", "right")} for split in SPLITS}
+def _write_warnings(out: Path, heard: list[dict]) -> None:
+    frame = pd.DataFrame(heard, columns=["row", "image", "warning"])
+    atomic_write_text(out / "warnings.csv", frame.to_csv(index=False))
+
+
+def warning_kind(text: str) -> str:
+    """A warning with its file-specific parts (tags, quoted values, links, numbers) blanked, for counting."""
+    text = re.sub(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)", "(gggg,eeee)", text)
+    text = re.sub(r"<[^>]*>", "<...>", text)
+    text = re.sub(r"'[^']*'", "'...'", text)
+    return re.sub(r"\b\d+\b", "N", text)[:160]
+
+
+def _count_warnings(heard: list[dict]) -> dict[str, int]:
+    """Rows per warning kind (a row that says the same thing twice counts once)."""
+    kinds = {(note["row"], warning_kind(note["warning"])) for note in heard}
+    counts: dict[str, int] = {}
+    for _, kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict], heard: list[dict]) -> IngestResult:
+    counts = {split: {view: {name: 0 for name in reversed(LABEL_NAMES)} for view in VIEWS} for split in SPLITS}
     for (split, view, label), n in table.groupby(["split", "view", "label"]).size().items():
-        counts[split][view]["abnormal" if label == 1 else "normal"] = int(n)
+        counts[split][view][LABEL_NAMES[label]] = int(n)
     by_reason: dict[str, int] = {}
     for row in rejected:
         by_reason[row["kind"]] = by_reason.get(row["kind"], 0) + 1
     return IngestResult(dataset=out, accepted=len(table), rejected=len(rejected),
                         patients=table["patient"].nunique(), counts=counts,
-                        rejected_by_reason=by_reason, fingerprint=fingerprint(table))
+                        rejected_by_reason=by_reason, fingerprint=fingerprint(table),
+                        warnings=_count_warnings(heard))
 
 
 def fingerprint(table: pd.DataFrame) -> str:
@@ -311,6 +350,7 @@ def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int) -
         "patients": result.patients,
         "counts": result.counts,
         "rejected_by_reason": result.rejected_by_reason,
+        "warnings": result.warnings,
         "fingerprint": result.fingerprint,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

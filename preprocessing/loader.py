@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocessing.errors import FsweepError
-from preprocessing.store import VIEWS, SPLITS, Variant
-
-SET_VIEWS = (*VIEWS, "both")
+from cluster.errors import FsweepError
+from preprocessing.variant import Variant
+from preprocessing.vocab import SPLITS, VIEW_CHOICES, VIEWS
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,6 @@ def _part(variant: Variant, split: str, view: str, mirrored: bool) -> Part:
 
 
 def _views(view: str) -> tuple[str, ...]:
-    if view not in SET_VIEWS:
-        raise FsweepError(f"view={view!r}: must be one of {', '.join(SET_VIEWS)}")
+    if view not in VIEW_CHOICES:
+        raise FsweepError(f"view={view!r}: must be one of {', '.join(VIEW_CHOICES)}")
     return VIEWS if view == "both" else (view,)

@@ -31,7 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
+from preprocessing.vocab import VIEWS
 
 ABNORMAL_FRACTION = 0.64  # the paper's share of abnormal views
 LEVELS = 6  # vertebral bodies C2..C7
@@ -74,7 +75,7 @@ def write_phantom(
         rng = np.random.default_rng([seed, index])
         anatomy = _sample_anatomy(rng, size)
         patient_id = f"P{index + 1:04d}"
-        for view in ("left", "right"):
+        for view in VIEWS:
             abnormal = bool(labels[view][index])
             image, box = render_view(anatomy, view, abnormal, difficulty, size, rng)
             name = f"images/{patient_id}_{view}.png"
@@ -118,7 +119,7 @@ def _view_labels(patients: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 1_000_003])
     n_abnormal = round(ABNORMAL_FRACTION * patients)
     labels = {}
-    for view in ("left", "right"):
+    for view in VIEWS:
         flags = np.zeros(patients, dtype=bool)
         flags[rng.permutation(patients)[:n_abnormal]] = True
         labels[view] = flags

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.files import atomic_copy, atomic_write_text, file_sha256
 from preprocessing.ingest import BOX, load_dataset
 
@@ -41,17 +41,18 @@ CLASS_NAME = "spine"  # the one class: the cervical spine with its foramina
 def train_detector(
     dataset_dir: str | Path,
     out: str | Path,
-    annotated: int = 100,
-    epochs: int = 30,
-    imgsz: int = 320,
-    model: str = "yolo11n.yaml",
+    *,
+    annotated: int,
+    epochs: int,
+    imgsz: int,
+    model: str,
+    batch: int,
     seed: int = 0,
-    batch: int = 4,
 ) -> dict:
     """Train the YOLO ROI detector on boxed rows of DATASET; write ``out/best.pt`` and ``out/metrics.json``.
 
-    Uses the first ``annotated`` boxed train-split rows for training and every boxed
-    val-split row for validation. Returns the metrics dict (``map50``, ``map50_95``,
+    The settings come from the config's ``roi`` section (``fsweep roi train``). The first
+    ``annotated`` boxed train-split rows train it; every boxed val-split row validates it. Returns the metrics dict (``map50``, ``map50_95``,
     ``train_images``, ``val_images``, ``epochs``, ``imgsz``, ``seconds``, ``sha256``).
     """
     out = Path(out).resolve()
@@ -225,8 +226,8 @@ def _offline_ultralytics() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / f"fsweep-ultralytics-{os.getuid()}"))
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS probe, no PyPI update check, no event upload
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install a missing requirement
-    from ultralytics import settings
     import ultralytics.data.utils as data_utils
+    from ultralytics import settings
 
     # Ray Tune: ultralytics adds a callback that calls tune.report() with YOLO's metrics when
     # it finds a Tune trial context. It is a no-op outside Tune, but a detector trained inside a

@@ -16,14 +16,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-SPLITS = ("train", "val", "test")
+from preprocessing.vocab import VIEWS
+
 DEAL = ("train", "val", "train", "test", "train")  # 3 : 1 : 1 = 60/20/20, val before test for small groups
 
 
 def label_pattern(rows: pd.DataFrame) -> str:
     """A patient's stratum: its label per view, e.g. 'L1R0' or 'L-R1' when the left view is absent."""
     by_view = dict(zip(rows["view"], rows["label"]))
-    return "".join(f"{side[0].upper()}{by_view.get(side, '-')}" for side in ("left", "right"))
+    return "".join(f"{side[0].upper()}{by_view.get(side, '-')}" for side in VIEWS)
 
 
 def patient_splits(rows: pd.DataFrame, seed: int) -> dict[str, str]:

@@ -1,126 +1,51 @@
-"""The preprocessing store: every image decoded, ROI-cropped, equalized and resized once per variant.
+"""Building the preprocessing store: every image decoded, ROI-cropped, equalized and resized once per variant.
 
-A variant is one recipe (``VariantSpec``: HE mode, size, aspect handling, detector,
-margin) applied to one data set. Its key hashes the data set's decoded-pixel hashes,
-splits and labels, the detector's weights, every recipe parameter and ``CODE_VERSION``,
-so any change gives a new variant and nothing else does. Layout::
-
-    STORE/<key>/{train,val,test}_{left,right}.npy   uint8 N x S x S, memory-mappable
-    STORE/<key>/index.parquet   image_id, patient, view, label, split, pos, x0..y1, conf, fallback
-    STORE/<key>/variant.json    spec, detector hash, counts, fallback count
-    STORE/<key>/manifest.json   sha256 of every file above; written last = the variant is complete
-    STORE/<key>/stn/            per-variant artefacts of later stages (the frozen STN)
-
-Files are written to temporary names and moved into place with ``os.replace``; a
-reader accepts a variant only when ``manifest.json`` exists and every checksum
-matches, so an interrupted build or two racing builders never yield an array a reader
-accepts. Work is spread over Ray tasks (``cluster.connect``: a small local Ray, or a
-cluster by address); every node points at the same STORE path on a shared file system.
-A ``s3://``/``gs://`` STORE (any pyarrow URI) is built in a node-local staging directory
-and uploaded, manifest last; readers download a variant once per node
-(``cluster.storage.cached_copy``) and verify it like a local one.
+The recipe and its key are ``preprocessing.recipe``; opening and verifying a built
+variant is ``preprocessing.variant``; uploading to a URI store is ``preprocessing.remote``.
+Files are written to temporary names and moved into place with ``os.replace``, the
+manifest last. Work is spread over Ray tasks (``cluster.connect``: a small local Ray,
+or a cluster by address); every node points at the same STORE path on a shared file
+system. A ``s3://``/``gs://`` STORE (any pyarrow URI) is built in a node-local staging
+directory and uploaded, manifest last.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import socket
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from cluster.storage import cache_root, cached_copy, exists, is_uri, join, open_filesystem, resolve_storage
-from preprocessing.contrast import HE_MODES, equalize
+from cluster.errors import FsweepError
+from cluster.storage import is_uri, join, resolve_storage
 from preprocessing.decode import decode_image
-from preprocessing.errors import FsweepError
-from preprocessing.files import atomic_write_parquet, atomic_write_text, file_sha256, temp_name, temp_owner
-from preprocessing.ingest import load_dataset
-from preprocessing.roi import BOX_COLUMNS, RoiDetector, crop_box, detector_sha256, full_frame_box
-from preprocessing.splits import SPLITS
+from preprocessing.files import (
+    atomic_write_parquet,
+    atomic_write_text,
+    file_sha256,
+    temp_name,
+    temp_owner,
+)
+from preprocessing.recipe import (
+    CODE_VERSION,
+    VariantSpec,
+    describe_spec,
+    finish_crop,
+    locate_roi,
+    read_dataset,
+    variant_key,
+)
+from preprocessing.remote import publish, staging_dir
+from preprocessing.roi import BOX_COLUMNS, RoiDetector, crop_box, detector_sha256
+from preprocessing.variant import INDEX_COLUMNS, Variant, open_variant
+from preprocessing.vocab import SPLITS, VIEWS, is_off
 
-CODE_VERSION = "store-1"  # bump whenever the same inputs would give different arrays
-VIEWS = ("left", "right")
-ASPECTS = ("pad", "stretch")
 CHUNK = 16  # images per Ray task: small enough for a smooth progress bar, large enough to amortise a task
-KEY_COLUMNS = ["image_id", "pixel_sha256", "patient", "view", "label", "split"]
-INDEX_COLUMNS = ["image_id", "patient", "view", "label", "split", "pos", *BOX_COLUMNS, "conf", "fallback"]
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """One preprocessing recipe."""
-
-    he: str = "global"  # histogram equalization: off / global (paper eq. 1-4) / clahe
-    size: int = 512  # square output size in pixels (paper: 512)
-    aspect: str = "pad"  # pad (keep the crop's aspect, black borders) or stretch
-    roi_dir: str | None = None  # ROI_DIR of the YOLO detector; None = full frame, no detection
-    margin: float = 0.05  # crop margin, fraction of the box size per side (used only with a detector)
-
-    def check(self) -> VariantSpec:
-        """Return self, or raise FsweepError naming the bad field."""
-        if self.he not in HE_MODES:
-            raise FsweepError(f"he={self.he!r}: unknown histogram equalization (valid: {', '.join(HE_MODES)})")
-        if self.aspect not in ASPECTS:
-            raise FsweepError(f"aspect={self.aspect!r}: unknown (valid: {', '.join(ASPECTS)})")
-        if not isinstance(self.size, int) or self.size < 8:
-            raise FsweepError(f"size={self.size!r}: must be an integer of at least 8")
-        if not 0 <= self.margin <= 1:
-            raise FsweepError(f"margin={self.margin!r}: must be within [0, 1]")
-        return self
-
-
-@dataclass
-class Variant:
-    """A complete, checksum-verified variant in the store."""
-
-    key: str  # content hash naming the variant's directory
-    path: Path  # STORE/<key>
-    spec: VariantSpec  # the recipe
-    index: pd.DataFrame  # one row per image: INDEX_COLUMNS
-    preprocessed: int = 0  # images preprocessed by the call that returned this object (0: reused)
-
-    def images(self, split: str, view: str) -> np.ndarray:
-        """The (N, S, S) uint8 array of ``split`` x ``view``, memory-mapped read-only."""
-        _check_group(split, view)
-        return np.load(self.path / f"{split}_{view}.npy", mmap_mode="r")
-
-    def labels(self, split: str, view: str) -> np.ndarray:
-        """Labels (1 abnormal, 0 normal) in the order of ``images(split, view)``."""
-        return self._rows(split, view)["label"].to_numpy(np.int64)
-
-    def image_ids(self, split: str, view: str) -> list[str]:
-        """Image ids in the order of ``images(split, view)``."""
-        return self._rows(split, view)["image_id"].tolist()
-
-    def _rows(self, split: str, view: str) -> pd.DataFrame:
-        _check_group(split, view)
-        rows = self.index[(self.index["split"] == split) & (self.index["view"] == view)]
-        return rows.sort_values("pos")
-
-
-def variant_key(dataset_dir: str | Path, spec: VariantSpec) -> str:
-    """Content key of ``spec`` applied to DATASET (no decoding: uses dataset.parquet's pixel hashes)."""
-    spec.check()
-    rows = read_dataset(dataset_dir)
-    images = hashlib.sha256(rows[KEY_COLUMNS].to_csv(index=False).encode()).hexdigest()
-    payload = {
-        "code": CODE_VERSION,
-        "images": images,
-        "detector": detector_sha256(spec.roi_dir) if spec.roi_dir else None,
-        "margin": spec.margin if spec.roi_dir else None,  # no detector: no crop, so the margin changes nothing
-        "he": spec.he,
-        "size": spec.size,
-        "aspect": spec.aspect,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_variant(dataset_dir: str | Path, store: str | Path, spec: VariantSpec, address: str | None = None) -> Variant:
@@ -131,11 +56,12 @@ def build_variant(dataset_dir: str | Path, store: str | Path, spec: VariantSpec,
 def build_store(
     dataset_dir: str | Path,
     store: str | Path,
-    roi: str | None = "none",
-    size: int = 512,
-    he_modes=("off", "global", "clahe"),
-    margin: float = 0.05,
-    aspect: str = "pad",
+    *,
+    roi: str | None,
+    size: int,
+    he_modes,
+    margin: float,
+    aspect: str,
     address: str | None = None,
 ) -> list[Variant]:
     """Build one variant per HE mode; each image is decoded and its ROI detected once for all modes.
@@ -143,74 +69,11 @@ def build_store(
     ``address``: the Ray to use (``cluster.connect``): None/local starts a small local one, ``auto`` or
     ``ray://...`` joins a cluster whose nodes all see DATASET's images and the STORE path.
     """
-    roi_dir = None if roi in (None, "", "none", "off", False) else str(Path(roi).resolve())
+    roi_dir = None if is_off(roi) else str(Path(roi).resolve())
     specs = [VariantSpec(he=he.strip(), size=size, aspect=aspect, roi_dir=roi_dir, margin=margin).check()
              for he in he_modes]
     return _build(Path(dataset_dir), resolve_storage(store), specs, address)
 
-
-def open_variant(store: str | Path, key: str) -> Variant:
-    """Open a complete variant; FsweepError when it is missing, incomplete or fails its checksums."""
-    store = resolve_storage(store)
-    path = _variant_dir(store, key)
-    try:
-        _verify(path)
-    except FsweepError:
-        if not is_uri(store):
-            raise
-        # this node's copy is damaged, or is of a variant since rebuilt remotely: without a fresh
-        # download it would be refused for good, and every `store build` would rebuild in vain
-        path = _variant_dir(store, key, refresh=True)
-        _verify(path)
-    meta = json.loads((path / "variant.json").read_text())
-    index = pd.read_parquet(path / "index.parquet")
-    return Variant(key=key, path=path, spec=VariantSpec(**meta["spec"]), index=index)
-
-
-def read_dataset(dataset_dir: str | Path) -> pd.DataFrame:
-    """DATASET/dataset.parquet (checked by ``ingest.load_dataset``) in a canonical order (split, view, image_id)."""
-    rows = load_dataset(dataset_dir)
-    return rows.sort_values(["split", "view", "image_id"], kind="stable").reset_index(drop=True)
-
-
-def locate_roi(img: np.ndarray, detector: RoiDetector | None):
-    """``(box, conf, fallback)``: the detector's best box, or the full frame (fallback when it found none)."""
-    if detector is None:
-        return full_frame_box(img), math.nan, False
-    found = detector.detect(img)
-    if found is None:
-        return full_frame_box(img), math.nan, True
-    return found[0], found[1], False
-
-
-def to_square(img: np.ndarray, size: int, aspect: str) -> np.ndarray:
-    """Resize to ``size`` x ``size``: ``stretch``, or ``pad`` (centre on black, keep the aspect ratio)."""
-    if aspect == "pad":
-        height, width = img.shape
-        side = max(height, width)
-        top, left = (side - height) // 2, (side - width) // 2
-        img = cv2.copyMakeBorder(img, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0)
-    interpolation = cv2.INTER_AREA if max(img.shape) > size else cv2.INTER_LINEAR  # AREA avoids aliasing when shrinking
-    return cv2.resize(img, (size, size), interpolation=interpolation)
-
-
-def finish_crop(crop: np.ndarray, spec: VariantSpec) -> np.ndarray:
-    """The steps after the crop, in the paper's order: equalize the crop, then make it S x S."""
-    return to_square(equalize(np.ascontiguousarray(crop), spec.he), spec.size, spec.aspect)
-
-
-def preprocess_decoded(img: np.ndarray, spec: VariantSpec, detector: RoiDetector | None = None):
-    """The recipe on a decoded image: ``(S x S uint8, box used, fallback)`` (detect, crop, equalize, resize)."""
-    box, _, fallback = locate_roi(img, detector)
-    return finish_crop(crop_box(img, box, spec.margin), spec), box, fallback
-
-
-def preprocess_image(path: str, spec: VariantSpec, detector: RoiDetector | None = None) -> np.ndarray:
-    """The whole recipe for one raw file: decode, then ``preprocess_decoded`` (the store's unit of work)."""
-    return preprocess_decoded(decode_image(path), spec, detector)[0]
-
-
-# --- building --------------------------------------------------------------------------
 
 def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str | None) -> list[Variant]:
     """Build every missing variant of ``specs`` (same detector and margin) in one pass over the images."""
@@ -220,16 +83,16 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
     for key, spec in dict(zip(keys, specs)).items():  # a mode given twice (--he off,off) is built once
         try:
             done[key] = open_variant(store, key)
-            print(f"variant {key} ({_describe(spec)}) up to date: no work")
+            print(f"variant {key} ({describe_spec(spec)}) up to date: no work")
         except FsweepError as reason:
             if "not built" not in str(reason):
                 print(f"variant {key}: {reason}; rebuilding")
             todo.append((key, spec))
     if todo:
-        workdir = _staging_dir(store) if is_uri(store) else Path(store)
+        workdir = staging_dir(store) if is_uri(store) else Path(store)
         built = _build_missing(dataset_dir, rows, workdir, todo, address)
         for key in built if is_uri(store) else ():
-            _publish(workdir / key, join(store, key))
+            publish(workdir / key, join(store, key))
         done.update(built)
     return [done[key] for key in keys]
 
@@ -253,7 +116,7 @@ def _build_missing(dataset_dir: Path, rows: pd.DataFrame, store: Path, todo, add
         variant = open_variant(store, key)
         variant.preprocessed = len(index)
         fallbacks = f", {int(index['fallback'].sum())} fallback (no box found: full frame kept)" if spec.roi_dir else ""
-        print(f"variant {key} ({_describe(spec)}): built {len(index)} images{fallbacks}")
+        print(f"variant {key} ({describe_spec(spec)}): built {len(index)} images{fallbacks}")
         built[key] = variant
     return built
 
@@ -392,77 +255,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         pass
     return True
-
-
-# --- verification ----------------------------------------------------------------------
-
-_VERIFIED: dict[Path, tuple] = {}  # variant dir -> file stats at the last successful verification
-
-
-def _verify(path: Path) -> None:
-    """Check every file against manifest.json; repeated opens in a process re-hash only changed files."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        state = "not built" if not path.exists() else "incomplete (no manifest.json: interrupted or in progress)"
-        raise FsweepError(f"{path}: variant {state}; run `fsweep store build`")
-    try:
-        checksums = dict(json.loads(manifest.read_text())["sha256"])
-    except (ValueError, KeyError, TypeError):  # hand-edited or foreign: refuse it, so a build replaces it
-        raise FsweepError(f"{manifest}: unreadable; run `fsweep store build` to rebuild") from None
-    stats = _stats(path, [manifest.name, *checksums])
-    if _VERIFIED.get(path) == stats:
-        return
-    for name, expected in checksums.items():
-        if not (path / name).is_file():
-            raise FsweepError(f"{path / name}: missing from a built variant; run `fsweep store build` to rebuild")
-        if file_sha256(path / name) != expected:
-            raise FsweepError(f"{path / name}: checksum mismatch (corrupted); run `fsweep store build` to rebuild")
-    _VERIFIED[path] = stats
-
-
-def _stats(path: Path, names: list[str]) -> tuple:
-    stats = []
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            info = (path / name).stat()
-            stats.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
-    return tuple(stats)
-
-
-# --- small helpers ---------------------------------------------------------------------
-
-def _variant_dir(store: str, key: str, refresh: bool = False) -> Path:
-    """The variant's local directory: STORE/<key>, or this node's cached copy of a URI store's variant."""
-    if not is_uri(store):
-        return Path(store) / key
-    remote = join(store, key)
-    if not exists(join(remote, "manifest.json")):  # uploaded last: without it the variant is not (fully) there
-        raise FsweepError(f"{remote}: variant not built; run `fsweep store build`")
-    return cached_copy(remote, refresh=refresh)
-
-
-def _staging_dir(store: str) -> Path:
-    """Where this node builds variants of a URI store before uploading them."""
-    return cache_root() / "staging" / hashlib.sha256(store.encode()).hexdigest()[:16]
-
-
-def _publish(local: Path, remote: str) -> None:
-    """Upload a built variant: every file, then manifest.json last (readers wait for it)."""
-    import pyarrow.fs
-
-    fs, path = open_filesystem(remote)
-    fs.create_dir(path, recursive=True)
-    names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != "manifest.json")
-    for name in [*names, "manifest.json"]:
-        pyarrow.fs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=fs)
-
-
-def _check_group(split: str, view: str) -> None:
-    if split not in SPLITS or view not in VIEWS:
-        raise FsweepError(f"({split!r}, {view!r}): split must be one of {SPLITS} and view one of {VIEWS}")
-
-
-def _describe(spec: VariantSpec) -> str:
-    roi = f"roi={spec.roi_dir}, margin={spec.margin}" if spec.roi_dir else "roi=none"
-    return f"he={spec.he}, size={spec.size}, aspect={spec.aspect}, {roi}"

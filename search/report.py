@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cluster.errors import FsweepError
 from cluster.storage import exists, is_uri, join, resolve_storage
-from preprocessing.errors import FsweepError
+from fsmodels.metrics import SELECTABLE_METRICS
+from preprocessing.vocab import LABEL_NAMES
 from search.expdir import get_text, upload_dir
-from search.select import LEADERBOARD, VAL_COLUMNS, WINNERS, finish_experiment
+from search.select import LEADERBOARD, WINNERS, finish_experiment
 from search.space import SPACE_KEYS, searched_keys
 from search.sweep import SWEEP_CONFIG, load_sweep_config
 
@@ -108,7 +110,7 @@ def plot_confusion(test: dict, title: str, path: Path) -> None:
     ax.imshow(cells, cmap="Blues")
     for (i, j), count in np.ndenumerate(cells):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=12)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "abnormal"], yticklabels=["normal", "abnormal"],
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES,
            xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=80)
@@ -158,7 +160,7 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
     """The markdown of report.md."""
     metric, mode = cfg.search.metric, cfg.search.mode
     status = board["status"].value_counts().to_dict()
-    shown = ["trial_id", "status", *searched_keys(cfg), *[c for c in VAL_COLUMNS if c != "val_loss"], "best_epoch", "node"]
+    shown = ["trial_id", "status", *searched_keys(cfg), *[c for c in SELECTABLE_METRICS if c != "val_loss"], "best_epoch", "node"]
     lines = [
         f"# Sweep report: {name}",
         "",

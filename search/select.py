@@ -14,14 +14,12 @@ import pandas as pd
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from cluster.storage import join
-from fsmodels.config import Config
-from fsmodels.metrics import json_safe
+from fsmodels.config import SPACE_KEYS, Config
+from fsmodels.metrics import SELECTABLE_METRICS, json_safe
 from search.expdir import checkpoint_location, local_dir, put_text
-from search.space import SELECTABLE_METRICS, SPACE_KEYS
 
 LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
 WINNERS = "winners.json"  # per view: the winning trial, its validation and test metrics
-VAL_COLUMNS = SELECTABLE_METRICS  # the best epoch's validation metrics, per trial
 
 
 def best_epoch_metrics(history: pd.DataFrame | None, best_epoch) -> dict:
@@ -52,7 +50,7 @@ def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
         # run_trial picks the best epoch by search.metric and keeps its weights in every later
         # checkpoint (best.pt), so the latest checkpoint serves the best epoch
         best = best_epoch_metrics(result.metrics_dataframe, last.get("best_epoch"))
-        row.update({col: best.get(col, float("nan")) for col in VAL_COLUMNS})
+        row.update({col: best.get(col, float("nan")) for col in SELECTABLE_METRICS})
         row["best_epoch"] = last.get("best_epoch") if best else None
         row["epochs_run"] = last.get("epoch", 0)
         row["node"] = last.get("node", last.get("node_ip", ""))
@@ -77,7 +75,7 @@ def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max"
     Ties (AUC saturates on small validation sets) go to the lower validation loss, as
     the best epoch within a trial does, then to the earlier best epoch.
     """
-    if metric not in VAL_COLUMNS or board.empty:
+    if metric not in SELECTABLE_METRICS or board.empty:
         return {}
     usable = board[(board["status"] == "TERMINATED") & board[metric].notna()]
     winners = {}
@@ -122,7 +120,7 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
             "best_epoch": _plain(row["best_epoch"]),
             "checkpoint": row["checkpoint"],
             "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation",
-            "val": {k: _plain(row[k]) for k in VAL_COLUMNS},
+            "val": {k: _plain(row[k]) for k in SELECTABLE_METRICS},
             "test": test,
         }
     put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=_plain))

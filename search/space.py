@@ -7,7 +7,6 @@ distribution, e.g. ``{loguniform: [1e-4, 1e-2]}``. A list is a grid axis under
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from ray import tune
@@ -15,11 +14,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fsmodels.config import Config, ConfigError, SpaceConfig, normalise_toggle, parse_flag
+from fsmodels.config import SPACE_KEYS, Config, distribution, entry_values
 from fsmodels.metrics import SELECTABLE_METRICS
-from fsmodels.params import HE_MODES, STN_MODES, VIEWS
+from preprocessing.vocab import ConfigError
 
-SPACE_KEYS = tuple(f.name for f in fields(SpaceConfig))
 ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 # Distributions a space key may name; argument lists are passed to ray.tune as given.
@@ -33,58 +31,24 @@ DISTRIBUTIONS = {
     "lograndint": tune.lograndint,  # upper bound exclusive too
     "choice": None,  # categorical over the listed values
     "grid": None,  # grid axis over the listed values
-}
-CATEGORICAL = {"view": VIEWS, "he": HE_MODES, "stn": STN_MODES}  # the choices run_trial accepts
-BOOLEAN = ("flip", "finetune")
-
-
-def normalise_value(key: str, value: Any) -> Any:
-    """One concrete value of space key ``key`` in its canonical form ('off', True, ...)."""
-    if key in CATEGORICAL:
-        return normalise_toggle(value, f"space.{key}", CATEGORICAL[key])
-    if key in BOOLEAN:
-        return parse_flag(value, f"space.{key}")
-    return value
-
-
-def _distribution(key: str, spec: dict) -> tuple[str, list]:
-    if len(spec) != 1:
-        raise ConfigError(f"space.{key}: a distribution is one key, e.g. {{loguniform: [1e-4, 1e-2]}}; got {spec}")
-    (name, args), = spec.items()
-    if name not in DISTRIBUTIONS:
-        raise ConfigError(f"space.{key}: unknown distribution {name!r} (valid: {', '.join(DISTRIBUTIONS)})")
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"space.{key}: {name} needs a list of arguments, got {args!r}")
-    return name, args
-
-
-def values_of(key: str, value: Any) -> list | None:
-    """The finite set of values a space entry can take, or None for a numeric distribution."""
-    if isinstance(value, dict):
-        name, args = _distribution(key, value)
-        return [normalise_value(key, v) for v in args] if name in ("choice", "grid") else None
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError(f"space.{key}: empty list")
-        return [normalise_value(key, v) for v in value]
-    return [normalise_value(key, value)]
+}  # the names are fsmodels.config.DISTRIBUTIONS, checked when the config loads
 
 
 def tune_domain(key: str, value: Any, algorithm: str) -> Any:
     """The Ray Tune form of one space entry under ``algorithm``."""
     if isinstance(value, dict):
-        name, args = _distribution(key, value)
+        name, args = distribution(key, value)
         if name == "grid" and algorithm == "optuna":
             raise ConfigError(f"space.{key}: optuna cannot search a grid axis; use a list or {{choice: [...]}}")
         if name == "grid":
-            return tune.grid_search(values_of(key, value))
+            return tune.grid_search(entry_values(key, value))
         if name == "choice":
-            return tune.choice(values_of(key, value))
+            return tune.choice(entry_values(key, value))
         try:
             return DISTRIBUTIONS[name](*args)
         except (TypeError, ValueError, AssertionError) as exc:
             raise ConfigError(f"space.{key}: bad {name} arguments {args!r} ({exc})") from exc
-    finite = values_of(key, value)
+    finite = entry_values(key, value)
     if not isinstance(value, list):
         return finite[0]
     return tune.grid_search(finite) if algorithm == "grid" else tune.choice(finite)
@@ -115,14 +79,14 @@ def param_space(cfg: Config) -> dict:
 
 def searched_keys(cfg: Config) -> list[str]:
     """Space keys that take more than one value in this sweep."""
-    return [k for k in SPACE_KEYS if len(values_of(k, getattr(cfg.space, k)) or (0, 1)) > 1]
+    return [k for k in SPACE_KEYS if len(entry_values(k, getattr(cfg.space, k)) or (0, 1)) > 1]
 
 
 def max_epochs(cfg: Config) -> int:
     """The largest ``space.epochs`` any trial can get (ASHA's default max_t)."""
     value = cfg.space.epochs
     if isinstance(value, dict):
-        name, args = _distribution("epochs", value)
+        name, args = distribution("epochs", value)
         if name in ("choice", "grid"):
             return int(max(args))
         return int(args[1]) - (1 if name in ("randint", "lograndint") else 0)  # their upper bound is exclusive

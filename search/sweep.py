@@ -20,9 +20,10 @@ import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+from cluster.errors import FsweepError
 from cluster.storage import exists, is_uri, join, resolve_storage
-from fsmodels.config import Config, ConfigError, config_from_dict, is_off, load_config
-from preprocessing.errors import FsweepError
+from fsmodels.config import Config, config_from_dict, entry_values, load_config
+from preprocessing.vocab import ConfigError, is_off
 from search import space
 from search.expdir import get_text, put_text, upload_dir
 from search.tb import TensorBoardCallback, write_experiment_summary
@@ -55,9 +56,9 @@ def check_data(cfg: Config) -> None:
         raise ConfigError("data.store: empty (give the STORE path of `fsweep store build`)")
 
 
-def he_modes(cfg: Config) -> list[str]:
+def sweep_he_modes(cfg: Config) -> list[str]:
     """HE modes the space can draw, plus 'off' (the plain ROI crop shown in TensorBoard)."""
-    modes = space.values_of("he", cfg.space.he) or list(space.CATEGORICAL["he"])
+    modes = entry_values("he", cfg.space.he)
     return list(dict.fromkeys(["off", *modes]))
 
 
@@ -66,13 +67,13 @@ def prepare_store(cfg: Config) -> dict[str, str]:
     from fsmodels.stn import ensure_frozen_stn
     from preprocessing.store import build_store
 
-    modes = he_modes(cfg)
+    modes = sweep_he_modes(cfg)
     variants = build_store(
         cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size, he_modes=modes,
         margin=cfg.roi.margin, aspect=cfg.data.aspect,
     )
-    stn_modes = space.values_of("stn", cfg.space.stn) or list(space.CATEGORICAL["stn"])
-    searched_he = space.values_of("he", cfg.space.he) or modes
+    stn_modes = entry_values("stn", cfg.space.stn)
+    searched_he = entry_values("he", cfg.space.he)
     for he, variant in zip(modes, variants):
         if "frozen" in stn_modes and he in searched_he:
             ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=0)  # the seed run_trial asks for

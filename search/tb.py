@@ -23,10 +23,9 @@ from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from fsmodels.config import Config
-from search.space import SELECTABLE_METRICS, SPACE_KEYS, values_of
+from fsmodels.config import SPACE_KEYS, Config, entry_values
+from fsmodels.metrics import SELECTABLE_METRICS
 
-VAL_METRICS = SELECTABLE_METRICS
 TRAIN_METRICS = ("train_loss",)
 SCALAR_PREFIXES = ("val_", "train_", "best_")  # numeric reported keys that become scalars
 
@@ -55,7 +54,7 @@ def _struct_value(value: Any) -> struct_pb2.Value:
 
 
 def _hparam_info(key: str, raw: Any) -> api_pb2.HParamInfo:
-    finite = values_of(key, raw)
+    finite = entry_values(key, raw)
     if finite is None:  # a numeric distribution: its bounds as the interval
         (_, args), = raw.items()
         interval = api_pb2.Interval(min_value=float(args[0]), max_value=float(args[1]))
@@ -76,7 +75,7 @@ def experiment_summary(cfg: Config, description: str = "") -> Summary:
     hparams = [_hparam_info(key, getattr(cfg.space, key)) for key in SPACE_KEYS]
     metrics = [
         api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_VALIDATION)
-        for tag in VAL_METRICS
+        for tag in SELECTABLE_METRICS
     ] + [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_TRAINING) for tag in TRAIN_METRICS]
     experiment = api_pb2.Experiment(
         description=description, time_created_secs=time.time(), hparam_infos=hparams, metric_infos=metrics

@@ -38,7 +38,7 @@ def _sample_stages(cfg: Config, variants: dict[str, str]) -> dict[str, list]:
     import torch
 
     from fsmodels.stn import STN_WEIGHTS, load_frozen_stn
-    from preprocessing.store import open_variant
+    from preprocessing.variant import open_variant
 
     view = "right" if cfg.space.view == "both" else cfg.space.view
     he = space.normalise_value("he", cfg.space.he)

@@ -6,14 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from fsmodels.config import Config
 from preprocessing.ingest import ingest
 from preprocessing.phantom import write_phantom
+from preprocessing.recipe import VariantSpec
 
 TINY_PATIENTS = 40  # 80 images: enough for a 60/20/20 split with both classes in every split
 TINY_SIZE = (148, 252)  # width x height: a quarter of the default phantom, fast to build and crop
+ROI_SETTINGS = {k: v for k, v in vars(Config().roi).items() if k in ("annotated", "epochs", "imgsz", "model", "batch")}
 TINY_SALT = "fsweep-tests"  # fixed so the hashed patient ids are the same in every session
 
 
@@ -73,3 +79,10 @@ def tiny_sweep_config(dataset: Path, store: Path, **space_values) -> Config:
         setattr(cfg.space, key, value)
     cfg.train.pretrained, cfg.train.stn_epochs = "none", 1
     return cfg
+
+
+def make_spec(**fields) -> VariantSpec:
+    """A VariantSpec with the config's defaults (HE global, no detector) for every field a test leaves out."""
+    cfg = Config()
+    recipe = dict(he="global", size=cfg.data.size, aspect=cfg.data.aspect, roi_dir=None, margin=cfg.roi.margin)
+    return VariantSpec(**{**recipe, **fields})

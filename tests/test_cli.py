@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from search.cli import main
+from fsweep.cli import main
 
 
 def _one_error_line(text: str, prefix: str) -> str:
@@ -60,7 +60,7 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, argv, prefix):
 
 def test_console_entry_point_reports_bad_input(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "search.cli", "ingest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "d")],
+        [sys.executable, "-m", "fsweep.cli", "ingest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "d")],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2

@@ -31,11 +31,13 @@ from ray.cluster_utils import Cluster
 
 from cluster import storage
 from cluster.connect import PROJECT_ROOT, connect, describe
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.phantom import write_phantom
-from preprocessing.store import VariantSpec, build_variant, open_variant, preprocess_image, variant_key
+from preprocessing.recipe import preprocess_image, variant_key
+from preprocessing.store import build_variant
+from preprocessing.variant import open_variant
 
-from conftest import tiny_sweep_config, write_dicom
+from conftest import make_spec, tiny_sweep_config, write_dicom
 
 PATIENTS = 40  # both classes in every split of a patient-level 60/20/20 split
 CHUNK_TASK = "ray::_process_chunk"  # process title of a Ray worker running a store build task
@@ -149,7 +151,7 @@ def dicom_inputs(tmp_path_factory) -> Path:
 def fsweep(*args: str, env: dict | None = None) -> str:
     """Run the ``fsweep`` command line; its stdout and stderr together (the logs a user sees)."""
     done = subprocess.run(
-        [sys.executable, "-m", "search.cli", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "fsweep.cli", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=400,
     )
     assert done.returncode == 0, f"fsweep {args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -416,7 +418,7 @@ def test_no_patient_identifier_leaves_the_input_files(pipeline, ray_cluster, dic
 
 @pytest.mark.slow
 def test_store_build_that_loses_a_node_finishes_with_a_verified_store(pipeline, ray_cluster):
-    spec = VariantSpec(he="clahe", size=48, aspect="pad")
+    spec = make_spec(he="clahe", size=48, aspect="pad")
     with TaskNodeKiller(ray_cluster, CHUNK_TASK) as killer:
         variant = build_variant(pipeline["dataset"], pipeline["store"], spec)
     try:

@@ -21,23 +21,23 @@ import pytest
 import torch
 
 from fsmodels.backbones import create_backbone
-from fsmodels.cam import grad_cam, heat_to_crop, model_from_weights
+from fsweep.cam import grad_cam, heat_to_crop, model_from_weights
 from fsmodels.config import Config
 from fsmodels.metrics import CI_METRICS, binary_metrics, bootstrap_ci
 from fsmodels.model import FsNet
 from fsmodels.stn import STN
 from preprocessing.decode import decode_image
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.files import file_sha256
 from preprocessing.ingest import pixel_sha256
 from preprocessing.phantom import write_phantom
 from preprocessing.roi import margin_box, train_detector
-from preprocessing.store import open_variant
-from search import export
-from search.cli import main as fsweep
-from search.predict import load_card, model_key, predict
+from preprocessing.variant import open_variant
+from fsweep import export
+from fsweep.cli import main as fsweep
+from fsweep.predict import load_card, model_key, predict
 
-from conftest import write_dicom
+from conftest import ROI_SETTINGS, write_dicom
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test needs the module's real sweep (about 100 s on 2 busy cores)
@@ -52,7 +52,7 @@ def sweep(tiny_dataset, tmp_path_factory) -> dict:
     from search.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("export")
-    train_detector(tiny_dataset, tmp / "roi", annotated=20, epochs=2, imgsz=64)
+    train_detector(tiny_dataset, tmp / "roi", **{**ROI_SETTINGS, "annotated": 20, "epochs": 2, "imgsz": 64})
     cfg = Config()
     cfg.data.dataset, cfg.data.store, cfg.data.size = str(tiny_dataset), str(tmp / "store"), SIZE
     cfg.roi.detector = str(tmp / "roi")
@@ -258,7 +258,7 @@ def test_grad_cam_png_has_the_crops_size_and_is_not_constant(model_dir, unseen, 
 
 def test_predict_imports_no_ray(model_dir, unseen):
     code = (
-        "import sys\nfrom search.cli import main\n"
+        "import sys\nfrom fsweep.cli import main\n"
         f"rc = main(['predict', {str(model_dir)!r}, {str(unseen['raw'] / 'scan.dcm')!r}])\n"
         "assert rc == 0, rc\nassert 'ray' not in sys.modules, 'ray imported'\n"
         "assert 'fsmodels' not in sys.modules and 'timm' not in sys.modules, 'training code imported'\n"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from preprocessing.decode import decode_image, dicom_laterality, to_uint8
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.ingest import COLUMNS, fingerprint, ingest, load_dataset, read_manifest
 from preprocessing.phantom import write_phantom
 
@@ -147,7 +147,7 @@ def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(path))  # what a chmod 000 file gives a non-root user
 
     monkeypatch.setattr("preprocessing.decode.is_dicom", denied)
-    with pytest.raises(FsweepError, match="unreadable file .Permission denied"):
+    with pytest.raises(FsweepError, match="unreadable file: Permission denied"):
         decode_image(tmp_path / "a.png")
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from fsmodels.backbones import create_backbone, list_backbones, resolve_backbone
 from fsmodels.model import FsNet, build_model
 from fsmodels.stn import STN
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 
 SMALL = "resnet10t"  # a tiny timm model for the fast tests
 SLOW = {"wide_resnet50", "res2net101", "vgg16", "vgg19"}  # several seconds each on 2 CPU cores

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.phantom import ABNORMAL_FRACTION, write_phantom
 
 SMALL = (74, 126)  # width x height for the tests that write their own phantom

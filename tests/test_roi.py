@@ -11,10 +11,12 @@ import pytest
 import ray
 
 from preprocessing.decode import decode_image
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.roi import RoiDetector, crop_box, margin_box, train_detector
-from preprocessing.store import VariantSpec, build_variant, preprocess_image
-from search.cli import main as fsweep
+from preprocessing.recipe import preprocess_image
+from conftest import ROI_SETTINGS, make_spec
+from preprocessing.store import build_variant
+from fsweep.cli import main as fsweep
 
 
 ANNOTATED = 24  # boxed train rows the test detector learns from
@@ -77,7 +79,7 @@ def test_nothing_found_keeps_the_full_frame_and_flags_it(roi_dir, tiny_dataset, 
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        variant = build_variant(dataset, tmp_path / "store", VariantSpec(he="global", size=32, roi_dir=str(roi_dir)))
+        variant = build_variant(dataset, tmp_path / "store", make_spec(he="global", size=32, roi_dir=str(roi_dir)))
     finally:
         if started:
             ray.shutdown()
@@ -105,13 +107,13 @@ def test_bad_inputs_are_one_line_errors(tiny_dataset, tmp_path):
     with pytest.raises(FsweepError, match="no best.pt"):
         RoiDetector(tmp_path)
     with pytest.raises(FsweepError, match="never downloads"):
-        train_detector(tiny_dataset, tmp_path / "out", epochs=1, model="yolo11n.pt")
+        train_detector(tiny_dataset, tmp_path / "out", **{**ROI_SETTINGS, "epochs": 1, "model": "yolo11n.pt"})
     unboxed = tmp_path / "unboxed"
     unboxed.mkdir()
     rows = pd.read_parquet(tiny_dataset / "dataset.parquet")
     rows.assign(x0=np.nan).to_parquet(unboxed / "dataset.parquet")
     with pytest.raises(FsweepError, match="boxed train and val rows"):
-        train_detector(unboxed, tmp_path / "out2", epochs=1)
+        train_detector(unboxed, tmp_path / "out2", **{**ROI_SETTINGS, "epochs": 1})
 
 
 def _with_a_blank_image(dataset, out):

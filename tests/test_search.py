@@ -20,12 +20,13 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 
-from fsmodels.config import Config, ConfigError
+from fsmodels.config import Config
+from preprocessing.vocab import ConfigError
 from search import space
 from search.report import _winner_lines, seed_summary
 from search.select import LEADERBOARD, WINNERS, leaderboard, pick_winners
 from search.sweep import SCRATCH_ROOT, absolute_paths, prepare_store, resume_sweep, run_sweep, scratch_root
-from search.tb import VAL_METRICS
+from fsmodels.metrics import SELECTABLE_METRICS
 
 from conftest import tiny_sweep_config
 
@@ -213,7 +214,7 @@ def test_tensorboard_has_hparams_scalars_and_images_for_every_trial(grid_sweep):
     root = hparams_records(experiment)["content"]
     exp = metadata.parse_experiment_plugin_data(root[metadata.EXPERIMENT_TAG])
     assert [h.name for h in exp.hparam_infos] == list(space.SPACE_KEYS)
-    assert {m.name.tag for m in exp.metric_infos} >= set(VAL_METRICS)
+    assert {m.name.tag for m in exp.metric_infos} >= set(SELECTABLE_METRICS)
     board = pd.read_csv(experiment / LEADERBOARD).set_index("trial_id")
     for trial_id, path in trial_dirs(experiment).items():
         records = hparams_records(path)
@@ -306,7 +307,7 @@ def test_resume_after_killed_driver_keeps_completed_trials_and_optuna_state(loca
     config_path.write_text(yaml.safe_dump(absolute_paths(cfg).to_dict()))
     experiment = tmp_path / "runs" / "killed"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "sweep", str(config_path), "--name", "killed",
+        [sys.executable, "-m", "fsweep.cli", "sweep", str(config_path), "--name", "killed",
          "--storage", str(tmp_path / "runs")],
         cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "RAY_ADDRESS": ""},

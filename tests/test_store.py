@@ -18,12 +18,14 @@ import torch
 
 from preprocessing.contrast import equalize, equalize_reference
 from preprocessing.decode import decode_image
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.loader import eval_set, train_set
-from preprocessing.store import (
-    SPLITS, VIEWS, VariantSpec, build_store, build_variant, open_variant, preprocess_image, variant_key,
-)
-from search.cli import main as fsweep
+from preprocessing.recipe import preprocess_image, variant_key, VariantSpec
+from conftest import make_spec
+from preprocessing.store import build_store, build_variant
+from preprocessing.variant import open_variant
+from preprocessing.vocab import SPLITS, VIEWS
+from fsweep.cli import main as fsweep
 
 SIZE = 48  # tiny arrays keep the builds to a couple of seconds
 
@@ -43,7 +45,7 @@ def local_ray():
 def built(tiny_dataset, tmp_path_factory):
     """A store with the off and global variants of the tiny data set."""
     store = tmp_path_factory.mktemp("store")
-    variants = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"))
+    variants = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"), aspect="pad", margin=0.05)
     return store, variants
 
 
@@ -87,26 +89,26 @@ def test_key_changes_with_every_parameter_and_only_then(tiny_dataset, tmp_path):
     for roi, payload in ((roi_a, b"weights A"), (roi_b, b"weights B")):
         roi.mkdir()
         (roi / "best.pt").write_bytes(payload)  # the key hashes the weights' bytes, without loading them
-    base = VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.05)
+    base = make_spec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.05)
     key = variant_key(tiny_dataset, base)
     assert variant_key(tiny_dataset, VariantSpec(**vars(base))) == key
     changed = [
-        VariantSpec(he="clahe", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.05),
-        VariantSpec(he="global", size=SIZE + 1, aspect="pad", roi_dir=str(roi_a), margin=0.05),
-        VariantSpec(he="global", size=SIZE, aspect="stretch", roi_dir=str(roi_a), margin=0.05),
-        VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_b), margin=0.05),
-        VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.1),
-        VariantSpec(he="global", size=SIZE, aspect="pad", roi_dir=None, margin=0.05),
+        make_spec(he="clahe", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.05),
+        make_spec(he="global", size=SIZE + 1, aspect="pad", roi_dir=str(roi_a), margin=0.05),
+        make_spec(he="global", size=SIZE, aspect="stretch", roi_dir=str(roi_a), margin=0.05),
+        make_spec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_b), margin=0.05),
+        make_spec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_a), margin=0.1),
+        make_spec(he="global", size=SIZE, aspect="pad", roi_dir=None, margin=0.05),
     ]
     keys = {variant_key(tiny_dataset, spec) for spec in changed}
     assert len(keys) == len(changed) and key not in keys
     # a copied detector (same bytes elsewhere) is the same detector
     roi_copy = tmp_path / "roi_copy"
     shutil.copytree(roi_a, roi_copy)
-    assert variant_key(tiny_dataset, VariantSpec(he="global", size=SIZE, roi_dir=str(roi_copy))) == key
+    assert variant_key(tiny_dataset, make_spec(he="global", size=SIZE, roi_dir=str(roi_copy))) == key
     # without a detector nothing is cropped, so the margin cannot change the arrays
-    no_roi = VariantSpec(he="global", size=SIZE)
-    wide = VariantSpec(he="global", size=SIZE, margin=0.2)
+    no_roi = make_spec(he="global", size=SIZE)
+    wide = make_spec(he="global", size=SIZE, margin=0.2)
     assert variant_key(tiny_dataset, no_roi) == variant_key(tiny_dataset, wide)
     # the data: one label flipped is another variant
     other = tmp_path / "dataset"
@@ -119,7 +121,7 @@ def test_key_changes_with_every_parameter_and_only_then(tiny_dataset, tmp_path):
 
 def test_bad_spec_is_a_one_line_error(tiny_dataset):
     with pytest.raises(FsweepError, match="aspect='crop'"):
-        variant_key(tiny_dataset, VariantSpec(aspect="crop"))
+        variant_key(tiny_dataset, make_spec(aspect="crop"))
 
 
 # --- building ------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_build_writes_the_layout_and_the_recipe(built, tiny_dataset):
 
 def test_second_build_does_no_preprocessing(built, tiny_dataset, capsys):
     store, first = built
-    again = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"))
+    again = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"), aspect="pad", margin=0.05)
     assert [v.key for v in again] == [v.key for v in first]
     assert [v.preprocessed for v in again] == [0, 0]
     assert capsys.readouterr().out.count("up to date: no work") == 2
@@ -160,13 +162,13 @@ def test_second_build_does_no_preprocessing(built, tiny_dataset, capsys):
 
 
 def test_a_mode_given_twice_is_built_once(tiny_dataset, tmp_path):
-    first, second = build_store(tiny_dataset, tmp_path, roi="none", size=SIZE, he_modes=("off", "off"))
+    first, second = build_store(tiny_dataset, tmp_path, roi="none", size=SIZE, he_modes=("off", "off"), aspect="pad", margin=0.05)
     assert first.key == second.key and first.preprocessed == len(first.index)
     assert not list(first.path.glob(".*.tmp"))
 
 
 def test_corrupted_array_is_refused_then_rebuilt(tiny_dataset, tmp_path):
-    spec = VariantSpec(he="off", size=SIZE)
+    spec = make_spec(he="off", size=SIZE)
     variant = build_variant(tiny_dataset, tmp_path, spec)
     clean = np.array(variant.images("train", "left"))
     target = variant.path / "train_left.npy"
@@ -186,11 +188,11 @@ def test_corrupted_array_is_refused_then_rebuilt(tiny_dataset, tmp_path):
 
 
 def test_interrupted_build_is_refused_then_completed(tiny_dataset, tmp_path):
-    spec = VariantSpec(he="clahe", size=256)  # larger arrays: the build lasts long enough to be killed
+    spec = make_spec(he="clahe", size=256, aspect="stretch")  # larger arrays: the build lasts long enough to be killed
     key = variant_key(tiny_dataset, spec)
     script = (
-        "import sys; from preprocessing.store import VariantSpec, build_variant; "
-        "build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=256))"
+        "import sys; from preprocessing.recipe import VariantSpec; from preprocessing.store import build_variant; "
+        "build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=256, aspect='stretch', roi_dir=None, margin=0.05))"
     )
     # the child joins this module's Ray, so killing it leaves no Ray cluster behind
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -213,10 +215,10 @@ def test_interrupted_build_is_refused_then_completed(tiny_dataset, tmp_path):
 
 
 def test_racing_builders_leave_one_verified_variant(tiny_dataset, tmp_path):
-    spec = VariantSpec(he="clahe", size=SIZE, aspect="stretch")
+    spec = make_spec(he="clahe", size=SIZE, aspect="stretch")
     script = (
-        "import sys; from preprocessing.store import VariantSpec, build_variant; "
-        "build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=int(sys.argv[3]), aspect='stretch'))"
+        "import sys; from preprocessing.recipe import VariantSpec; from preprocessing.store import build_variant; "
+        "build_variant(sys.argv[1], sys.argv[2], VariantSpec(he='clahe', size=int(sys.argv[3]), aspect='stretch', roi_dir=None, margin=0.05))"
     )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     builders = [subprocess.Popen([sys.executable, "-c", script, str(tiny_dataset), str(tmp_path), str(SIZE)], env=env,
@@ -238,7 +240,7 @@ def test_an_image_gone_since_ingest_is_a_one_line_error(tiny_dataset, tmp_path):
     rows.loc[0, "image"] = str(tmp_path / "gone.png")
     rows.to_parquet(dataset / "dataset.parquet")
     with pytest.raises(FsweepError, match="gone.png: file not found") as error:
-        build_variant(dataset, tmp_path / "store", VariantSpec(he="off", size=SIZE))
+        build_variant(dataset, tmp_path / "store", make_spec(he="off", size=SIZE))
     assert "\n" not in str(error.value)  # the task's reason, not the Ray worker's traceback
     assert not list((tmp_path / "store").glob("*/.*.tmp"))
 
@@ -246,7 +248,7 @@ def test_an_image_gone_since_ingest_is_a_one_line_error(tiny_dataset, tmp_path):
 def test_uri_store_is_uploaded_manifest_last_and_read_from_a_node_cache(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("FSWEEP_CACHE", str(tmp_path / "node_cache"))
     uri = f"file://{tmp_path / 'bucket'}"  # the pyarrow code path of s3:// and gs://
-    spec = VariantSpec(he="global", size=SIZE)
+    spec = make_spec(he="global", size=SIZE)
     built = build_variant(tiny_dataset, uri, spec)
     remote = tmp_path / "bucket" / built.key
     assert sorted(p.name for p in remote.iterdir()) == sorted(p.name for p in built.path.iterdir())

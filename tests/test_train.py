@@ -15,10 +15,11 @@ from fsmodels.config import load_config
 from fsmodels.metrics import auc_score, json_safe
 from fsmodels.stn import STN_FIGURE, STN_STATS, ensure_frozen_stn, load_frozen_stn, pretrain_stn_cli
 from fsmodels.train import evaluate_checkpoint, load_trial_model, run_trial
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
 from preprocessing.loader import eval_set
-from preprocessing.store import VariantSpec, build_variant
-from search.cli import main as fsweep
+from conftest import make_spec
+from preprocessing.store import build_variant
+from fsweep.cli import main as fsweep
 
 SIZE = 64  # tiny images: the whole file runs in about a minute on 2 cores
 EPOCH_KEYS = {
@@ -31,7 +32,7 @@ EPOCH_KEYS = {
 def tiny_variant(tiny_dataset, tmp_path_factory):
     """The real store variant (he=global, 64 px, full frame) of the tiny phantom."""
     store = tmp_path_factory.mktemp("store")
-    return build_variant(tiny_dataset, store, VariantSpec(he="global", size=SIZE))
+    return build_variant(tiny_dataset, store, make_spec(he="global", size=SIZE))
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +167,7 @@ def test_frozen_stn_trains_once_under_concurrency_and_stays_frozen(tiny_variant,
 
     monkeypatch.setattr(stn_module, "pretrain_stn", counted)
     paths = []
-    workers = [threading.Thread(target=lambda: paths.append(ensure_frozen_stn(tiny_variant, epochs=10))) for _ in range(2)]
+    workers = [threading.Thread(target=lambda: paths.append(ensure_frozen_stn(tiny_variant, epochs=10, seed=0))) for _ in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -176,7 +177,7 @@ def test_frozen_stn_trains_once_under_concurrency_and_stays_frozen(tiny_variant,
     stats = json.loads((stn_dir / STN_STATS).read_text())
     assert stats["train_accuracy"] >= 0.9  # the phantom's left view is the mirrored right one: learnable
     assert (stn_dir / STN_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pretrain_stn_cli(tiny_variant.path.parent, variant=tiny_variant.key, epochs=10)
+    pretrain_stn_cli(tiny_variant.path.parent, variant=tiny_variant.key, epochs=10, seed=0)
     assert "STN view-task loss=" in capsys.readouterr().out and len(calls) == 1  # reused, not retrained
 
     cfg = load_config(trial_yaml, ["space.stn=frozen", "space.epochs=1"])
@@ -202,7 +203,7 @@ def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_mis
     from fsmodels.params import resolve_variant
 
     store = f"file://{tmp_path / 'uri_store'}"
-    built = build_variant(tiny_dataset, store, VariantSpec(he="off", size=32, aspect="pad", roi_dir=None))
+    built = build_variant(tiny_dataset, store, make_spec(he="off", size=32, aspect="pad", roi_dir=None))
     cfg = load_config(None, [f"data.dataset={tiny_dataset}", f"data.store={store}", "data.size=32"])
     assert resolve_variant(cfg, "off").key == built.key
     with pytest.raises(FsweepError, match="fsweep store build"):

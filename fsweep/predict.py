@@ -6,7 +6,7 @@ recursively) or manifests (CSV/Parquet with an ``image`` column and, optionally,
 manifest row, else the DICOM ImageLaterality / Laterality tag, else ``--view``;
 with none, predict stops instead of guessing. Each image goes through exactly the
 training recipe written in the model card: ``preprocessing.decode.decode_image``,
-then ``preprocessing.store.preprocess_decoded`` with the exported ROI detector,
+then ``preprocessing.recipe.preprocess_decoded`` with the exported ROI detector,
 margin, HE mode, size and aspect; the network (STN included) runs in ONNX Runtime.
 
 Before anything is loaded, every file of MODEL_DIR is checked against the card's
@@ -21,15 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
+from fsweep.modelcard import CARD, CARD_FORMAT
 from preprocessing.files import file_sha256
+from preprocessing.vocab import LABEL_NAMES, parse_view
 
-CARD = "model_card.json"  # same name as search.export.CARD (not imported: export pulls in torch)
-CARD_FORMAT = "fsweep-model-1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
 BATCH = 16  # images per ONNX Runtime call
-VIEW_NAMES = {"left": "left", "l": "left", "right": "right", "r": "right"}
 COLUMNS = ["image", "view", "model", "probability", "label", "prediction", "threshold",
            "x0", "y0", "x1", "y1", "fallback"]  # predictions table, in this order (+ cam with --cam)
 
@@ -162,7 +161,7 @@ def manifest_items(path: Path) -> list[Item]:
 
 def normalise_view(value: str, where: str) -> str:
     """left / right from left, right, L, R (any case)."""
-    view = VIEW_NAMES.get(str(value).strip().lower())
+    view = parse_view(value)
     if view is None:
         raise FsweepError(f"{where}: unknown view {value!r} (use left or right)")
     return view
@@ -185,7 +184,7 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
                  cam_names: set[str]) -> list[dict]:
     """Preprocess ``items`` with model ``key``'s recipe and score them in ONNX Runtime batches."""
     from preprocessing.decode import decode_image
-    from preprocessing.store import VariantSpec, preprocess_decoded
+    from preprocessing.recipe import VariantSpec, preprocess_decoded
 
     entry = card["models"][key]
     recipe = entry["preprocessing"]
@@ -209,7 +208,7 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
         for row, logit in zip(found, session.run(None, {"image": x})[0]):
             probability = float(1.0 / (1.0 + np.exp(-float(logit))))
             row.update(probability=probability, label=int(probability >= threshold),
-                       prediction="abnormal" if probability >= threshold else "normal", threshold=threshold)
+                       prediction=LABEL_NAMES[int(probability >= threshold)], threshold=threshold)
         rows += found
     return rows
 
@@ -229,7 +228,7 @@ def cam_writer(model_dir: Path, entry: dict, cam_dir: Path, margin: float, taken
     """
     import cv2
 
-    from fsmodels.cam import grad_cam, heat_to_crop, model_from_weights, overlay
+    from fsweep.cam import grad_cam, heat_to_crop, model_from_weights, overlay
     from preprocessing.roi import crop_box
 
     model = model_from_weights(model_dir / entry["files"]["weights"], entry["backbone"], entry["preprocessing"]["stn"])

@@ -28,19 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cluster.errors import FsweepError
 from fsmodels.checkpoint import plain
-from fsmodels.config import is_off
 from fsmodels.metrics import json_safe
-from preprocessing.errors import FsweepError
+from fsweep.modelcard import (
+    CARD,
+    CARD_FORMAT,
+    ONNX_FILE,
+    ROI_DIR,
+    ROI_FILES,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+)
 from preprocessing.files import file_sha256
+from preprocessing.vocab import VIEWS, is_off
 
-CARD = "model_card.json"  # the model card, read first by predict
-CARD_FORMAT = "fsweep-model-1"  # bump when the layout or the card's keys change
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-WEIGHTS_FILE = "weights.safetensors"
-ROI_DIR = "roi"  # the detector's directory inside MODEL_DIR
-ROI_FILES = ("best.pt", "metrics.json")  # what RoiDetector reads
 ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
 PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
 PARITY_IMAGES = 8  # real validation images per view in the parity batch (plus PARITY_RANDOM random ones)
@@ -151,7 +153,8 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
     """Write one view's weights, TorchScript and ONNX; check parity; return its card entry."""
     from fsmodels.checkpoint import load_state
     from fsmodels.train import trial_params
-    from preprocessing.store import CODE_VERSION, open_variant
+    from preprocessing.recipe import CODE_VERSION
+    from preprocessing.variant import open_variant
 
     params = trial_params(cfg)
     state = load_state(checkpoint)
@@ -173,12 +176,12 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "store_variant": variant.key,
         "best_epoch": winner.get("best_epoch"),
         "selected_by": winner.get("selected_by"),
-        "views": ["left", "right"] if view == "both" else [view],
+        "views": list(VIEWS) if view == "both" else [view],
         "backbone": params.backbone,
         "space": {k: getattr(params, k) for k in params.__dataclass_fields__},
         "preprocessing": {
             "decoder": "preprocessing.decode.decode_image",
-            "recipe": "preprocessing.store.preprocess_decoded",
+            "recipe": "preprocessing.recipe.preprocess_decoded",
             "store_code_version": CODE_VERSION,
             "roi": detector,
             "margin": variant.spec.margin,
@@ -206,7 +209,7 @@ def validation_metrics(checkpoint: Path) -> dict:
 
 def parity_inputs(variant, view: str, size: int) -> torch.Tensor:
     """Real validation images of ``view`` (both views for a two-view model) plus random ones, in [0, 1]."""
-    views = ("left", "right") if view == "both" else (view,)
+    views = VIEWS if view == "both" else (view,)
     real = [np.asarray(variant.images("val", v)[:PARITY_IMAGES]) for v in views]
     images = torch.from_numpy(np.concatenate(real)).float().div(255.0).unsqueeze(1)
     noise = torch.rand(PARITY_RANDOM, 1, size, size, generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from preprocessing.errors import FsweepError
+from cluster.errors import FsweepError
+from preprocessing.vocab import VIEWS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -51,36 +52,95 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
           f"{result.dataset / 'rejected.csv'}, {result.dataset / 'summary.json'}")
 
 
+def _cmd_manifest(args: argparse.Namespace) -> None:
+    from preprocessing.dicom_manifest import write_manifest
+
+    summary = write_manifest(args.dicom_dir, args.labels, args.out)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(summary["unplaced_by_reason"].items()))
+    print(f"wrote {summary['manifest']}: {summary['placed']} of {summary['files']} files placed "
+          f"({summary['patients']} patients, {summary['views']['left']} left, {summary['views']['right']} right)")
+    if summary["unplaced"]:
+        print(f"{summary['unplaced']} files not placed ({reasons}): see {summary['unplaced_csv']}")
+
+
+# --- config shortcuts -------------------------------------------------------------------
+
+def _add_config(p: argparse.ArgumentParser, shortcuts: tuple = (), config_required: bool = False) -> None:
+    """CONFIG (or --config), ``--set KEY=VALUE`` and flags that are shortcuts for --set, without defaults."""
+    if config_required:
+        p.add_argument("config", help="config YAML (defaults <- this file <- flags <- --set)")
+    else:
+        p.add_argument("--config", default=None, help="config YAML (defaults <- this file <- flags <- --set)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. data.size=64")
+    for flag, key, kind, text in shortcuts:
+        if kind is bool:
+            p.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=f"{text} (= --set {key}=true)")
+        else:
+            p.add_argument(flag, dest=key, default=None, type=kind, metavar=flag.lstrip("-").upper(),
+                           help=f"{text} (= --set {key})")
+    p.set_defaults(shortcut_keys=[key for _, key, _, _ in shortcuts])
+
+
+def _config(args: argparse.Namespace, **positional):
+    """The command's config: defaults <- --config YAML <- its flags and positionals <- --set."""
+    from fsmodels.config import load_config
+
+    shortcuts = {key: getattr(args, key) for key in args.shortcut_keys}
+    return load_config(args.config, args.set, shortcuts={**shortcuts, **positional})
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+ROI_SHORTCUTS = (
+    ("--annotated", "roi.annotated", int, "boxed train images to use (paper: 100)"),
+    ("--epochs", "roi.epochs", int, "training epochs"),
+    ("--imgsz", "roi.imgsz", int, "YOLO input size"),
+    ("--model", "roi.model", str, "model yaml (built from scratch) or a local .pt"),
+    ("--batch", "roi.batch", int, "images per batch (one optimizer step each)"),
+)
+STORE_SHORTCUTS = (
+    ("--roi", "roi.detector", str, "ROI_DIR from `fsweep roi train`, or none"),
+    ("--size", "data.size", int, "square output size"),
+    ("--he", "space.he", _comma_list, "comma-separated HE modes to build (off, global, clahe)"),
+    ("--margin", "roi.margin", float, "crop margin, fraction of the box"),
+    ("--aspect", "data.aspect", str, "how a crop becomes square: stretch (the paper) or pad"),
+)
+STN_SHORTCUTS = (
+    ("--epochs", "train.stn_epochs", int, "pretraining epochs"),
+    ("--seed", "space.seed", int, "random seed"),
+)
+
+
 # --- store commands (preprocessing.roi, preprocessing.store) ---------------------------
 
 def _cmd_roi_train(args: argparse.Namespace) -> None:
     from preprocessing.roi import train_detector
 
-    metrics = train_detector(
-        args.dataset, args.out, annotated=args.annotated, epochs=args.epochs, imgsz=args.imgsz, model=args.model,
-        batch=args.batch,
-    )
+    roi = _config(args).roi
+    metrics = train_detector(args.dataset, args.out, annotated=roi.annotated, epochs=roi.epochs, imgsz=roi.imgsz,
+                             model=roi.model, batch=roi.batch)
     print(f"mAP50={metrics['map50']:.3f} (paper: 0.97); detector in {Path(args.out) / 'best.pt'}")
 
 
 def _cmd_store_build(args: argparse.Namespace) -> None:
+    from fsmodels.config import entry_values
     from preprocessing.store import build_store
 
+    cfg = _config(args, **{"data.dataset": args.dataset, "data.store": args.store})
     build_store(
-        args.dataset, args.store, roi=args.roi, size=args.size, he_modes=args.he.split(","),
-        margin=args.margin, aspect=args.aspect, address=args.address,
+        cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size,
+        he_modes=entry_values("he", cfg.space.he), margin=cfg.roi.margin, aspect=cfg.data.aspect, address=args.address,
     )
 
 
 # --- model commands (fsmodels) ----------------------------------------------------------
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from fsmodels.config import load_config
     from fsmodels.train import run_trial
 
-    cfg = load_config(args.config, args.set)
-    if args.test:
-        cfg.train.test = True
+    cfg = _config(args)
     result = run_trial(cfg, args.out)
     val = result["val"]
     print(f"best epoch {result['best_epoch']}: val auc={val['auc']:.3f} accuracy={val['accuracy']:.3f} "
@@ -95,16 +155,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_stn_train(args: argparse.Namespace) -> None:
     from fsmodels.stn import pretrain_stn_cli
 
-    pretrain_stn_cli(args.store, variant=args.variant, epochs=args.epochs, seed=args.seed, force=args.force)
+    cfg = _config(args)
+    if isinstance(cfg.space.seed, (list, dict)):
+        raise FsweepError(f"space.seed: the STN is pretrained with one seed, got {cfg.space.seed!r}")
+    pretrain_stn_cli(args.store, variant=args.variant, epochs=cfg.train.stn_epochs, seed=cfg.space.seed,
+                     force=args.force)
 
 
 # --- search commands (search.sweep, search.report) --------------------------------------
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from fsmodels.config import load_config
     from search.sweep import run_sweep
 
-    cfg = load_config(args.config, args.set)
+    cfg = _config(args)
     name = args.name or f"{Path(args.config).stem}_{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = run_sweep(cfg, address=args.address, name=name, storage=args.storage)
     print(f"experiment: {experiment}")
@@ -126,14 +189,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from search.export import export_experiment
+    from fsweep.export import export_experiment
 
     path = export_experiment(args.experiment, args.out)
     print(f"model: {path} (run it with `fsweep predict {path} INPUT...`)")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from search.predict import predict
+    from fsweep.predict import predict
 
     table = predict(args.model_dir, args.inputs, out=args.out, cam_dir=args.cam, view=args.view)
     if args.out is None:
@@ -144,9 +207,11 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from search.demo import run_demo
+    from fsweep.demo import DEMO_CONFIG, demo_paths, run_demo
 
-    run_demo(args.out)
+    args.config = args.config or DEMO_CONFIG
+    out = Path(args.out).resolve()
+    run_demo(out, _config(args, **demo_paths(out)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,30 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--salt", default=None, help="salt of the patient-id hash (default: kept in DATASET/.salt)")
     p.set_defaults(func=_cmd_ingest)
 
+    p = sub.add_parser("manifest", help="a manifest from a folder of DICOM files and a labels table")
+    p.add_argument("dicom_dir", metavar="DIR", help="folder of DICOM files (searched recursively)")
+    p.add_argument("--labels", required=True, metavar="CSV", help="labels table: patient_id, view, label")
+    p.add_argument("--out", required=True, metavar="MANIFEST", help="manifest CSV to write (+ <stem>_unplaced.csv)")
+    p.set_defaults(func=_cmd_manifest)
+
     p = sub.add_parser("roi", help="the YOLO ROI detector")
     roi_sub = p.add_subparsers(dest="roi_command", metavar="ROI_COMMAND")
     roi_sub.required = True
     p = roi_sub.add_parser("train", help="train the ROI detector on boxed rows; prints mAP50")
     p.add_argument("dataset", help="DATASET directory from `fsweep ingest`")
     p.add_argument("--out", required=True, help="ROI_DIR to write (best.pt, metrics.json)")
-    p.add_argument("--annotated", type=int, default=100, help="boxed train images to use (paper: 100)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs")
-    p.add_argument("--imgsz", type=int, default=320, help="YOLO input size")
-    p.add_argument("--model", default="yolo11n.yaml", help="model yaml (built from scratch) or a local .pt")
-    p.add_argument("--batch", type=int, default=4, help="images per batch (one optimizer step each)")
+    _add_config(p, ROI_SHORTCUTS)
     p.set_defaults(func=_cmd_roi_train)
 
     p = sub.add_parser("store", help="the preprocessing store")
     store_sub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
     store_sub.required = True
-    p = store_sub.add_parser("build", help="ROI crop + HE + resize once per image and variant")
-    p.add_argument("dataset", help="DATASET directory from `fsweep ingest`")
-    p.add_argument("--store", required=True, help="STORE path (local or shared file system)")
-    p.add_argument("--roi", default="none", help="ROI_DIR from `fsweep roi train`, or none")
-    p.add_argument("--size", type=int, default=512, help="square output size")
-    p.add_argument("--he", default="off,global,clahe", help="comma-separated HE modes to build")
-    p.add_argument("--margin", type=float, default=0.05, help="crop margin, fraction of the box")
-    p.add_argument("--aspect", default="pad", choices=("pad", "stretch"), help="how a crop becomes square")
+    p = store_sub.add_parser("build", help="ROI crop + HE + resize once per image and variant (one per space.he value)")
+    p.add_argument("dataset", help="DATASET directory from `fsweep ingest` (= --set data.dataset)")
+    p.add_argument("--store", required=True, help="STORE path or URI (= --set data.store)")
+    _add_config(p, STORE_SHORTCUTS)
     p.add_argument("--address", default=None, help="Ray address: auto or ray://HOST:PORT (default: a local Ray)")
     p.set_defaults(func=_cmd_store_build)
 
@@ -208,24 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = stn_sub.add_parser("train", help="pretrain the STN on left-vs-right view; saved in the store")
     p.add_argument("store", help="STORE path")
     p.add_argument("--variant", default=None, help="variant key (default: every variant in the store)")
-    p.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_config(p, STN_SHORTCUTS)
     p.add_argument("--force", action="store_true", help="retrain even when a frozen STN exists")
     p.set_defaults(func=_cmd_stn_train)
 
     p = sub.add_parser("train", help="one trial, no Ray")
-    p.add_argument("config", help="config YAML (one value per space key)")
     p.add_argument("--out", required=True, help="trial directory (config.yaml, metrics.json, checkpoints)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--test", action="store_true", help="score the best epoch on the test split")
+    _add_config(p, (("--test", "train.test", bool, "score the best epoch on the test split"),), config_required=True)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sweep", help="run a Ray Tune sweep")
-    p.add_argument("config", help="sweep config YAML")
+    _add_config(p, config_required=True)
     p.add_argument("--address", default=None, help="Ray address: auto or ray://HOST:PORT (default: local)")
     p.add_argument("--name", default=None, help="experiment name (default: config file stem + time)")
     p.add_argument("--storage", default=None, help="experiment storage path or URI (default: ./runs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("resume", help="finish an interrupted sweep")
@@ -247,12 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, or a manifest CSV/Parquet")
     p.add_argument("--out", default=None, help="predictions CSV (default: print to stdout)")
     p.add_argument("--cam", default=None, metavar="DIR", help="write a Grad-CAM PNG over each ROI crop here")
-    p.add_argument("--view", default=None, choices=("left", "right"),
+    p.add_argument("--view", default=None, choices=VIEWS,
                    help="view of images whose manifest row or DICOM header does not give one")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="everything on the phantom, CPU-sized")
     p.add_argument("--out", default="demo_out", help="output directory")
+    _add_config(p)  # --config defaults to configs/demo.yaml
     p.set_defaults(func=_cmd_demo)
 
     return parser

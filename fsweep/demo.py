@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fsmodels.config import Config
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -18,17 +20,21 @@ def _step(title: str) -> float:
     return time.monotonic()
 
 
-def run_demo(out: str | Path, patients: int = 100, difficulty: float = 0.8) -> Path:
-    """Run every stage on a fresh phantom under ``out``; returns the experiment directory."""
-    from fsmodels.config import load_config
+def demo_paths(out: Path) -> dict[str, str]:
+    """The config keys the demo fills in: its dataset, store and detector live under ``out``."""
+    return {"data.dataset": str(out / "dataset"), "data.store": str(out / "store"), "roi.detector": str(out / "roi")}
+
+
+def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: float = 0.8) -> Path:
+    """Run every stage on a fresh phantom under ``out`` with ``cfg`` (configs/demo.yaml); returns the experiment."""
+    from fsweep.export import export_experiment
+    from fsweep.predict import predict
     from preprocessing.ingest import ingest
     from preprocessing.phantom import write_phantom
     from preprocessing.roi import train_detector
     from preprocessing.store import build_store
-    from search.export import export_experiment
-    from search.predict import predict
     from search.report import write_report
-    from search.sweep import run_sweep
+    from search.sweep import run_sweep, sweep_he_modes
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -41,16 +47,16 @@ def run_demo(out: str | Path, patients: int = 100, difficulty: float = 0.8) -> P
     _step(f"fsweep ingest {out / 'phantom' / 'manifest.csv'} --out {out / 'dataset'}")
     ingest(out / "phantom" / "manifest.csv", out / "dataset", seed=0)
 
-    _step(f"fsweep roi train {out / 'dataset'} --out {out / 'roi'} --epochs 15 --imgsz 160")
-    metrics = train_detector(out / "dataset", out / "roi", epochs=15, imgsz=160)
+    roi = cfg.roi
+    _step(f"fsweep roi train {out / 'dataset'} --out {out / 'roi'} --config {DEMO_CONFIG.name}")
+    metrics = train_detector(out / "dataset", out / "roi", annotated=roi.annotated, epochs=roi.epochs,
+                             imgsz=roi.imgsz, model=roi.model, batch=roi.batch)
     print(f"ROI detector mAP50={metrics['map50']:.3f} (paper: 0.97)")
 
-    cfg = load_config(
-        DEMO_CONFIG,
-        [f"data.dataset={out / 'dataset'}", f"data.store={out / 'store'}", f"roi.detector={out / 'roi'}"],
-    )
-    _step(f"fsweep store build {out / 'dataset'} --store {out / 'store'} --roi {out / 'roi'} --size {cfg.data.size}")
-    build_store(out / "dataset", out / "store", roi=str(out / "roi"), size=cfg.data.size, he_modes=("off", "global"))
+    modes = sweep_he_modes(cfg)
+    _step(f"fsweep store build {out / 'dataset'} --store {out / 'store'} --config {DEMO_CONFIG.name} --roi {out / 'roi'}")
+    build_store(out / "dataset", out / "store", roi=str(out / "roi"), size=cfg.data.size, he_modes=modes,
+                margin=roi.margin, aspect=cfg.data.aspect)
 
     _step(f"fsweep sweep {DEMO_CONFIG} --storage {out / 'runs'} --name demo")
     experiment = run_sweep(cfg, address=None, name="demo", storage=str(out / "runs"))
