@@ -14,8 +14,7 @@ import numpy as np
 import ray
 from ray import tune
 
-from fsmodels.config import Config, config_from_dict, save_config
-from search import space
+from fsmodels.config import SPACE_KEYS, Config, config_from_dict, save_config
 
 SAMPLE_COUNT = 4  # sample images per preprocessing stage in TensorBoard
 
@@ -23,7 +22,7 @@ SAMPLE_COUNT = 4  # sample images per preprocessing stage in TensorBoard
 def trial_config(base: dict, params: dict) -> Config:
     """The one-trial Config: the sweep's sections with this trial's space values."""
     raw = {section: dict(values) for section, values in base.items()}
-    raw["space"] = {key: params[key] for key in space.SPACE_KEYS}
+    raw["space"] = {key: params[key] for key in SPACE_KEYS}
     cfg = config_from_dict(raw)
     cfg.train.test = False  # selection is on validation; only the winner is ever scored on test
     return cfg
@@ -41,13 +40,13 @@ def _sample_stages(cfg: Config, variants: dict[str, str]) -> dict[str, list]:
     from preprocessing.variant import open_variant
 
     view = "right" if cfg.space.view == "both" else cfg.space.view
-    he = space.normalise_value("he", cfg.space.he)
+    he = cfg.space.he
     stages = {}
     for stage, mode in (("roi_crop", "off"), ("after_he", he)):
         variant = open_variant(cfg.data.store, variants[mode])
         stages[stage] = list(variant.images("val", view)[:SAMPLE_COUNT])
     weights = Path(open_variant(cfg.data.store, variants[he]).path) / "stn" / STN_WEIGHTS
-    if space.normalise_value("stn", cfg.space.stn) == "frozen" and weights.is_file() and stages["after_he"]:
+    if cfg.space.stn == "frozen" and weights.is_file() and stages["after_he"]:
         batch = torch.from_numpy(np.stack(stages["after_he"])).unsqueeze(1).float() / 255.0
         with torch.no_grad():
             stages["after_stn"] = list(load_frozen_stn(weights)(batch).squeeze(1).clamp(0, 1).numpy())
