@@ -38,7 +38,7 @@ class DataConfig:
     dataset: str = ""  # DATASET directory written by `fsweep ingest`
     store: str = ""  # STORE path (or s3:// / gs:// URI) of the preprocessing cache
     size: int = 512  # square input size in pixels (paper: 512)
-    aspect: str = "pad"  # how the ROI crop becomes square: pad (keep aspect) or stretch
+    aspect: str = "stretch"  # how the ROI crop becomes square: stretch (plain resize, the paper) or pad
 
 
 @dataclass
@@ -76,7 +76,7 @@ class SearchConfig:
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     reduction_factor: int = 3  # ASHA: keep 1/reduction_factor per rung
     max_t: int = 0  # ASHA: max epochs (0 = the largest `space.epochs`)
-    max_concurrent: int = 0  # concurrent trials (0 = as many as resources allow)
+    max_concurrent: int = 0  # trials in flight (0: no limit for grid/random, 8 for optuna; search.space.concurrency)
     max_failures: int = 2  # retries of a trial after a node or process failure
     seed: int = 0  # seed of the search algorithm itself (random sampling, Optuna's TPE)
 

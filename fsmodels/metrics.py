@@ -2,8 +2,10 @@
 
 Undefined values are ``float('nan')``, never a made-up number: AUC and the
 Youden threshold need both classes, sensitivity needs positives, specificity
-needs negatives, F1 needs a positive label or prediction. AUC is the
-Mann-Whitney statistic with mid-ranks, so tied scores count one half.
+needs negatives, F1 needs a positive label or prediction. A non-finite score
+(a diverged model) makes every metric nan: a NaN is neither ranked nor counted
+as "normal". AUC is the Mann-Whitney statistic with mid-ranks, so tied scores
+count one half.
 """
 from __future__ import annotations
 
@@ -30,12 +32,17 @@ def _arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     return y, s
 
 
+def all_finite(scores) -> bool:
+    """False when any score is nan or infinite: the model that gave them diverged."""
+    return bool(np.all(np.isfinite(np.asarray(scores, dtype=np.float64))))
+
+
 def auc_score(y_true, scores) -> float:
-    """ROC AUC via mid-ranks (ties = 1/2); nan when only one class is present."""
+    """ROC AUC via mid-ranks (ties = 1/2); nan when only one class is present or a score is not finite."""
     y, s = _arrays(y_true, scores)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not all_finite(s):
         return NAN
     order = np.argsort(s, kind="mergesort")
     sorted_s = s[order]
@@ -101,7 +108,10 @@ def rates(tp: int, fp: int, tn: int, fn: int) -> dict:
 
 
 def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
-    """auc, accuracy, f1, sensitivity, specificity, youden_threshold, tp, fp, tn, fn."""
+    """auc, accuracy, f1, sensitivity, specificity, youden_threshold, tp, fp, tn, fn (all nan if a score is not)."""
+    if not all_finite(scores):
+        _arrays(y_true, scores)
+        return dict.fromkeys(("auc", *rates(0, 0, 0, 0), "youden_threshold", "tp", "fp", "tn", "fn"), NAN)
     counts = confusion(y_true, scores, threshold)
     return dict(
         auc=auc_score(y_true, scores),
@@ -118,6 +128,8 @@ def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float 
     that metric's interval; an interval with no defined resample is [nan, nan].
     """
     y, s = _arrays(y_true, scores)
+    if not all_finite(s):
+        return {f"{name}_ci": [NAN, NAN] for name in CI_METRICS}
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, y.size, size=(n, y.size)) if y.size else np.zeros((n, 0), dtype=np.int64)
     values = {name: np.empty(n) for name in CI_METRICS}

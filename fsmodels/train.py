@@ -43,6 +43,7 @@ from fsmodels.engine import (
 )
 from fsmodels.metrics import (
     SELECTABLE_METRICS,
+    all_finite,
     SPLIT_METRICS,
     binary_metrics,
     bootstrap_ci,
@@ -100,23 +101,31 @@ def split_metrics(labels: np.ndarray, scores: np.ndarray, loss: float) -> dict:
     return {**binary_metrics(labels, scores), "loss": loss}
 
 
-def epoch_report(epoch: int, train_loss: float, val: dict, best_epoch: int, best_value: float, metric: str) -> dict:
-    """The dict ``on_epoch`` receives; Ray Tune reports it as is, so its keys are the sweep's result columns."""
+def epoch_report(epoch: int, train_loss: float, val: dict, run: TrainingState, metric: str, diverged: bool) -> dict:
+    """The dict ``on_epoch`` receives; Ray Tune reports it as is, so its keys are the sweep's result columns.
+
+    ``val_*`` are this epoch's validation metrics (the per-epoch curves); ``best_val_*`` are the
+    best epoch's, the values selection, the leaderboard and TensorBoard's HParams show.
+    """
     report = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
     for key in ("auc", "accuracy", "f1", "sensitivity", "specificity", "youden_threshold"):
         report[f"val_{key}"] = val[key]
-    report["best_epoch"] = best_epoch
-    report[f"best_{metric}"] = best_value
+    best = next((h for h in run.history if h["epoch"] == run.best_epoch), {})
+    for name in SELECTABLE_METRICS:
+        report[f"best_{name}"] = best.get(name, math.nan)
+    report["best_epoch"] = run.best_epoch
+    report["diverged"] = diverged
     return report
 
 
 def _is_new_best(val: dict, metric: str, mode: str, run: TrainingState) -> bool:
     """Better ``metric`` than the best so far; on a tie the lower validation loss wins (AUC saturates early)."""
+    value = val[metric[len("val_"):]]
+    if math.isnan(value):  # a diverged epoch (or one undefined metric) is never the best
+        return False
     if run.best_value is None:
         return True
-    value, best = val[metric[len("val_"):]], run.best_value
-    if math.isnan(value):
-        return False
+    best = run.best_value
     if math.isnan(best) or (value > best if mode == "max" else value < best):
         return True
     best_loss = next(h["val_loss"] for h in run.history if h["epoch"] == run.best_epoch)
@@ -212,7 +221,8 @@ def run_trial(
         train_loss = train_epoch(model, loader, criterion, optimizer, scaler, rt)
         scheduler.step()
         val_labels, val_scores, val_loss = predict(model, val_loader, criterion, rt)
-        val = split_metrics(val_labels, val_scores, val_loss)
+        diverged = not (math.isfinite(train_loss) and all_finite(val_scores))
+        val = split_metrics(val_labels, val_scores, val_loss if not diverged else math.nan)
         if _is_new_best(val, metric, mode, run):
             run.best_epoch, run.best_value = epoch, val[metric[len("val_"):]]
             # one copy (.cpu().clone() copies twice from CUDA)
@@ -227,13 +237,16 @@ def run_trial(
             pos_weight=pos_weight,
         )
         run.checkpoint, run.last_epoch = save_checkpoint(ckpt_root, state, run.best_model, cfg), epoch
-        report = epoch_report(epoch, train_loss, val, run.best_epoch, run.best_value, metric)
+        report = epoch_report(epoch, train_loss, val, run, metric, diverged)
         print(_progress_line(report, params.epochs, metric), flush=True)
         if on_epoch is not None:
             on_epoch(report, run.checkpoint)
         prune_checkpoints(ckpt_root, keep=run.checkpoint)
+        if diverged:  # more epochs cannot bring a NaN model back
+            print(f"epoch {epoch}: non-finite loss or scores: the trial diverged", flush=True)
+            break
     result = _final_metrics(run, metric, variant.key, time.time() - started)
-    if cfg.train.test:
+    if cfg.train.test and run.best_epoch:
         result["test"] = evaluate_checkpoint(run.checkpoint, split="test", with_scores=False)
     (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2))
     return result
@@ -248,11 +261,13 @@ def _progress_line(report: dict, epochs: int, metric: str) -> str:
 
 
 def _final_metrics(run: TrainingState, metric: str, key: str, seconds: float) -> dict:
-    best = next(h for h in run.history if h["epoch"] == run.best_epoch)
-    val = {k: best[f"val_{k}"] for k in (*REPORTED, "youden_threshold")}
+    """metrics.json: the best epoch's validation metrics; a trial without one (diverged) has all nan."""
+    best = next((h for h in run.history if h["epoch"] == run.best_epoch), {})
+    val = {k: best.get(f"val_{k}", math.nan) for k in (*REPORTED, "youden_threshold")}
+    diverged = any(not math.isfinite(h["train_loss"]) or math.isnan(h["val_loss"]) for h in run.history)
     return dict(
         best_epoch=run.best_epoch, metric=metric, val=val, history=run.history, variant=key,
-        checkpoint=str(run.checkpoint), seconds=round(seconds, 1),
+        status="diverged" if diverged else "finished", checkpoint=str(run.checkpoint), seconds=round(seconds, 1),
     )
 
 

@@ -1,23 +1,54 @@
 """``fsweep demo``: the whole pipeline on the phantom, sized for a 2-core CPU.
 
 synth → ingest → ROI detector → store → sweep (ASHA over the four paper
-backbones × HE on/off) → report → export → predict on new raw radiographs.
+backbones × HE on/off) → report → export → predict on new raw radiographs →
+the exported winner's AUC on newly generated patients beside its test AUC.
 Every step is the same library call the command line makes; only the sizes
 are small.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from fsmodels.config import Config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+NEW_PATIENTS = 60  # newly generated patients the exported winner is scored on
+NEW_SEED = 1234  # a phantom seed no split was drawn from
 
 
 def _step(title: str) -> float:
     print(f"\n== {title}", flush=True)
     return time.monotonic()
+
+
+def score_new_patients(model_dir: Path, out: Path, patients: int, seed: int, difficulty: float) -> dict:
+    """AUC of an exported model on phantom patients generated anew (``seed`` unseen by any split), per its views.
+
+    The phantom's labels are known, so this checks that a winner generalizes beyond the
+    patients its data set was drawn from: ``{"auc", "n", "views", "preds"}``.
+    """
+    import json
+
+    import pandas as pd
+
+    from fsmodels.metrics import auc_score
+    from fsweep.modelcard import CARD
+    from fsweep.predict import predict
+    from preprocessing.phantom import write_phantom
+    from preprocessing.vocab import LABEL_ALIASES
+
+    write_phantom(out, patients=patients, seed=seed, difficulty=difficulty)
+    views = sorted({view for entry in json.loads((model_dir / CARD).read_text())["models"].values()
+                    for view in entry["views"]})
+    manifest = pd.read_csv(out / "manifest.csv")
+    manifest = manifest[manifest["view"].isin(views)]
+    manifest.to_csv(out / "manifest_scored.csv", index=False)
+    preds = predict(model_dir, [out / "manifest_scored.csv"], out=out / "preds.csv")
+    labels = manifest["label"].astype(str).str.lower().map(LABEL_ALIASES).to_numpy()
+    return {"auc": auc_score(labels, preds["probability"].to_numpy()), "n": len(preds), "views": views, "preds": preds}
 
 
 def demo_paths(out: Path) -> dict[str, str]:
@@ -71,10 +102,18 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: floa
 
     new = out / "new_radiographs"
     _step(f"fsweep predict {out / 'model'} {new}/images/*_right.png --out {out / 'preds.csv'} --cam {out / 'cam'} --view right")
-    write_phantom(new, patients=3, seed=99)  # patients no split has seen
+    write_phantom(new, patients=3, seed=99, difficulty=difficulty)  # patients no split has seen
     files = sorted((new / "images").glob("*_right.png"))  # the demo sweep trains the right-view model
     preds = predict(model, files, out=out / "preds.csv", cam_dir=out / "cam", view="right")
     print(preds[["image", "view", "probability", "label"]].to_string(index=False))
+
+    fresh = out / "new_patients"
+    _step(f"generalization: the exported winner on {NEW_PATIENTS} newly generated patients (seed {NEW_SEED})")
+    check = score_new_patients(model, fresh, NEW_PATIENTS, NEW_SEED, difficulty)
+    winners = json.loads((Path(experiment) / "winners.json").read_text())
+    test_auc = ", ".join(f"{view} {win['test']['auc']:.3f}" for view, win in winners.items())
+    print(f"test AUC (held-out split): {test_auc}; AUC on new patients: {check['auc']:.3f} "
+          f"(n={check['n']} images, {'/'.join(check['views'])} view; chance 0.5)")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"compare the trials: tensorboard --logdir {experiment}")
     return Path(experiment)

@@ -44,9 +44,9 @@ def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
     analysis = ExperimentAnalysis(experiment, default_metric=metric, default_mode=mode)
     rows = []
     for trial, result in zip(analysis.trials, ResultGrid(analysis)):
-        row = {"trial_id": trial.trial_id, "status": trial.status}
-        row.update({key: trial.config.get(key) for key in SPACE_KEYS})
         last = trial.last_result or {}
+        row = {"trial_id": trial.trial_id, "status": "diverged" if last.get("diverged") else trial.status}
+        row.update({key: trial.config.get(key) for key in SPACE_KEYS})
         # run_trial picks the best epoch by search.metric and keeps its weights in every later
         # checkpoint (best.pt), so the latest checkpoint serves the best epoch
         best = best_epoch_metrics(result.metrics_dataframe, last.get("best_epoch"))
@@ -77,7 +77,7 @@ def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max"
     """
     if metric not in SELECTABLE_METRICS or board.empty:
         return {}
-    usable = board[(board["status"] == "TERMINATED") & board[metric].notna()]
+    usable = board[(board["status"] == "TERMINATED") & board[metric].notna()]  # never a diverged or failed trial
     winners = {}
     for view, group in usable.groupby("view", sort=True):
         keys = [metric, "val_loss", "best_epoch"] if metric != "val_loss" else [metric, "best_epoch"]

@@ -4,7 +4,11 @@ Layout under the experiment directory (``tensorboard --logdir EXPERIMENT``):
 the top-level run holds the HParams *experiment* (every space key with its domain,
 the validation metrics); each trial directory is one HParams *session*: its
 session-start record (written when the trial starts, so running trials are listed),
-its scalars per epoch, and its session-end record. The trial process adds sample
+its scalars per epoch, and its session-end record. The HParams plugin shows the last
+value of each metric's tag, so the tags named like the leaderboard's columns
+(``val_auc``, ...) carry the *best epoch's* values at every step, as selection, the
+leaderboard, the report and the model card do; each epoch's own values are the
+curves under ``epoch/val_auc``, ``epoch/train_loss``, ... in Scalars. The trial process adds sample
 images and the validation ROC curve to the same directory (:func:`write_samples`,
 :func:`write_roc`). Ray's own TensorBoard logger is switched off by the sweep: it
 writes HParams only at a trial's end and drops non-numeric values.
@@ -26,8 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from fsmodels.config import SPACE_KEYS, Config, entry_values
 from fsmodels.metrics import SELECTABLE_METRICS
 
-TRAIN_METRICS = ("train_loss",)
-SCALAR_PREFIXES = ("val_", "train_", "best_")  # numeric reported keys that become scalars
+EPOCH_PREFIXES = ("val_", "train_")  # this epoch's values: the per-epoch curves, under epoch/<name> in Scalars
 
 
 def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
@@ -71,12 +74,13 @@ def _hparam_info(key: str, raw: Any) -> api_pb2.HParamInfo:
 
 
 def experiment_summary(cfg: Config, description: str = "") -> Summary:
-    """The HParams experiment: every space key and the train/validation metrics."""
+    """The HParams experiment: every space key and the best epoch's validation metrics (the leaderboard's)."""
     hparams = [_hparam_info(key, getattr(cfg.space, key)) for key in SPACE_KEYS]
     metrics = [
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_VALIDATION)
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_VALIDATION,
+                           description="at the trial's best epoch (selection on validation)")
         for tag in SELECTABLE_METRICS
-    ] + [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_TRAINING) for tag in TRAIN_METRICS]
+    ]
     experiment = api_pb2.Experiment(
         description=description, time_created_secs=time.time(), hparam_infos=hparams, metric_infos=metrics
     )
@@ -135,12 +139,15 @@ class TensorBoardCallback(Callback):
         writer.flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        """One scalar per numeric metric, at step = epoch."""
+        """Per epoch: the epoch's own values as ``epoch/<name>``, the best epoch's as the HParams metrics."""
         writer = self._writer(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         for key, value in result.items():
-            if key.startswith(SCALAR_PREFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(key, float(value), step)
+            if key.startswith(EPOCH_PREFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"epoch/{key}", float(value), step)
+        for name in SELECTABLE_METRICS:
+            if f"best_{name}" in result:
+                writer.add_scalar(name, float(result[f"best_{name}"]), step)
         writer.flush()
 
     def _end(self, trial, status: int) -> None:

@@ -110,3 +110,13 @@ def test_bootstrap_one_class_gives_nan_interval():
 def test_json_safe_writes_undefined_as_null():
     text = json.dumps(json_safe({"auc": float("nan"), "ci": [float("nan"), 0.5], "n": 3}))
     assert json.loads(text) == {"auc": None, "ci": [None, 0.5], "n": 3}
+
+
+@pytest.mark.parametrize("scores", [[0.1, float("nan"), 0.9, 0.2], [float("nan")] * 4, [0.1, float("inf"), 0.9, 0.2]])
+def test_a_non_finite_score_makes_every_metric_nan(scores):
+    """A diverged model is not ranked (AUC 1.0 / 0.75 from NaN ordering) nor counted as 'normal'."""
+    labels = [0, 1, 1, 0]
+    assert math.isnan(auc_score(labels, scores))
+    metrics = binary_metrics(labels, scores)
+    assert all(math.isnan(metrics[k]) for k in ("auc", "accuracy", "f1", "sensitivity", "specificity"))
+    assert all(math.isnan(lo) and math.isnan(hi) for lo, hi in bootstrap_ci(labels, scores, n=20).values())

@@ -154,6 +154,8 @@ def test_pick_winners_reads_validation_only():
         dict(trial_id="a", status="TERMINATED", view="left", val_auc=0.70, val_loss=0.3, best_epoch=3, test_auc=0.99),
         dict(trial_id="b", status="TERMINATED", view="left", val_auc=0.80, val_loss=0.6, best_epoch=2, test_auc=0.10),
         dict(trial_id="c", status="ERROR", view="left", val_auc=0.95, val_loss=0.1, best_epoch=1, test_auc=0.99),
+        # diverged after a good first epoch: never a winner
+        dict(trial_id="x", status="diverged", view="left", val_auc=0.99, val_loss=0.1, best_epoch=1, test_auc=0.99),
         dict(trial_id="d", status="TERMINATED", view="right", val_auc=0.60, val_loss=0.5, best_epoch=1, test_auc=0.50),
         dict(trial_id="e", status="TERMINATED", view="right", val_auc=float("nan"), val_loss=0.1, best_epoch=None,
              test_auc=0.9),
@@ -230,9 +232,12 @@ def test_tensorboard_has_hparams_scalars_and_images_for_every_trial(grid_sweep):
         assert {"samples/roi_crop", "samples/after_he", "samples/after_stn"} <= set(images)
         if board.loc[trial_id, "status"] == "TERMINATED":
             assert end.status == api_pb2.STATUS_SUCCESS
-            assert [e.step for e in acc.Scalars("val_auc")] == [1, 2]
-            assert acc.Scalars("val_auc")[-1].value == pytest.approx(
-                json.loads((path / "metrics.json").read_text())["history"][-1]["val_auc"], abs=1e-6)
+            history = json.loads((path / "metrics.json").read_text())["history"]
+            assert [e.step for e in acc.Scalars("epoch/val_auc")] == [1, 2]  # the per-epoch curve
+            assert [e.value for e in acc.Scalars("epoch/val_auc")] == pytest.approx([h["val_auc"] for h in history])
+            # what the HParams tab shows (the tag's last value) is the leaderboard's best-epoch number
+            for name in SELECTABLE_METRICS:
+                assert acc.Scalars(name)[-1].value == pytest.approx(board.loc[trial_id, name], abs=1e-6, nan_ok=True)
             assert "roc/val" in images
         else:
             assert end.status == api_pb2.STATUS_FAILURE

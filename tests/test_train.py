@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -12,7 +13,7 @@ import torch
 import fsmodels.stn as stn_module
 from fsmodels.checkpoint import load_best_weights, load_state
 from fsmodels.config import load_config
-from fsmodels.metrics import auc_score, json_safe
+from fsmodels.metrics import SELECTABLE_METRICS, auc_score, json_safe
 from fsmodels.stn import STN_FIGURE, STN_STATS, ensure_frozen_stn, load_frozen_stn, pretrain_stn_cli
 from fsmodels.train import evaluate_checkpoint, load_trial_model, run_trial
 from cluster.errors import FsweepError
@@ -24,7 +25,8 @@ from fsweep.cli import main as fsweep
 SIZE = 64  # tiny images: the whole file runs in about a minute on 2 cores
 EPOCH_KEYS = {
     "epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_f1", "val_sensitivity",
-    "val_specificity", "val_youden_threshold", "best_epoch", "best_val_auc",
+    "val_specificity", "val_youden_threshold", "best_epoch", "diverged",
+    *(f"best_{name}" for name in SELECTABLE_METRICS),
 }
 
 
@@ -208,3 +210,24 @@ def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_mis
     assert resolve_variant(cfg, "off").key == built.key
     with pytest.raises(FsweepError, match="fsweep store build"):
         resolve_variant(cfg, "clahe")  # never built: the error says how to build it
+
+
+def test_a_trial_whose_scores_turn_nan_is_diverged_and_never_takes_that_epoch(trial_yaml, tmp_path, monkeypatch):
+    import fsmodels.train as train_module
+
+    real_predict = train_module.predict
+    calls = []
+
+    def predict_nan_from_epoch_2(model, loader, criterion, rt):
+        labels, scores, loss = real_predict(model, loader, criterion, rt)
+        calls.append(1)
+        return (labels, np.full_like(scores, np.nan), loss) if len(calls) >= 2 else (labels, scores, loss)
+
+    monkeypatch.setattr(train_module, "predict", predict_nan_from_epoch_2)
+    reports = []
+    cfg = load_config(trial_yaml, ["space.epochs=4"])
+    result = run_trial(cfg, tmp_path, on_epoch=lambda report, _: reports.append(report))
+    assert [r["diverged"] for r in reports] == [False, True]  # it stops at the diverged epoch
+    assert result["status"] == "diverged" and result["best_epoch"] == 1
+    assert reports[1]["best_epoch"] == 1 and reports[1]["best_val_auc"] == reports[0]["val_auc"]
+    assert all(math.isnan(reports[1][f"val_{k}"]) for k in ("auc", "accuracy", "f1", "sensitivity", "specificity"))
