@@ -1,4 +1,4 @@
-# fsweep: `make setup`, `make demo`, `make test` (`make bench`: the benchmarks, ~6 min on 2 cores).
+# fsweep: `make setup`, `make demo`, `make test` (`make bench`: the benchmarks, ~9 min on 2 cores).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/asha.py
 	$(PY) bench/scaling.py
 	$(PY) bench/train_throughput.py --size 64 --batch 4
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

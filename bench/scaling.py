@@ -13,9 +13,13 @@ Python worker per trial costs a process start and imports, CPU work on the two c
 rather than scheduling (``--fresh-actors`` measures that case too).
 
 Printed per node count: wall time of ``Tuner.fit``, the ideal wall time (the sleeps
-alone, perfectly packed), trials per minute, and Ray's overhead per trial: the node
-time each trial held beyond its sleep, ``(nodes * wall - trials * sleep) / trials``.
-Last line: ``scaling_3_nodes_x=<3-node trials/min over 1-node trials/min>`` (ideal 3).
+alone, perfectly packed), trials per minute, Ray's overhead per trial: the node time
+each trial held beyond its sleep, ``(nodes * wall - trials * sleep) / trials``, and that
+overhead split in two: ``startup_s``, from ``fit`` to the first trial running on every
+node (Tune's setup, the placement group, the trial actor's process start, its imports
+and the runtime_env that ships fsweep), paid once per node; and ``steady_%``, what each
+later trial costs beyond its sleep, as a share of the trial's time. Last line:
+``scaling_3_nodes_x=<3-node trials/min over 1-node trials/min>`` (ideal 3).
 """
 from __future__ import annotations
 
@@ -42,10 +46,11 @@ SLOT = "sim_gpu"  # custom resource standing in for one GPU per node
 
 def sleeping_trial(config: dict) -> None:
     """A trial whose work is a fixed sleep; reports once per simulated epoch."""
+    started = time.time()
     node = ray.get_runtime_context().get_node_id()
     for epoch in range(1, REPORTS + 1):
         time.sleep(EPOCH_S)
-        tune.report({"epoch": epoch, "node": node})
+        tune.report({"epoch": epoch, "node": node, "started": started})
 
 
 def start_cluster(nodes: int) -> Cluster:
@@ -57,21 +62,24 @@ def start_cluster(nodes: int) -> Cluster:
     return cluster
 
 
-def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float, int]:
-    """Run the sweep on the connected cluster; (wall seconds of fit, distinct nodes used)."""
+def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float, int, float]:
+    """Run the sweep on the connected cluster; (wall seconds of fit, distinct nodes used, startup seconds)."""
     tuner = tune.Tuner(
         tune.with_resources(sleeping_trial, {"cpu": 1, SLOT: 1}),
         param_space={"trial": tune.grid_search(list(range(TRIALS)))},
         tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=f"nodes_{nodes}", storage_path=storage, verbose=0),
     )
-    start = time.perf_counter()
+    start, clock = time.perf_counter(), time.time()
     results = tuner.fit()
     wall = time.perf_counter() - start
     if results.errors or len(results) != TRIALS:
         raise RuntimeError(f"{nodes} nodes: {len(results.errors)} of {len(results)} trials failed")
     used = {r.metrics["node"] for r in results}
-    return wall, len(used)
+    first = {}  # node -> when its first trial began running
+    for r in results:
+        first[r.metrics["node"]] = min(first.get(r.metrics["node"], math.inf), r.metrics["started"] - clock)
+    return wall, len(used), max(first.values())
 
 
 def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
@@ -79,7 +87,7 @@ def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
     cluster = start_cluster(nodes)
     try:
         connect(cluster.address)
-        wall, used = sweep_wall_time(storage, nodes, reuse_actors)
+        wall, used, startup = sweep_wall_time(storage, nodes, reuse_actors)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -91,6 +99,9 @@ def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
         "ideal": math.ceil(TRIALS / nodes) * trial_s,
         "per_min": TRIALS / wall * 60.0,
         "overhead": (nodes * wall - TRIALS * trial_s) / TRIALS,
+        "startup": startup,
+        # after every node is up: node time beyond the sleeps, per trial, as a share of a trial's time
+        "steady": (nodes * (wall - startup) - TRIALS * trial_s) / TRIALS / trial_s * 100,
     }
 
 
@@ -103,7 +114,8 @@ def main() -> None:
         f"{TRIALS} trials x {REPORTS} reports x {EPOCH_S}s sleep; one trial per node at a time; "
         f"{'reused' if reuse else 'fresh'} trial actors"
     )
-    print(f"{'nodes':>5} {'used':>4} {'wall_s':>7} {'ideal_s':>7} {'trials/min':>10} {'overhead/trial_s':>16}")
+    print(f"{'nodes':>5} {'used':>4} {'wall_s':>7} {'ideal_s':>7} {'trials/min':>10} {'overhead/trial_s':>16} "
+          f"{'startup_s':>9} {'steady_%':>8}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fsweep-scaling-") as storage:
         for nodes in NODE_COUNTS:
@@ -111,7 +123,7 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{row['nodes']:>5} {row['used']:>4} {row['wall']:>7.1f} {row['ideal']:>7.1f} "
-                f"{row['per_min']:>10.1f} {row['overhead']:>16.2f}",
+                f"{row['per_min']:>10.1f} {row['overhead']:>16.2f} {row['startup']:>9.2f} {row['steady']:>8.1f}",
                 flush=True,
             )
     base = rows[0]["per_min"]

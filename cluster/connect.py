@@ -39,7 +39,7 @@ def installed_as_distribution() -> bool:
     return spec is not None and "site-packages" in str(spec.origin)
 
 
-def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
+def _start_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool) -> None:
     import ray
     from ray._private import ray_constants
 
@@ -52,28 +52,31 @@ def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
     try:
         ray.init(
             address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-            logging_level="WARNING", log_to_driver=True,
+            logging_level="WARNING", log_to_driver=log_to_driver,
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def _join(address: str) -> None:
+def _join(address: str, log_to_driver: bool) -> None:
     import ray
 
     runtime_env = None if installed_as_distribution() else project_runtime_env()
     try:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=log_to_driver)
     except ConnectionError as exc:  # no cluster there: bad input, so the one-line error, not a traceback
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FsweepError(f"address {address}: cannot join Ray ({reason})") from None
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True
+) -> dict:
     """Start (``address`` None/'local') or join (``auto``, ``HOST:PORT``, ``ray://...``) Ray once per process.
 
     ``num_cpus``/``num_gpus`` size a local start and are ignored when joining (the
-    cluster has its own). Returns :func:`describe`; prints its summary line when it
+    cluster has its own). ``log_to_driver=False`` keeps the workers' output in their log
+    files instead of this console (a quiet sweep). Returns :func:`describe`; prints its summary line when it
     connected. Calling it again while connected changes nothing.
     """
     import ray
@@ -83,9 +86,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
     if address in LOCAL_ADDRESSES:
-        _start_local(num_cpus, num_gpus)
+        _start_local(num_cpus, num_gpus, log_to_driver)
     else:
-        _join(address)
+        _join(address, log_to_driver)
     info = describe()
     print(summary_line(info), file=sys.stderr)
     return info

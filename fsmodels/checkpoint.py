@@ -9,13 +9,19 @@ Layout of one checkpoint directory (``TRIAL/checkpoints/epoch_NNN/``):
 Random state is not stored: every epoch reseeds from ``(seed, epoch)``, so a
 resumed epoch draws the same shuffles and augmentations as an uninterrupted one.
 A directory is written under a temporary name and renamed, so a crash never
-leaves a half checkpoint.
+leaves a half checkpoint. ``CheckpointWriter`` writes it on a background thread
+from a CPU copy, so training goes on while the file is written; ``checkpoint_epochs``
+says which epochs write one (``train.checkpoint_every``, the last epoch and ASHA's
+rung epochs, where a trial may be stopped).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +64,72 @@ def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config) -> P
     return final
 
 
+def cpu_copy(value):
+    """A CPU copy of a state (nested dicts/lists of tensors), safe to write while training changes the original."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread; ``wait`` joins the pending write (and re-raises its error).
+
+    ``seconds`` is the time the training thread spent on checkpoints: the CPU copy plus any wait.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._path: Path | None = None
+        self.seconds = 0.0
+
+    def submit(self, root: Path, state: dict, best_model: dict, cfg: Config) -> Path:
+        """Copy ``state`` to the CPU now and write it in the background; returns the directory it will be."""
+        self.wait()  # one write at a time: the next copy never races the previous file
+        start = time.perf_counter()
+        state = cpu_copy(state)
+        self._path = Path(root) / checkpoint_name(state["epoch"])
+        self._thread = threading.Thread(target=self._write, args=(root, state, best_model, cfg), daemon=True)
+        self._thread.start()
+        self.seconds += time.perf_counter() - start
+        return self._path
+
+    def _write(self, root: Path, state: dict, best_model: dict, cfg: Config) -> None:
+        try:
+            save_checkpoint(root, state, best_model, cfg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> Path | None:
+        """Block until the pending write is on disk; the directory of the last write (None before the first)."""
+        if self._thread is not None:
+            start = time.perf_counter()
+            self._thread.join()
+            self._thread = None
+            self.seconds += time.perf_counter() - start
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._path
+
+
+def checkpoint_epochs(every: int, epochs: int, asha: tuple[int, int, int] | None = None) -> set[int]:
+    """Epochs that write a checkpoint: every ``every``-th, the last and, under ASHA (grace, factor, max_t), each rung.
+
+    ASHA stops a trial only at a rung epoch, so a stopped trial still ends on a checkpoint holding its best weights.
+    """
+    chosen = set(range(every, epochs + 1, every)) | {epochs}
+    if asha is not None:
+        grace, factor, max_t = asha
+        rungs = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
+        chosen |= {grace * factor**k for k in range(rungs)} | {max_t}
+    return {e for e in chosen if 1 <= e <= epochs}
+
+
 def prune_checkpoints(root: Path, keep: Path) -> None:
     """Remove every epoch directory under ``root`` except ``keep`` (the newest holds the best weights too)."""
     for old in Path(root).glob("epoch_*"):
@@ -79,6 +151,33 @@ def _load(checkpoint_dir: str | Path, name: str, missing: str) -> dict:
 def load_state(checkpoint_dir: str | Path) -> dict:
     """The training state of a checkpoint directory (weights_only load)."""
     return _load(checkpoint_dir, STATE_FILE, f"not a trial checkpoint ({STATE_FILE} missing)")
+
+
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler")  # what only continuing a trial needs
+
+
+def load_resumable_state(checkpoint_dir: str | Path) -> dict:
+    """The training state of a checkpoint that can continue; one FsweepError for a thinned one."""
+    state = load_state(checkpoint_dir)
+    if not all(key in state for key in RESUME_KEYS):
+        raise FsweepError(f"{checkpoint_dir}: holds only the best weights (search.keep_checkpoints); it cannot resume")
+    return state
+
+
+def thin_checkpoint(checkpoint_dir: str | Path, keep_best: bool = True) -> None:
+    """Make a finished trial's checkpoint small: drop the resume-only state, and with ``keep_best=False`` best.pt.
+
+    The history, best epoch, config, variant and pos_weight stay in ``state.pt``: the
+    leaderboard, export and test scoring read them. Rewritten under a temporary name.
+    """
+    folder = Path(checkpoint_dir)
+    state = load_state(folder)
+    if any(key in state for key in RESUME_KEYS):
+        tmp = folder / (STATE_FILE + ".tmp")
+        torch.save({k: v for k, v in state.items() if k not in RESUME_KEYS}, tmp)
+        os.replace(tmp, folder / STATE_FILE)
+    if not keep_best:
+        (folder / BEST_FILE).unlink(missing_ok=True)
 
 
 def load_best_weights(checkpoint_dir: str | Path) -> dict:

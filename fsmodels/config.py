@@ -6,6 +6,11 @@ The same file drives ``fsweep store build``, ``roi train``, ``stn train``, ``tra
 types and checks every value once, so later code trusts what it reads. Defaults
 are the paper's (Park et al. 2023): 512 px, batch 4, 25 epochs, SGD 0.9,
 lr 1e-3, StepLR 7 x 0.1, fine-tuned ImageNet ResNet50 with HE, Flip and STN.
+
+Explicit points: ``space`` may be a list of mappings (or a mapping with ``points:``), each
+a grid of its own; a key a point leaves out takes the ``space`` mapping's value, else the
+default above; a ``--set space.KEY=...`` (or a flag) wins over every point. Points are
+typed like any space entry and take values, lists or ``{grid: [...]}``, never a distribution.
 """
 from __future__ import annotations
 
@@ -24,11 +29,13 @@ from preprocessing.vocab import (
     is_off,
     normalise_choice,
     parse_flag,
+    parse_view,
 )
 
 STN_MODES = ("off", "frozen", "joint")  # space.stn: none, pretrained then frozen (the paper), trained with the classifier
 OPTIMIZERS = ("sgd", "adamw")  # train.optimizer
 SCHEDULES = ("step", "cosine")  # train.schedule
+KEEP_CHECKPOINTS = ("winners", "all", "none")  # search.keep_checkpoints (search.select.keep_checkpoints says what each keeps)
 # Distributions a space key may name; search.space maps each to its Ray Tune function.
 DISTRIBUTIONS = ("uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint", "choice", "grid")
 
@@ -64,6 +71,10 @@ class SpaceConfig:
     stn: Any = "frozen"  # spatial transformer: off / frozen (pretrained, paper) / joint
     finetune: Any = True  # train all backbone layers (paper) or only the head
     seed: Any = 0  # seed for initialisation, shuffling and augmentation
+    fold: Any = 0  # patient-level fold of `fsweep ingest --folds K` (0..K-1; 0 = the dataset's `split` column)
+    # explicit points: a list of mappings of the keys above (each may hold grids); a key a point leaves
+    # out takes its value above; `space:` given as a YAML list is this list (see `space_points`)
+    points: Any = None
 
 
 @dataclass
@@ -79,6 +90,8 @@ class SearchConfig:
     max_concurrent: int = 0  # trials in flight (0: no limit for grid/random, 8 for optuna; search.space.concurrency)
     max_failures: int = 2  # retries of a trial after a node or process failure
     seed: int = 0  # seed of the search algorithm itself (random sampling, Optuna's TPE)
+    select_by: str = "trial"  # winners: the best trial per view, or the best `config` by its mean over seeds and folds
+    keep_checkpoints: str = "winners"  # after the sweep: winners (only winners resumable, others best weights) / all / none
 
 
 @dataclass
@@ -93,15 +106,26 @@ class TrainConfig:
     pretrained: str = "imagenet"  # none / imagenet (local HF cache) / path to weights
     stn_epochs: int = 10  # epochs of the STN's left-vs-right pretraining
     test: bool = False  # score the best epoch on the test split (winner only)
+    best_scores: bool = True  # keep the best epoch's per-image val and test scores (best_scores.parquet) for the report
     amp: str = "auto"  # auto (on with CUDA) / on / off
     channels_last: str = "auto"  # auto (on with CUDA) / on / off
     num_workers: int = 0  # DataLoader workers (data is a memmap: 0 is usually enough)
+    resident_max_mb: int = 4096  # splits up to this many MB (uint8) live on the device, batches drawn there; larger: memmap DataLoader
+    checkpoint_every: int = 5  # write a checkpoint every N epochs (plus the last and ASHA's rung epochs)
+    deterministic: bool = False  # bit-identical reruns (deterministic algorithms, cuDNN deterministic); off: cuDNN autotunes
+    compile: bool = False  # torch.compile the model (time to compile first; see bench/gpu.py)
 
 
 @dataclass
 class ResourcesConfig:
     cpu: float = 1.0  # CPUs per trial
     gpu: float = 0.0  # GPUs per trial; fractions let several trials share one GPU
+
+
+@dataclass
+class ReportConfig:
+    rows: Any = None  # space keys naming a comparison row (none: every key that varies, seed and fold aside)
+    baseline: Any = None  # {key: value} naming each section's baseline row (none: the section's first row)
 
 
 @dataclass
@@ -112,6 +136,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON friendly)."""
@@ -119,7 +144,8 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
-SPACE_KEYS = tuple(f.name for f in fields(SpaceConfig))
+SPACE_KEYS = tuple(f.name for f in fields(SpaceConfig) if f.name != "points")
+SELECT_BY = ("trial", "config")  # search.select_by
 PATH_KEYS = (("roi", "detector"), ("train", "pretrained"))  # path-like options that may say none/off
 
 
@@ -135,6 +161,13 @@ def _int(value: Any, where: str) -> int:
     if number != int(number):
         raise ConfigError(f"{where}: expected a whole number, got {value!r}")
     return int(number)
+
+
+def _nonnegative_int(value: Any, where: str) -> int:
+    number = _int(value, where)
+    if number < 0:
+        raise ConfigError(f"{where}: expected a whole number >= 0, got {value!r}")
+    return number
 
 
 def _positive_float(value: Any, where: str) -> float:
@@ -156,7 +189,7 @@ def _number(value: Any, where: str) -> float:
 # How one value of each space key is read: the type every trial and the search see.
 SPACE_TYPES = {
     "backbone": lambda v, where: str(v),
-    "view": lambda v, where: normalise_choice(v, where, VIEW_CHOICES),
+    "view": lambda v, where: parse_view(v) or normalise_choice(v, where, VIEW_CHOICES),
     "batch_size": _positive_int,
     "epochs": _positive_int,
     "lr": _positive_float,
@@ -165,6 +198,7 @@ SPACE_TYPES = {
     "stn": lambda v, where: normalise_choice(v, where, STN_MODES),
     "finetune": parse_flag,
     "seed": _int,
+    "fold": lambda v, where: _nonnegative_int(v, where),
 }
 
 
@@ -212,16 +246,75 @@ def entry_values(key: str, value: Any) -> list | None:
     return [space_value(key, value)]
 
 
+def _point(i: int, point: Any) -> dict:
+    """One explicit point with every entry typed: values, lists or ``{grid: [...]}`` only (points are a grid)."""
+    if not isinstance(point, dict) or not point:
+        raise ConfigError(f"space point {i + 1}: expected a mapping of space keys, got {point!r}")
+    typed = {}
+    for key, value in point.items():
+        if key not in SPACE_KEYS:
+            raise ConfigError(f"space point {i + 1}: unknown key {key!r} (valid: {', '.join(SPACE_KEYS)})")
+        typed[key] = space_entry(key, value)
+    return typed
+
+
+def space_points(cfg: Config) -> list[dict]:
+    """Every explicit point as a full mapping ``key -> entry``; a key a point leaves out takes ``cfg.space``'s value.
+
+    Without explicit points the whole space is one point. Points that come out equal are kept once.
+    """
+    base = {key: getattr(cfg.space, key) for key in SPACE_KEYS}
+    full: list[dict] = []
+    for point in cfg.space.points or [{}]:
+        merged = {**base, **point}
+        if merged not in full:
+            full.append(merged)
+    return full
+
+
+def key_values(cfg: Config, key: str) -> list | None:
+    """Every value space key ``key`` can take over all points, in order (None: a numeric distribution)."""
+    values: list = []
+    for point in space_points(cfg):
+        finite = entry_values(key, point[key])
+        if finite is None:
+            return None
+        values += [v for v in finite if v not in values]
+    return values
+
+
+def _check_points(cfg: Config) -> None:
+    """Type explicit points; refuse distributions in them (a point is a grid: every value is run)."""
+    points = cfg.space.points
+    if points is None:
+        return
+    if not isinstance(points, list) or not points:
+        raise ConfigError(f"space: explicit points must be a non-empty list of mappings, got {points!r}")
+    cfg.space.points = [_point(i, p) for i, p in enumerate(points)]
+    for i, point in enumerate(space_points(cfg)):
+        for key, value in point.items():
+            if isinstance(value, dict) and distribution(key, value)[0] != "grid":
+                raise ConfigError(
+                    f"space point {i + 1}: {key}={value} is a distribution; explicit points take values, lists "
+                    "or {grid: [...]} (sample distributions from a plain `space` mapping)"
+                )
+
+
 def validate(cfg: Config) -> Config:
     """Type every space entry and check every choice once, so later code can trust the config."""
     for key in SPACE_KEYS:
         setattr(cfg.space, key, space_entry(key, getattr(cfg.space, key)))
+    _check_points(cfg)
+    cfg.search.select_by = normalise_choice(cfg.search.select_by, "search.select_by", SELECT_BY)
     for section, key in PATH_KEYS:
         if is_off(getattr(getattr(cfg, section), key)):
             setattr(getattr(cfg, section), key, "none")
     cfg.data.aspect = normalise_choice(cfg.data.aspect, "data.aspect", ASPECTS)
     cfg.train.optimizer = normalise_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
     cfg.train.schedule = normalise_choice(cfg.train.schedule, "train.schedule", SCHEDULES)
+    keep = "none" if is_off(cfg.search.keep_checkpoints) else cfg.search.keep_checkpoints  # YAML's bare off
+    cfg.search.keep_checkpoints = normalise_choice(keep, "search.keep_checkpoints", KEEP_CHECKPOINTS)
+    cfg.train.checkpoint_every = _positive_int(cfg.train.checkpoint_every, "train.checkpoint_every")
     return cfg
 
 
@@ -264,6 +357,14 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     setattr(sec, key, value)
 
 
+def _override(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    """A flag or ``--set`` value: it wins over the file, so a space key it sets leaves every explicit point."""
+    _apply(cfg, section, key, value, where)
+    if section == "space" and key != "points" and isinstance(cfg.space.points, list):
+        cfg.space.points = [{k: v for k, v in p.items() if k != key} if isinstance(p, dict) else p
+                            for p in cfg.space.points]
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Parse ``a.b=value`` (value read as YAML, so lists and numbers work)."""
     if "=" not in text:
@@ -302,6 +403,8 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section, values in raw.items():
+            if section == "space" and isinstance(values, list):
+                values = {"points": values}  # explicit points; every other space key keeps its default
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
             for key, value in values.items():
@@ -309,10 +412,10 @@ def load_config(
     for dotted, value in (shortcuts or {}).items():
         if value is not None:
             section, key = dotted.split(".")
-            _apply(cfg, section, key, value, f"--{key}")
+            _override(cfg, section, key, value, f"--{key}")
     for text in overrides:
         section, key, value = parse_override(text)
-        _apply(cfg, section, key, value, f"--set {text}")
+        _override(cfg, section, key, value, f"--set {text}")
     return validate(cfg)
 
 

@@ -2,10 +2,13 @@
 
 On CUDA: AMP (bf16 where supported, else fp16 with a grad scaler), channels_last,
 pinned memory and non-blocking copies; losses and scores stay on the device
-until the epoch ends, so there is no host sync per step.
+until the epoch ends, so there is no host sync per step. Evaluation runs in fp32
+(autocast off), so the scores a trial is selected by are the exported model's.
+``train.deterministic`` makes reruns bit-identical; otherwise cuDNN autotunes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from fsmodels.config import Config
+from cluster.errors import FsweepError
 from fsmodels.model import FsNet
 from preprocessing.vocab import normalise_choice
+
+CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting that makes its GEMMs deterministic (CUDA docs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,45 @@ def runtime(cfg: Config) -> Runtime:
     return Runtime(device, dtype, last == "on" or (last == "auto" and cuda))
 
 
+def device_label(rt: Runtime) -> str:
+    """The device a trial ran on, for GPU-hours accounting: ``cuda:<GPU name>`` or ``cpu``."""
+    if rt.device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(rt.device)}"
+    return rt.device.type
+
+
+def set_determinism(deterministic: bool) -> None:
+    """Bit-identical reruns (deterministic algorithms, cuDNN deterministic) or cuDNN autotuning.
+
+    ``warn_only``: the documented exceptions, ops with no deterministic CUDA kernel (the
+    backward of ``grid_sample``, used by the STN, and of ``adaptive_avg_pool2d``), warn
+    instead of failing the trial; they use atomic adds, so on CUDA those ops may still
+    differ in the last bits. On the CPU every op the trial uses is deterministic.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by timing: not reproducible
+
+
+def compile_model(model: FsNet, enabled: bool):
+    """``torch.compile(model)`` when ``enabled`` (the module to run steps with; ``model`` keeps the state dict)."""
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
+        raise compile_error(exc) from None
+
+
+def compile_error(exc: BaseException) -> FsweepError:
+    """The one-line error of a torch.compile failure (it surfaces at the first step, not at compile_model)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return FsweepError(f"train.compile: torch.compile failed on this machine ({type(exc).__name__}: {first}); "
+                       "set train.compile=off")
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA) and numpy."""
     torch.manual_seed(seed)
@@ -66,6 +111,24 @@ def make_loader(dataset, batch_size: int, rt: Runtime, cfg: Config, seed: int | 
         drop_last=shuffle and len(dataset) > batch_size,  # no size-1 last batch for BatchNorm
         num_workers=cfg.train.num_workers, pin_memory=rt.device.type == "cuda",
     )
+
+
+def place_data(rt: Runtime, cfg: Config, *datasets):
+    """The datasets as ``ResidentSet``s on the device when together they fit ``train.resident_max_mb``, else as is."""
+    from fsmodels.resident import ResidentSet, resident_bytes
+
+    if resident_bytes(*datasets) > cfg.train.resident_max_mb * 2**20:
+        return datasets  # too big for the device: the memmap DataLoader path
+    return tuple(ResidentSet(data, rt.device) for data in datasets)
+
+
+def epoch_batches(data, batch_size: int, rt: Runtime, cfg: Config, seed: int | None):
+    """One epoch's batches of ``data`` (a ResidentSet or an ArraySet), in the same order either way."""
+    from fsmodels.resident import ResidentSet
+
+    if isinstance(data, ResidentSet):
+        return data.batches(batch_size, seed)
+    return make_loader(data, batch_size, rt, cfg, seed)
 
 
 def to_input(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -102,7 +165,8 @@ def predict(model: FsNet, loader: DataLoader, criterion, rt: Runtime) -> tuple[n
     total = torch.zeros((), device=rt.device)
     for images, labels in loader:
         y = labels.to(rt.device, non_blocking=True).float()
-        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
+        # fp32 (autocast off): bf16 logits carry 8 bits, enough to reorder close scores and move the AUC
+        with torch.autocast(rt.device.type, enabled=False):
             logits = model(to_input(images, rt)).float()
         total += criterion(logits, y) * len(y)
         scores.append(torch.sigmoid(logits))

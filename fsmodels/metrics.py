@@ -121,17 +121,38 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     )
 
 
-def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float = 0.5, level: float = 0.95) -> dict:
-    """Percentile bootstrap intervals ``{'<metric>_ci': [lo, hi]}`` over resampled images.
+def patient_draws(patients, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` bootstrap resamples of image indices that draw whole PATIENTS with replacement.
 
-    Resamples where a metric is undefined (e.g. one class drawn) are left out of
-    that metric's interval; an interval with no defined resample is [nan, nan].
+    All images of a drawn patient enter together (both views), so the images of one
+    patient, which are not independent, never count as independent evidence.
+    """
+    codes = np.unique(np.asarray(patients).astype(str), return_inverse=True)[1].ravel()
+    members = [np.flatnonzero(codes == c) for c in range(int(codes.max()) + 1)] if codes.size else []
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        picked = rng.integers(0, len(members), size=len(members)) if members else []
+        draws.append(np.concatenate([members[p] for p in picked]) if len(picked) else np.zeros(0, dtype=np.int64))
+    return draws
+
+
+def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float = 0.5, level: float = 0.95,
+                 patients=None) -> dict:
+    """Percentile bootstrap intervals ``{'<metric>_ci': [lo, hi]}`` over resampled patients (or images).
+
+    With ``patients`` (one id per image) whole patients are resampled (``patient_draws``);
+    without, single images. Resamples where a metric is undefined (e.g. one class drawn) are
+    left out of that metric's interval; an interval with no defined resample is [nan, nan].
     """
     y, s = _arrays(y_true, scores)
     if not all_finite(s):
         return {f"{name}_ci": [NAN, NAN] for name in CI_METRICS}
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, y.size, size=(n, y.size)) if y.size else np.zeros((n, 0), dtype=np.int64)
+    if patients is not None:
+        draws = patient_draws(patients, n, seed)
+    else:
+        draws = rng.integers(0, y.size, size=(n, y.size)) if y.size else np.zeros((n, 0), dtype=np.int64)
     values = {name: np.empty(n) for name in CI_METRICS}
     for i, idx in enumerate(draws):
         yi, si = y[idx], s[idx]

@@ -22,6 +22,7 @@ class TrialParams:
     stn: str
     finetune: bool
     seed: int
+    fold: int  # patient-level fold (0 = the dataset's `split` column)
 
 
 def _scalar(cfg: Config, key: str):
@@ -33,11 +34,17 @@ def _scalar(cfg: Config, key: str):
 
 def trial_params(cfg: Config) -> TrialParams:
     """The trial's ``space`` values, one each, typed by the config's own rules (a Config built in code skips load)."""
+    if cfg.space.points:
+        raise FsweepError("space: explicit points make a sweep config; a single trial needs one value per key")
     return TrialParams(**{key: space_value(key, _scalar(cfg, key)) for key in TrialParams.__dataclass_fields__})
 
 
 def resolve_variant(cfg: Config, he: str):
-    """Open the store variant the config names; never builds one (sweeps only read the store)."""
+    """Open the store variant the config names, its key computed from DATASET (the driver's and `fsweep train`'s step).
+
+    Never builds one (sweeps only read the store). Everything after this opens the variant by
+    the key it returns (``open_artifacts`` with recorded handles), never by recomputing it.
+    """
     from cluster.storage import exists, join
     from preprocessing.recipe import VariantSpec, variant_key
     from preprocessing.variant import open_variant
@@ -53,3 +60,34 @@ def resolve_variant(cfg: Config, he: str):
             f"--he {he}" + (f" --roi {roi_dir}`" if roi_dir else "`")
         )
     return open_variant(cfg.data.store, key)
+
+
+def handle(artifact) -> dict:
+    """The recorded handle of a variant or STN: its key and its manifest's sha256."""
+    return {"key": artifact.key, "manifest": artifact.manifest}
+
+
+def trial_handles(cfg: Config, params: TrialParams) -> dict:
+    """Resolve the trial's variant (and frozen STN, trained if missing) once: ``{"variant": h, "stn": h | None}``."""
+    from fsmodels.stn import ensure_frozen_stn
+
+    variant = resolve_variant(cfg, params.he)
+    stn = None
+    if params.stn == "frozen":
+        stn = handle(ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=params.seed, store=cfg.data.store))
+    return {"variant": handle(variant), "stn": stn}
+
+
+def open_artifacts(cfg: Config, handles: dict):
+    """``(variant, frozen STN weights path or None)`` opened by their recorded keys; never recomputes a key.
+
+    Only ``data.store`` is read: a trial needs neither DATASET nor the ROI weights. A recorded
+    artifact that is missing or differs is a one-line FsweepError.
+    """
+    from fsmodels.stn import open_stn
+    from preprocessing.variant import open_variant
+
+    variant = open_variant(cfg.data.store, handles["variant"]["key"], expected=handles["variant"]["manifest"])
+    stn = handles.get("stn")
+    weights = open_stn(cfg.data.store, stn["key"], expected=stn["manifest"]).weights if stn else None
+    return variant, weights

@@ -3,14 +3,22 @@
 Localization net -> affine theta (initialised to the identity) -> ``affine_grid``
 -> ``grid_sample``. The paper trains it separately and freezes it; it does not say
 on what task, so we use the natural auxiliary one: left vs right view, with a
-tiny classifier behind the STN, on the store variant's train split. The result
-is saved once per variant in ``STORE/<key>/stn/`` (weights, stats, a before/after
-figure) under a file lock, so concurrent trials train it once and never read a
-half-written file.
+tiny classifier behind the STN, on the store variant's train split.
+
+A pretrained STN is a store artifact like a variant (``preprocessing.artifact``):
+``STORE/stn/<key>/`` holds the weights, stats (loss, accuracy, and theta's rotation,
+scale and determinant on validation images) and a before/after figure, with a
+checksummed manifest written last. Its key hashes (variant key, epochs, seed,
+``STN_CODE``); it is trained under the key's build lock (concurrent trials and
+drivers train it once), and a ``s3://``/``gs://`` store gets it uploaded, manifest
+last, and downloaded once per node, so every node uses the same STN. Theta and the
+sampling grid are computed in float32 even under autocast: bf16/fp16 coordinates
+shift the sampled pixels by whole pixels at 512 px.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +29,16 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from cluster.errors import FsweepError
+from cluster.storage import is_uri, join, resolve_storage
 from fsmodels.metrics import json_safe
+from preprocessing.artifact import LOCKS, build_lock, content_key, local_dir, manifest_sha256, write_manifest
 from preprocessing.files import atomic_write, atomic_write_text
+from preprocessing.remote import publish, staging_dir
 from preprocessing.vocab import VIEWS
 
-STN_WEIGHTS = "stn.safetensors"  # frozen STN weights in the variant's stn/ dir (written last)
+STN_CODE = "stn-1"  # bump whenever the same (variant, epochs, seed) would train a different STN
+STN_DIR = "stn"  # STORE/stn/<key>/: one directory per pretrained STN
+STN_WEIGHTS = "stn.safetensors"  # frozen STN weights
 STN_STATS = "stn.json"  # pretraining loss/accuracy, epochs, seed
 STN_FIGURE = "stn_before_after.png"  # validation images before (top) and after (bottom) the STN
 PAPER_STN = {"loss": 0.0218, "accuracy": 0.99}  # what the paper reports for its STN pretraining
@@ -65,8 +78,11 @@ class STN(nn.Module):
         return self.regressor(self.localization(small)).view(-1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = F.affine_grid(self.theta(x).to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+        # theta, the grid and the sampling in float32 whatever autocast says (see the module docstring)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            grid = F.affine_grid(self.theta(x32), list(x32.shape), align_corners=False)
+            return F.grid_sample(x32, grid, align_corners=False, padding_mode="zeros").to(x.dtype)
 
 
 class ViewClassifier(nn.Module):
@@ -170,20 +186,74 @@ def save_stn_figure(stn: STN, variant, path: Path, count: int = 6) -> None:
     plt.close(fig)
 
 
-def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False) -> Path:
-    """Path of the variant's pretrained STN weights, training them first if missing (once, under a lock)."""
-    stn_dir = Path(variant.path) / "stn"
+def theta_stats(stn: STN, images: np.ndarray) -> dict:
+    """Mean/std/min/max of theta's rotation (degrees), scale (sqrt |det|) and determinant over ``images``."""
+    with torch.no_grad():
+        theta = torch.cat([stn.theta(_to_device(images, idx, torch.device("cpu"))) for idx in _batches(len(images), 64, None)])
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    det = a * d - b * c
+    values = {"rotation_deg": torch.rad2deg(torch.atan2(c, a)), "scale": det.abs().sqrt(), "det": det}
+    return {name: {"mean": float(v.mean()), "std": float(v.std(unbiased=False)), "min": float(v.min()),
+                   "max": float(v.max())} for name, v in values.items()}
+
+
+def stn_key(variant_key: str, epochs: int, seed: int) -> str:
+    """Content key of the STN pretrained on ``variant_key`` for ``epochs`` with ``seed``."""
+    return content_key({"code": STN_CODE, "variant": variant_key, "epochs": int(epochs), "seed": int(seed)})
+
+
+@dataclass(frozen=True)
+class FrozenStn:
+    """A checked pretrained STN in the store: the handle an experiment records, and its local files."""
+
+    key: str  # stn_key(variant, epochs, seed)
+    manifest: str  # sha256 of its manifest.json
+    path: Path  # local directory (in place, or this node's copy of a URI store's)
+
+    @property
+    def weights(self) -> Path:
+        """The safetensors weights file."""
+        return self.path / STN_WEIGHTS
+
+
+def open_stn(store, key: str, expected: str | None = None) -> FrozenStn:
+    """Open the pretrained STN ``key`` of ``store`` (cheap check; ``expected``: its recorded manifest sha256)."""
+    path = local_dir(resolve_storage(store), f"{STN_DIR}/{key}", "frozen STN", expected)
+    return FrozenStn(key=key, manifest=manifest_sha256(path), path=path)
+
+
+def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, store=None) -> FrozenStn:
+    """The variant's STN pretrained for ``epochs`` with ``seed``, training it first if missing (once, under its lock).
+
+    ``store``: the STORE path or URI (default: the directory holding the variant, for a path store).
+    """
+    store = resolve_storage(store or Path(variant.path).parent)
+    key = stn_key(variant.key, epochs, seed)
+    workdir = staging_dir(store) if is_uri(store) else Path(store)
+    with build_lock(workdir / LOCKS, f"stn-{key}"):
+        if not force:
+            try:
+                return open_stn(store, key)
+            except FsweepError as reason:
+                if "not built" not in str(reason):
+                    print(f"frozen STN {key}: {reason}; training it again")
+        _train_into(workdir / STN_DIR / key, variant, epochs, seed, key)
+        if is_uri(store):
+            publish(workdir / STN_DIR / key, join(store, STN_DIR, key))
+        return open_stn(store, key)
+
+
+def _train_into(stn_dir: Path, variant, epochs: int, seed: int, key: str) -> None:
+    """Pretrain, then write weights, stats and figure, then the manifest (last: the STN is complete)."""
     stn_dir.mkdir(parents=True, exist_ok=True)
-    weights = stn_dir / STN_WEIGHTS
-    with FileLock(str(stn_dir / ".lock")):
-        if weights.is_file() and not force:
-            return weights
-        stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed)
-        save_stn_figure(stn, variant, stn_dir / STN_FIGURE)
-        atomic_write_text(stn_dir / STN_STATS, json.dumps(json_safe(stats), indent=2))
-        # weights last: their presence means the STN is complete
-        atomic_write(weights, lambda tmp: save_file(stn.state_dict(), str(tmp)))
-    return weights
+    (stn_dir / "manifest.json").unlink(missing_ok=True)  # a killed retraining leaves nothing that verifies
+    stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed)
+    images, _ = view_task(variant, "val")
+    stats["variant"], stats["theta"] = variant.key, theta_stats(stn, images if len(images) else view_task(variant, "train")[0])
+    save_stn_figure(stn, variant, stn_dir / STN_FIGURE)
+    atomic_write_text(stn_dir / STN_STATS, json.dumps(json_safe(stats), indent=2))
+    atomic_write(stn_dir / STN_WEIGHTS, lambda tmp: save_file(stn.state_dict(), str(tmp)))
+    write_manifest(stn_dir, key, [STN_WEIGHTS, STN_STATS, STN_FIGURE])
 
 
 def load_frozen_stn(path: str | Path) -> STN:
@@ -201,20 +271,19 @@ def _fmt(value) -> str:
 
 def pretrain_stn_cli(store, *, variant: str | None, epochs: int, seed: int, force: bool = False) -> None:
     """``fsweep stn train``: pretrain the STN of one variant (or every variant) in ``store``; print loss/accuracy."""
-    from preprocessing.variant import open_variant
+    from preprocessing.variant import list_variants, open_variant
 
-    root = Path(store)
-    if not root.is_dir():
-        raise FsweepError(f"{root}: store directory not found")
-    keys = [variant] if variant else sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
+    root = resolve_storage(store)  # a path or an s3:// / gs:// URI
+    keys = [variant] if variant else list_variants(root)
     if not keys:
         raise FsweepError(f"{root}: no store variants found (run `fsweep store build` first)")
     for key in keys:
         opened = open_variant(root, key)
-        path = ensure_frozen_stn(opened, epochs=epochs, seed=seed, force=force)
-        stats = json.loads((path.parent / STN_STATS).read_text())
+        stn = ensure_frozen_stn(opened, epochs=epochs, seed=seed, force=force, store=root)
+        stats = json.loads((stn.path / STN_STATS).read_text())
+        rotation, scale = stats["theta"]["rotation_deg"], stats["theta"]["scale"]
         print(
             f"{key}: STN view-task loss={stats['train_loss']:.4g} train_acc={stats['train_accuracy']:.3f} "
             f"val_acc={_fmt(stats['val_accuracy'])} (paper: loss {PAPER_STN['loss']}, acc {PAPER_STN['accuracy']:.0%}) "
-            f"-> {path}"
+            f"theta rotation={rotation['mean']:.1f}±{rotation['std']:.1f}° scale={scale['mean']:.3f} -> {stn.weights}"
         )

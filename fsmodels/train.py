@@ -5,7 +5,10 @@ Tune trainable. Per epoch it trains, scores the validation split (abnormal =
 positive, threshold 0.5, Youden's threshold recorded), writes a checkpoint
 directory and calls ``on_epoch(metrics, checkpoint_dir)``. The best epoch by
 ``search.metric`` is kept; ``train.test`` scores it on the test split with
-bootstrap 95 % intervals. On CUDA: AMP (bf16 where supported), channels_last,
+patient-level bootstrap 95 % intervals at the validation threshold (Youden's J on the
+best epoch's validation ROC). With ``train.best_scores`` every new best epoch also
+scores the test split and writes ``best_scores.parquet`` (per image: split, patient,
+label, score), which the sweep report reads; nothing selects on it. On CUDA: AMP (bf16 where supported), channels_last,
 pinned memory, non-blocking copies and no host sync inside an epoch.
 """
 from __future__ import annotations
@@ -18,27 +21,36 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 
 from cluster.errors import FsweepError
 from fsmodels.backbones import resolve_backbone, weights_file
 from fsmodels.checkpoint import (
+    CheckpointWriter,
     checkpoint_config,
+    checkpoint_epochs,
     load_best_weights,
+    load_resumable_state,
     load_state,
     plain,
     prune_checkpoints,
-    save_checkpoint,
 )
 from fsmodels.config import Config, config_from_dict, save_config
 from fsmodels.engine import (
     Runtime,
+    compile_error,
+    compile_model,
+    device_label,
+    epoch_batches,
     epoch_seed,
     make_loader,
+    place_data,
     predict,
     runtime,
     seed_everything,
+    set_determinism,
     train_epoch,
 )
 from fsmodels.metrics import (
@@ -50,13 +62,13 @@ from fsmodels.metrics import (
     json_safe,
 )
 from fsmodels.model import FsNet, build_model, model_skeleton
-from fsmodels.params import TrialParams, resolve_variant, trial_params
-from fsmodels.stn import ensure_frozen_stn
+from fsmodels.params import TrialParams, open_artifacts, trial_handles, trial_params
 
 __all__ = ["run_trial", "evaluate_checkpoint", "load_trial_model", "trial_params"]
 REPORTED = SPLIT_METRICS  # metrics.json val/test keys
+BEST_SCORES = "best_scores.parquet"  # the best epoch's per-image val and test scores (train.best_scores)
 EVAL_BATCH = 32  # evaluation batch size floor (no gradients: larger batches are cheap and change nothing)
-EpochCallback = Callable[[dict, Path], None]
+EpochCallback = Callable[[dict, Path | None], None]
 BestCallback = Callable[[int, np.ndarray, np.ndarray], None]  # (epoch, validation labels, scores)
 
 
@@ -70,6 +82,7 @@ class TrainingState:
     best_model: dict | None = None  # its model state dict (CPU)
     last_epoch: int = 0  # the last finished epoch
     checkpoint: Path | None = None  # directory of the last checkpoint
+    device_seconds: float = 0.0  # seconds x device share of earlier attempts (restored on resume)
 
 
 def class_pos_weight(labels: np.ndarray, weighted: bool) -> float:
@@ -133,25 +146,37 @@ def _is_new_best(val: dict, metric: str, mode: str, run: TrainingState) -> bool:
 
 
 def _datasets(variant, params: TrialParams):
-    from preprocessing.loader import eval_set, train_set
+    """Train, val and test sets of the trial's view and fold."""
+    from preprocessing.loader import eval_set, fold_splits, train_set
 
-    return train_set(variant, params.view, params.flip), eval_set(variant, params.view, "val")
+    splits = fold_splits(variant, params.fold)
+    return (train_set(variant, params.view, params.flip, splits), eval_set(variant, params.view, "val", splits),
+            eval_set(variant, params.view, "test", splits))
 
 
-def _build(cfg: Config, params: TrialParams, variant) -> FsNet:
-    weights_file(resolve_backbone(params.backbone), cfg.train.pretrained)  # fail before any STN pretraining
-    stn_weights = None
-    if params.stn == "frozen":
-        stn_weights = ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=0)
+def write_best_scores(path: Path, epoch: int, variant, scored: dict) -> None:
+    """``best_scores.parquet``: per image of each scored split (``{split: (dataset, labels, scores)}``) its patient."""
+    patient_of = dict(zip(variant.index["image_id"], variant.index["patient"]))
+    frames = [
+        pd.DataFrame({"split": split, "epoch": epoch, "image_id": list(data.image_ids),
+                      "patient": [patient_of[i] for i in data.image_ids], "label": labels, "score": scores})
+        for split, (data, labels, scores) in scored.items()
+    ]
+    tmp = path.with_name(f".{path.name}.tmp")
+    pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+    tmp.replace(path)  # a reader (the report, a sync) never sees half a file
+
+
+def _build(cfg: Config, params: TrialParams, stn_weights) -> FsNet:
     seed_everything(params.seed)
     return build_model(params.backbone, cfg.train.pretrained, params.finetune, params.stn, stn_weights)
 
 
-def _setup(cfg: Config, params: TrialParams, variant, rt: Runtime, train_labels: np.ndarray):
+def _setup(cfg: Config, params: TrialParams, stn_weights, rt: Runtime, train_labels: np.ndarray):
     """Model, optimizer, scheduler, grad scaler and loss of a fresh trial."""
     pos_weight = class_pos_weight(train_labels, cfg.train.class_weights)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=rt.device))
-    model = _build(cfg, params, variant).to(rt.device)
+    model = _build(cfg, params, stn_weights).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model, params.lr)
@@ -162,7 +187,7 @@ def _setup(cfg: Config, params: TrialParams, variant, rt: Runtime, train_labels:
 
 def _restore(resume_from, model, optimizer, scheduler, scaler) -> TrainingState:
     """Load a checkpoint's model/optimizer/scheduler/scaler state; return its history and best so far."""
-    state = load_state(resume_from)
+    state = load_resumable_state(resume_from)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -170,6 +195,7 @@ def _restore(resume_from, model, optimizer, scheduler, scaler) -> TrainingState:
     return TrainingState(
         history=list(state["history"]), best_epoch=state["best_epoch"], best_value=state["best_value"],
         best_model=load_best_weights(resume_from), last_epoch=state["epoch"], checkpoint=Path(resume_from),
+        device_seconds=state.get("device_seconds", 0.0),
     )
 
 
@@ -180,17 +206,22 @@ def _check_metric(metric: str) -> None:
 
 def run_trial(
     cfg: Config, out_dir, *, on_epoch: EpochCallback | None = None, resume_from=None,
-    on_best: BestCallback | None = None,
+    on_best: BestCallback | None = None, handles: dict | None = None,
 ) -> dict:
     """Train one trial; write ``out_dir/config.yaml``, per-epoch checkpoints and ``out_dir/metrics.json``.
 
     ``on_epoch(metrics, checkpoint_dir)`` runs after every epoch and must persist
     the directory before returning (``ray.tune.report`` does): only the newest
-    epoch directory is kept under ``out_dir/checkpoints``. ``resume_from`` is a
+    epoch directory is kept under ``out_dir/checkpoints``. Checkpoints are written every
+    ``train.checkpoint_every`` epochs, at the last and at ASHA's rungs, on a background
+    thread; on other epochs ``checkpoint_dir`` is None. ``metrics`` also carries the GPU-hours
+    accounting (``device``, ``device_seconds``, ``img_per_s``). ``resume_from`` is a
     checkpoint directory; training continues after its epoch with its optimizer,
     scheduler and history, giving the same numbers as an uninterrupted run.
     ``on_best(epoch, labels, scores)`` runs when an epoch becomes the best so far, with
     its validation labels and scores (e.g. for a ROC plot without scoring them again).
+    ``handles``: the store variant and frozen STN the driver resolved (``fsmodels.params.trial_handles``),
+    opened by key; without them (``fsweep train``) they are resolved here, once, and recorded in every checkpoint.
     Returns the metrics.json content.
     """
     started = time.time()
@@ -201,55 +232,129 @@ def run_trial(
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    variant = resolve_variant(cfg, params.he)
+    if handles is None:
+        weights_file(resolve_backbone(params.backbone), cfg.train.pretrained)  # fail before any STN pretraining
+        handles = trial_handles(cfg, params)
+    variant, stn_weights = open_artifacts(cfg, handles)
     rt = runtime(cfg)
     if rt.device.type == "cpu":
         # the trial's share of cores: more threads than that makes OpenMP spin against the other trials
         torch.set_num_threads(max(1, int(cfg.resources.cpu)))
-    train_data, val_data = _datasets(variant, params)
+    set_determinism(cfg.train.deterministic)
+    train_data, val_data, test_data = _datasets(variant, params)
     model, optimizer, scheduler, scaler, criterion, pos_weight = _setup(
-        cfg, params, variant, rt, np.asarray(train_data.labels)
+        cfg, params, stn_weights, rt, np.asarray(train_data.labels)
     )
     run = TrainingState(history=[])
     if resume_from is not None:
         run = _restore(resume_from, model, optimizer, scheduler, scaler)
-    val_loader = make_loader(val_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
-    ckpt_root = out / "checkpoints"
+    test_loader = make_loader(test_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None) if cfg.train.best_scores else None
+    train_src, val_src = place_data(rt, cfg, train_data, val_data)  # on the device once when they fit (the DataLoader's order)
+    step_model = compile_model(model, cfg.train.compile)  # ``model`` keeps the plain state-dict keys
+    ckpt_root, writer = out / "checkpoints", CheckpointWriter()
+    ckpt_epochs = checkpoint_epochs(cfg.train.checkpoint_every, params.epochs, _asha_rungs(cfg, params.epochs))
+    account = _Accounting(rt, cfg, run.device_seconds)
     for epoch in range(run.last_epoch + 1, params.epochs + 1):
         seed_everything(epoch_seed(params.seed, epoch))
-        loader = make_loader(train_data, params.batch_size, rt, cfg, epoch_seed(params.seed, epoch))
-        train_loss = train_epoch(model, loader, criterion, optimizer, scaler, rt)
+        loader = epoch_batches(train_src, params.batch_size, rt, cfg, epoch_seed(params.seed, epoch))
+        tick = time.perf_counter()
+        train_loss = _step(cfg, train_epoch, step_model, loader, criterion, optimizer, scaler, rt)
+        account.trained(len(loader) * params.batch_size, time.perf_counter() - tick)
         scheduler.step()
-        val_labels, val_scores, val_loss = predict(model, val_loader, criterion, rt)
+        val_batches = epoch_batches(val_src, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
+        val_labels, val_scores, val_loss = _step(cfg, predict, step_model, val_batches, criterion, rt)
         diverged = not (math.isfinite(train_loss) and all_finite(val_scores))
         val = split_metrics(val_labels, val_scores, val_loss if not diverged else math.nan)
         if _is_new_best(val, metric, mode, run):
             run.best_epoch, run.best_value = epoch, val[metric[len("val_"):]]
             # one copy (.cpu().clone() copies twice from CUDA)
             run.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if test_loader is not None:  # kept for the report's test-scored tables; never read by selection
+                test_labels, test_scores, _ = predict(model, test_loader, criterion, rt)
+                write_best_scores(out / BEST_SCORES, epoch, variant, {
+                    "val": (val_data, val_labels, val_scores), "test": (test_data, test_labels, test_scores)})
             if on_best is not None:
                 on_best(epoch, val_labels, val_scores)
         run.history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}})
-        state = dict(
-            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=run.history,
-            best_epoch=run.best_epoch, best_value=run.best_value, config=cfg.to_dict(), variant=variant.key,
-            pos_weight=pos_weight,
-        )
-        run.checkpoint, run.last_epoch = save_checkpoint(ckpt_root, state, run.best_model, cfg), epoch
-        report = epoch_report(epoch, train_loss, val, run, metric, diverged)
+        run.last_epoch, written = epoch, None
+        if epoch in ckpt_epochs or diverged:  # a diverged epoch is the trial's last: it keeps a checkpoint
+            state = dict(
+                epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=run.history,
+                best_epoch=run.best_epoch, best_value=run.best_value, config=cfg.to_dict(), variant=variant.key,
+                artifacts=handles,
+                pos_weight=pos_weight, device_seconds=account.device_seconds(),
+            )
+            written = writer.submit(ckpt_root, state, run.best_model, cfg)  # a CPU copy, written on a background thread
+        report = {**epoch_report(epoch, train_loss, val, run, metric, diverged), **account.report()}
         print(_progress_line(report, params.epochs, metric), flush=True)
         if on_epoch is not None:
-            on_epoch(report, run.checkpoint)
-        prune_checkpoints(ckpt_root, keep=run.checkpoint)
+            if written is not None:  # the callback persists the directory (tune.report copies it): it must be whole
+                run.checkpoint = _finish_write(writer, ckpt_root)
+            on_epoch(report, written)  # None on epochs without a checkpoint
         if diverged:  # more epochs cannot bring a NaN model back
             print(f"epoch {epoch}: non-finite loss or scores: the trial diverged", flush=True)
             break
-    result = _final_metrics(run, metric, variant.key, time.time() - started)
+    run.checkpoint = _finish_write(writer, ckpt_root) or run.checkpoint
+    result = {**_final_metrics(run, metric, variant.key, time.time() - started), **account.report(),
+              "checkpoint_seconds": round(writer.seconds, 3)}  # training-thread time spent on checkpoints
     if cfg.train.test and run.best_epoch:
         result["test"] = evaluate_checkpoint(run.checkpoint, split="test", with_scores=False)
     (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2))
     return result
+
+
+def _asha_rungs(cfg: Config, epochs: int) -> tuple[int, int, int] | None:
+    """(grace_period, reduction_factor, max_t) when the sweep runs ASHA on the epoch, else None."""
+    s = cfg.search
+    if str(s.scheduler).lower() != "asha":
+        return None
+    return s.grace_period, s.reduction_factor, s.max_t or epochs
+
+
+def _finish_write(writer: CheckpointWriter, root: Path) -> Path | None:
+    """Wait for the pending checkpoint write; keep only that newest directory."""
+    path = writer.wait()
+    if path is not None:
+        prune_checkpoints(root, keep=path)
+    return path
+
+
+def _step(cfg: Config, fn, *args):
+    """``fn(*args)``; with train.compile, a failure of the compiler (raised at the first step) is one line."""
+    if not cfg.train.compile:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - torch.compile raises many types from its backends
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise compile_error(exc) from None
+        raise
+
+
+class _Accounting:
+    """GPU-hours accounting: the device, device-seconds (wall time x the trial's device share) and train img/s."""
+
+    def __init__(self, rt: Runtime, cfg: Config, earlier: float):
+        self.device = device_label(rt)
+        # a fractional-GPU trial holds its share of the device; a CPU trial counts its wall time
+        self.share = float(cfg.resources.gpu) if rt.device.type == "cuda" and cfg.resources.gpu > 0 else 1.0
+        self.earlier, self.started = earlier, time.perf_counter()
+        self.images, self.seconds = 0, 0.0
+
+    def trained(self, images: int, seconds: float) -> None:
+        """Count one training epoch."""
+        self.images += images
+        self.seconds += seconds
+
+    def device_seconds(self) -> float:
+        """Device-seconds of this trial so far, earlier attempts included."""
+        return self.earlier + (time.perf_counter() - self.started) * self.share
+
+    def report(self) -> dict:
+        """The accounting keys of an epoch report and of metrics.json."""
+        rate = self.images / self.seconds if self.seconds > 0 else math.nan
+        return {"device": self.device, "device_seconds": round(self.device_seconds(), 3), "img_per_s": rate}
 
 
 def _progress_line(report: dict, epochs: int, metric: str) -> str:
@@ -281,22 +386,43 @@ def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
     return model.eval(), cfg
 
 
+def validation_threshold(state: dict) -> float:
+    """The decision threshold: Youden's J on the best epoch's validation ROC (0.5 when undefined, e.g. one class)."""
+    for entry in state.get("history", []):
+        if entry.get("epoch") == state.get("best_epoch"):
+            value = entry.get("val_youden_threshold")
+            if value is not None and math.isfinite(value):
+                return float(value)
+    return 0.5
+
+
 def evaluate_checkpoint(checkpoint_dir, split: str = "test", n_boot: int = 1000, with_scores: bool = True) -> dict:
-    """Score a checkpoint's best epoch on ``split``: metrics, ``*_ci`` bootstrap 95 % intervals, per-image scores."""
-    from preprocessing.loader import eval_set
+    """Score a checkpoint's best epoch on ``split`` at the validation threshold: metrics, ``*_ci`` intervals, scores.
+
+    The threshold (recorded as ``threshold``) is ``validation_threshold``; the intervals are a
+    bootstrap over resampled patients (both views of a patient move together).
+    """
+    from preprocessing.loader import eval_set, fold_splits
 
     model, cfg = load_trial_model(checkpoint_dir)
     params = trial_params(cfg)
     state = load_state(checkpoint_dir)
-    variant = resolve_variant(cfg, params.he)
+    # the variant the trial trained on, by its recorded key (checkpoints before handles recorded only the key)
+    variant, _ = open_artifacts(cfg, {"variant": state.get("artifacts", {}).get("variant")
+                                      or {"key": state["variant"], "manifest": None}})
     rt = runtime(cfg)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
-    dataset = eval_set(variant, params.view, split)
+    dataset = eval_set(variant, params.view, split, fold_splits(variant, params.fold))
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(state["pos_weight"], device=rt.device))
     loader = make_loader(dataset, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
     labels, scores, loss = predict(model, loader, criterion, rt)
-    result = {**split_metrics(labels, scores, loss), **bootstrap_ci(labels, scores, n=n_boot, seed=params.seed)}
-    result.update(split=split, best_epoch=state["best_epoch"], n=int(len(labels)))
+    threshold = validation_threshold(state)
+    patient_of = dict(zip(variant.index["image_id"], variant.index["patient"]))
+    patients = [patient_of[i] for i in dataset.image_ids]
+    result = {**binary_metrics(labels, scores, threshold), "loss": loss,
+              **bootstrap_ci(labels, scores, n=n_boot, seed=params.seed, threshold=threshold, patients=patients)}
+    result.update(split=split, best_epoch=state["best_epoch"], n=int(len(labels)), threshold=threshold,
+                  patients=len(set(patients)))
     if with_scores:
         ids = list(dataset.image_ids)
         result["scores"] = [

@@ -7,6 +7,7 @@ optional component does not take the whole command line down.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,11 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_ingest(args: argparse.Namespace) -> None:
     from preprocessing.ingest import ingest
 
-    result = ingest(args.manifest, args.out, seed=args.seed, salt=args.salt)
+    from preprocessing.ingest import SALT_FILE_ENV, salt_from_file
+
+    salt_file = args.salt_file or os.environ.get(SALT_FILE_ENV)
+    salt = args.salt or (salt_from_file(salt_file) if salt_file else None)
+    result = ingest(args.manifest, args.out, seed=args.seed, salt=salt, folds=args.folds)
     print(f"wrote {result.dataset / 'dataset.parquet'} (fingerprint {result.fingerprint[:12]}), "
           f"{result.dataset / 'rejected.csv'}, {result.dataset / 'summary.json'}")
 
@@ -125,13 +130,13 @@ def _cmd_roi_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_store_build(args: argparse.Namespace) -> None:
-    from fsmodels.config import entry_values
+    from fsmodels.config import key_values
     from preprocessing.store import build_store
 
     cfg = _config(args, **{"data.dataset": args.dataset, "data.store": args.store})
     build_store(
         cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size,
-        he_modes=entry_values("he", cfg.space.he), margin=cfg.roi.margin, aspect=cfg.data.aspect, address=args.address,
+        he_modes=key_values(cfg, "he"), margin=cfg.roi.margin, aspect=cfg.data.aspect, address=args.address,
     )
 
 
@@ -169,16 +174,37 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     name = args.name or f"{Path(args.config).stem}_{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment = run_sweep(cfg, address=args.address, name=name, storage=args.storage)
+    experiment = run_sweep(cfg, address=args.address, name=name, storage=args.storage, verbose=args.verbose)
     print(f"experiment: {experiment}")
     print(f"tensorboard --logdir {experiment}")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from search.plan import write_plan
+
+    if args.rate is not None and not args.rate > 0:
+        raise FsweepError(f"--rate {args.rate}: expected images/s > 0")
+    print(write_plan(_config(args), out=args.out, rate=args.rate))
+    if args.out:
+        print(f"wrote {args.out}")
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
     from search.sweep import resume_sweep
 
-    experiment = resume_sweep(args.experiment, address=args.address)
+    experiment = resume_sweep(args.experiment, address=args.address, verbose=args.verbose)
     print(f"experiment: {experiment}")
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    from cluster.storage import exists, join, resolve_storage
+    from search.progress import format_block, read_progress
+    from search.sweep import SWEEP_CONFIG, load_sweep_config
+
+    experiment = resolve_storage(args.experiment)
+    if not exists(join(experiment, SWEEP_CONFIG)):
+        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
+    print("\n".join(format_block(read_progress(experiment, load_sweep_config(experiment)))))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -211,7 +237,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     args.config = args.config or DEMO_CONFIG
     out = Path(args.out).resolve()
-    run_demo(out, _config(args, **demo_paths(out)))
+    run_demo(out, _config(args, **demo_paths(out)), verbose=args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="DATASET directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--salt", default=None, help="salt of the patient-id hash (default: kept in DATASET/.salt)")
+    p.add_argument("--salt-file", default=None, help="keep the salt in this file, outside DATASET (made if missing; "
+                   "default $FSWEEP_SALT_FILE): the folder alone then cannot be brute-forced back to patient ids")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="also write K >= 3 rotating patient-level folds (fold_0..; test and val rotate; split = fold 0)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("manifest", help="a manifest from a folder of DICOM files and a labels table")
@@ -285,12 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray address: auto or ray://HOST:PORT (default: local)")
     p.add_argument("--name", default=None, help="experiment name (default: config file stem + time)")
     p.add_argument("--storage", default=None, help="experiment storage path or URI (default: ./runs)")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's trial tables and the trials' output too")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("plan", help="the trials a sweep will run and their cost (no Ray, no training)")
+    _add_config(p, config_required=True)
+    p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV")
+    p.add_argument("--rate", type=float, default=None, metavar="IMG_PER_S",
+                   help="one trial's measured training img/s (leaderboard img_per_s, bench/gpu.py): prints device-hours")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("resume", help="finish an interrupted sweep")
     p.add_argument("experiment", help="experiment directory (<storage>/<name>)")
     p.add_argument("--address", default=None, help="Ray address (default: local)")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's trial tables and the trials' output too")
     p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("status", help="a running or finished sweep at a glance (reads its files; no Ray)")
+    p.add_argument("experiment", help="experiment directory (<storage>/<name>)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("report", help="leaderboard, ablation tables, ROC plots")
     p.add_argument("experiment", help="experiment directory")
@@ -313,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="everything on the phantom, CPU-sized")
     p.add_argument("--out", default="demo_out", help="output directory")
     _add_config(p)  # --config defaults to configs/demo.yaml
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's tables, the trials' and YOLO's output too")
     p.set_defaults(func=_cmd_demo)
 
     return parser

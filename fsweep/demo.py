@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from fsmodels.config import Config
@@ -56,14 +57,18 @@ def demo_paths(out: Path) -> dict[str, str]:
     return {"data.dataset": str(out / "dataset"), "data.store": str(out / "store"), "roi.detector": str(out / "roi")}
 
 
-def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: float = 0.8) -> Path:
-    """Run every stage on a fresh phantom under ``out`` with ``cfg`` (configs/demo.yaml); returns the experiment."""
+def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: float = 0.8, verbose: bool = False) -> Path:
+    """Run every stage on a fresh phantom under ``out`` with ``cfg`` (configs/demo.yaml); returns the experiment.
+
+    Quiet unless ``verbose``: YOLO's log goes to ``out/roi/train.log``, Ray's to the experiment's ``logs/``.
+    """
     from fsweep.export import export_experiment
     from fsweep.predict import predict
     from preprocessing.ingest import ingest
     from preprocessing.phantom import write_phantom
     from preprocessing.roi import train_detector
     from preprocessing.store import build_store
+    from search.progress import logs_to_file
     from search.report import write_report
     from search.sweep import run_sweep, sweep_he_modes
 
@@ -80,8 +85,9 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: floa
 
     roi = cfg.roi
     _step(f"fsweep roi train {out / 'dataset'} --out {out / 'roi'} --config {DEMO_CONFIG.name}")
-    metrics = train_detector(out / "dataset", out / "roi", annotated=roi.annotated, epochs=roi.epochs,
-                             imgsz=roi.imgsz, model=roi.model, batch=roi.batch)
+    with nullcontext() if verbose else logs_to_file(out / "roi" / "train.log", ("ultralytics",), streams=True):
+        metrics = train_detector(out / "dataset", out / "roi", annotated=roi.annotated, epochs=roi.epochs,
+                                 imgsz=roi.imgsz, model=roi.model, batch=roi.batch)
     print(f"ROI detector mAP50={metrics['map50']:.3f} (paper: 0.97)")
 
     modes = sweep_he_modes(cfg)
@@ -90,7 +96,7 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: floa
                 margin=roi.margin, aspect=cfg.data.aspect)
 
     _step(f"fsweep sweep {DEMO_CONFIG} --storage {out / 'runs'} --name demo")
-    experiment = run_sweep(cfg, address=None, name="demo", storage=str(out / "runs"))
+    experiment = run_sweep(cfg, address=None, name="demo", storage=str(out / "runs"), verbose=verbose)
 
     _step(f"fsweep report {experiment}")
     report = write_report(experiment)

@@ -47,7 +47,7 @@ ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.3
 PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
 PARITY_IMAGES = 8  # real validation images per view in the parity batch (plus PARITY_RANDOM random ones)
 PARITY_RANDOM = 2
-THRESHOLD = 0.5  # the threshold every recorded metric was computed at (fsmodels.metrics default)
+THRESHOLD = 0.5  # the threshold of a winner scored before thresholds came from validation
 PACKAGES = ("torch", "timm", "onnx", "onnxruntime", "opencv-python", "pydicom", "ultralytics", "numpy",
             "safetensors", "ray", "fsweep")  # versions recorded in the card
 
@@ -97,11 +97,10 @@ def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
     """Export each winner into ``model_dir`` and return the model card (sha256 of every file last)."""
     from fsmodels.train import load_trial_model
 
-    models, detector, dataset = {}, None, None
+    models, detector = {}, None
     for view, winner in sorted(winners.items()):
         checkpoint = locate_checkpoint(experiment, winner["checkpoint"])
         model, cfg = load_trial_model(checkpoint)
-        dataset = cfg.data.dataset
         detector = copy_detector(cfg.roi.detector, model_dir) if detector is None else detector
         models[view] = export_view(model, cfg, view, winner, checkpoint, model_dir, detector)
     card = {
@@ -110,7 +109,7 @@ def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
         "experiment": experiment,
         "views": sorted({v for m in models.values() for v in m["views"]}),
         "models": models,
-        "data": data_fingerprint(dataset),
+        "data": data_fingerprint(models),
         "packages": package_versions(),
     }
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
@@ -158,8 +157,10 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
 
     params = trial_params(cfg)
     state = load_state(checkpoint)
-    variant = open_variant(cfg.data.store, state["variant"])
-    trained_on = json.loads((variant.path / "variant.json").read_text()).get("detector_sha256")
+    recorded = state.get("artifacts", {}).get("variant") or {"key": state["variant"], "manifest": None}
+    variant = open_variant(cfg.data.store, recorded["key"], expected=recorded["manifest"])  # never a recomputed key
+    meta = json.loads((variant.path / "variant.json").read_text())
+    trained_on = meta.get("detector_sha256")
     if detector is not None and trained_on != detector["sha256"]:
         raise FsweepError(f"{cfg.roi.detector}/best.pt: changed since the store variant was built "
                           f"(sha256 {detector['sha256'][:12]} != {str(trained_on)[:12]}); rebuild and re-run the sweep")
@@ -191,12 +192,13 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
             "stn": params.stn,
             "input": "float32 (B, 1, size, size) = uint8 / 255; normalisation and STN inside the network",
         },
-        "threshold": THRESHOLD,
+        "threshold": (winner.get("test") or {}).get("threshold", THRESHOLD),  # chosen on validation (Youden's J)
         "val_youden_threshold": _youden(state, winner.get("best_epoch")),
         "metrics": {"val": validation_metrics(checkpoint), "test": winner.get("test")},
         "files": {"onnx": f"{view}/{ONNX_FILE}", "torchscript": f"{view}/{TORCHSCRIPT_FILE}",
                   "weights": f"{view}/{WEIGHTS_FILE}"},
         "parity": parity,
+        "data": {**(meta.get("dataset") or {}), "variant": variant.key},
     }
 
 
@@ -270,14 +272,13 @@ def check_parity(model: torch.nn.Module, samples: torch.Tensor, folder: Path, vi
     return {**diffs, "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE, "compared": "logit"}
 
 
-def data_fingerprint(dataset: str | None) -> dict:
-    """The training data's identity from DATASET/summary.json (fingerprint, counts, split seed)."""
-    path = Path(dataset or "") / "summary.json"
-    if not path.is_file():
-        raise FsweepError(f"{path}: missing; the card needs the data set's fingerprint")
-    summary = json.loads(path.read_text())
-    return {"dataset": str(Path(dataset).resolve()), "fingerprint": summary.get("fingerprint"),
-            "split_seed": summary.get("seed"), "counts": summary.get("counts")}
+def data_fingerprint(models: dict) -> dict:
+    """The training data's identity as the winners' store variant recorded it when built (DATASET may have changed)."""
+    data = next(iter(models.values()))["data"]
+    if not data.get("fingerprint"):
+        raise FsweepError(f"store variant {data['variant']}: records no data fingerprint (built by an older fsweep); "
+                          "rebuild the store and re-run the sweep")
+    return data
 
 
 def package_versions() -> dict:
@@ -292,7 +293,7 @@ def package_versions() -> dict:
 
 
 def _youden(state: dict, best_epoch) -> float | None:
-    """The validation Youden threshold of the selected epoch (informative; the card's threshold stays 0.5)."""
+    """The validation Youden threshold of the selected epoch (the card's threshold when the winner recorded one)."""
     for entry in state.get("history", []):
         if entry.get("epoch") == best_epoch:
             return entry.get("val_youden_threshold")

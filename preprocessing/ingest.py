@@ -42,7 +42,7 @@ import pandas as pd
 from cluster.errors import FsweepError
 from preprocessing.decode import DecodeError, decode_with_warnings
 from preprocessing.files import atomic_write_parquet, atomic_write_text
-from preprocessing.splits import patient_splits
+from preprocessing.splits import fold_column, patient_folds, patient_splits
 from preprocessing.vocab import LABEL_ALIASES, LABEL_NAMES, SPLITS, VIEWS, parse_view
 
 REQUIRED = ("image", "patient_id", "view", "label")
@@ -84,10 +84,11 @@ class IngestResult:
 
 
 def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | None = None,
-           echo: bool = True) -> IngestResult:
+           echo: bool = True, folds: int = 0) -> IngestResult:
     """Validate and decode every row of ``manifest``; write ``out``/dataset.parquet, rejected.csv, summary.json.
 
     ``seed`` fixes the patient-level 60/20/20 split (independent of the salt). ``echo`` prints the table.
+    ``folds`` K >= 3 adds K rotating patient-level folds (columns ``fold_0..``; ``split`` = fold 0).
     """
     if seed < 0:
         raise FsweepError(f"--seed must be 0 or more, got {seed}")
@@ -105,10 +106,10 @@ def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | Non
         for stale in ("dataset.parquet", "summary.json"):  # never leave an older dataset beside these reasons
             (out / stale).unlink(missing_ok=True)
         raise FsweepError(f"{manifest}: no usable rows, all {len(rejected)} rejected (see {out / 'rejected.csv'})")
-    table = _dataset_table(accepted, seed, _salt(out, salt))
+    table = _dataset_table(accepted, seed, _salt(out, salt), folds)
     atomic_write_parquet(table, out / "dataset.parquet")  # a reader never sees half a dataset
     result = _summarise(out, table, rejected, heard)
-    _write_summary(out, result, manifest, seed)
+    _write_summary(out, result, manifest, seed, folds)
     if echo:
         print(result.table())
     return result
@@ -262,16 +263,25 @@ def _reject_label_conflicts(accepted: list[dict], rejected: list[dict]) -> tuple
     return kept, rejected
 
 
+SALT_FILE_ENV = "FSWEEP_SALT_FILE"  # a salt file outside DATASET (`fsweep ingest --salt-file`)
+
+
 def _salt(out: Path, salt: str | None) -> str:
     """The given salt, else the one kept in DATASET/.salt, else a new random one saved there (0600)."""
-    if salt:
-        return salt
-    keep = out / ".salt"
+    return salt or salt_from_file(out / ".salt")
+
+
+def salt_from_file(keep: str | Path) -> str:
+    """The salt kept in ``keep``, or a new random one written there (0600). Keeping it outside DATASET means
+    the folder alone (hashes beside their salt) does not let anyone brute-force the ids by hashing guesses."""
+    keep = Path(keep).expanduser()
     if keep.is_file():
         kept = keep.read_text().strip()
         if not kept:  # hashing with an empty salt would make the ids easy to recover by guessing
             raise FsweepError(f"{keep}: empty salt file (delete it for a new random salt, or pass --salt)")
         return kept
+    if not keep.parent.is_dir():
+        raise FsweepError(f"{keep}: its folder does not exist (the salt file is made there when missing)")
     salt = secrets.token_hex(16)
     descriptor = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as handle:
@@ -284,13 +294,20 @@ def hash_patient(patient_id: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:16]
 
 
-def _dataset_table(accepted: list[dict], seed: int, salt: str) -> pd.DataFrame:
+def _dataset_table(accepted: list[dict], seed: int, salt: str, folds: int = 0) -> pd.DataFrame:
     table = pd.DataFrame(accepted)
-    split_of = patient_splits(table[["patient_id", "view", "label"]], seed)
-    table["split"] = table["patient_id"].map(split_of)
+    fold_columns = []
+    if folds:
+        rotations = patient_folds(table[["patient_id", "view", "label"]], seed, folds)
+        fold_columns = [fold_column(k) for k in range(folds)]
+        for k, column in enumerate(fold_columns):
+            table[column] = table["patient_id"].map(lambda p, k=k: rotations[p][k])
+        table["split"] = table[fold_column(0)]
+    else:
+        table["split"] = table["patient_id"].map(patient_splits(table[["patient_id", "view", "label"]], seed))
     table["patient"] = [hash_patient(p, salt) for p in table["patient_id"]]
     table["image_id"] = table["pixel_sha256"].str[:16]
-    table = table[COLUMNS]  # drops the raw patient_id and the manifest's own spelling of the path
+    table = table[COLUMNS + fold_columns]  # drops the raw patient_id and the manifest's own spelling of the path
     return table.astype({"label": "int64", "height": "int64", "width": "int64", "row": "int64",
                          **{k: "float64" for k in BOX}}).reset_index(drop=True)
 
@@ -341,10 +358,11 @@ def fingerprint(table: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int) -> None:
+def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int, folds: int = 0) -> None:
     summary = {
         "manifest": str(manifest.resolve()),
         "seed": seed,
+        "folds": folds,
         "accepted": result.accepted,
         "rejected": result.rejected,
         "patients": result.patients,

@@ -7,6 +7,10 @@ happen on the device in fsmodels.
 Flip (paper §3.3): a view's training set gains the OTHER view's TRAIN images mirrored
 left-right, labels kept, so it doubles. Only the train split is ever mirrored in, and
 splits are patient-level (DESIGN §3), so no val/test patient reaches training.
+
+Folds (``fsweep ingest --folds K``): the store's arrays follow the dataset's ``split``
+(fold 0); another fold's sets take their rows from every array of the view, picked by
+that fold's column of the variant's index (``fold_splits``), so no fold needs a store of its own.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cluster.errors import FsweepError
+from preprocessing.splits import dataset_folds, fold_column
 from preprocessing.variant import Variant
 from preprocessing.vocab import SPLITS, VIEW_CHOICES, VIEWS
 
@@ -29,6 +34,7 @@ class Part:
     labels: np.ndarray  # (N,) int64
     image_ids: tuple[str, ...]  # ids in array order
     mirrored: bool  # flip left-right when read
+    rows: np.ndarray | None = None  # the array rows this part reads (None: all, in order)
 
 
 class ArraySet(Dataset):
@@ -51,26 +57,55 @@ class ArraySet(Dataset):
             raise IndexError(i)
         which = int(np.searchsorted(self.offsets, i, side="right")) - 1
         part, row = self.parts[which], i - int(self.offsets[which])
-        image = part.images[row, :, ::-1] if part.mirrored else part.images[row]
+        stored = int(part.rows[row]) if part.rows is not None else row  # the array row; labels are per part
+        image = part.images[stored, :, ::-1] if part.mirrored else part.images[stored]
         return torch.from_numpy(np.array(image)[None]), float(part.labels[row])  # a copy: memmaps are read-only
 
 
-def train_set(variant: Variant, view: str, flip: bool) -> ArraySet:
-    """Training set of ``view`` (left/right/both); with ``flip`` plus the mirrored train images of the other view(s)."""
+def fold_splits(variant: Variant, fold: int) -> dict[str, str] | None:
+    """image_id -> split in fold ``fold`` (None for fold 0: the store's own split); FsweepError for a missing fold."""
+    if fold == 0:
+        return None
+    rows = variant.index
+    if fold_column(fold) not in rows:
+        raise FsweepError(f"space.fold={fold}: variant {variant.key} has {dataset_folds(rows.columns)} folds "
+                          "(run `fsweep ingest --folds K`, then `fsweep store build`)")
+    return dict(zip(rows["image_id"], rows[fold_column(fold)]))
+
+
+def train_set(variant: Variant, view: str, flip: bool, splits: dict[str, str] | None = None) -> ArraySet:
+    """Training set of ``view`` (left/right/both); with ``flip`` plus the mirrored train images of the other view(s).
+
+    ``splits`` (``fold_splits``) picks another fold's train rows; None keeps the store's split.
+    """
     views = _views(view)
-    parts = [_part(variant, "train", v, mirrored=False) for v in views]
+    parts = [p for v in views for p in _parts(variant, "train", v, False, splits)]
     if flip:
         # one view: mirror the other view in; both: mirror every train image
         mirror_views = [v for v in VIEWS if v != view] if view in VIEWS else list(VIEWS)
-        parts += [_part(variant, "train", v, mirrored=True) for v in mirror_views]
+        parts += [p for v in mirror_views for p in _parts(variant, "train", v, True, splits)]
     return ArraySet(parts)
 
 
-def eval_set(variant: Variant, view: str, split: str) -> ArraySet:
+def eval_set(variant: Variant, view: str, split: str, splits: dict[str, str] | None = None) -> ArraySet:
     """Evaluation set of ``split`` (val/test, or train) for ``view`` (left/right/both); never mirrored."""
     if split not in SPLITS:
         raise FsweepError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-    return ArraySet([_part(variant, split, v, mirrored=False) for v in _views(view)])
+    return ArraySet([p for v in _views(view) for p in _parts(variant, split, v, False, splits)])
+
+
+def _parts(variant: Variant, split: str, view: str, mirrored: bool, splits: dict[str, str] | None) -> list[Part]:
+    """The images of ``split`` x ``view``: one store array, or (another fold) the matching rows of every array."""
+    if splits is None:
+        return [_part(variant, split, view, mirrored)]
+    parts = []
+    for stored in SPLITS:
+        ids = variant.image_ids(stored, view)
+        rows = np.array([i for i, image_id in enumerate(ids) if splits.get(image_id) == split], dtype=np.int64)
+        whole = _part(variant, stored, view, mirrored)
+        parts.append(Part(images=whole.images, labels=whole.labels[rows], mirrored=mirrored, rows=rows,
+                          image_ids=tuple(ids[i] for i in rows)))
+    return parts
 
 
 def _part(variant: Variant, split: str, view: str, mirrored: bool) -> Part:

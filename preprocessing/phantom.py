@@ -1,25 +1,46 @@
-"""A synthetic oblique cervical-spine data set in the manifest format (DESIGN §4.1).
+"""Phantom v2: a synthetic oblique cervical-spine data set in the manifest format (DESIGN §4.1).
 
-The paper's radiographs are private, so fsweep ships this phantom. Each patient has
-a left and a right oblique view. Both are drawn from one "right-like" anatomy (the
-patient's tilt, curvature, scale and position); the left view is that drawing
-mirrored left-right, so a left-vs-right classifier has something to learn and the
-paper's Flip turns a left image into a right-looking one.
+The paper's radiographs are private, so fsweep ships this phantom. It is built so that the
+label lives only in local anatomy, and so that each nuisance the paper's methods address is
+present (each on by default, each switchable by a keyword argument of ``write_phantom``).
 
-Along a tilted, curved spine axis sit six vertebral bodies (C2-C7) and, beside
-them, a bright posterior column with five dark oval foramina between the levels.
-Foramina are the darkest structures in the spine box. A normal view has five
-wide foramina (85-100 % of full width); an abnormal one has three to five
-narrowed ones. ``difficulty`` moves the narrowed width toward the normal width
-(0: about 25 % of full width, 0.5: about 50 %, 1: about 75 %), so the classes
-overlap more as it grows. The labels of the two views are drawn independently; exactly
+Anatomy. Along a curved spine axis sit six vertebral bodies (C2-C7) and, beside them, a
+bright posterior column with five dark elliptical foramina between the levels. Every foramen
+draws its size, its elongation (short/long axis ratio), its darkness and its rim independently
+of the label; the label is in its *orientation*: a normal foramen is tall (long axis along the
+spine), a narrowed one is squeezed along the spine, narrower but longer sideways. A rotated
+ellipse has the same pixels as before, so the dark area of a view, its grey-level histogram and
+every other global intensity statistic of the spine box carry no label.
+
+``overlap`` (on): foramen sizes vary widely, so normal and narrowed widths (their extent along
+the spine) overlap; half of the abnormal views narrow only one or two of the five foramina; zero to
+three dark distractor blobs (lucencies in the bodies) add dark area at random. Off: every
+abnormal view narrows three to five foramina of near-equal size, with little wobble.
+``difficulty`` (0 easy .. 1 hard) makes every foramen rounder and its orientation wobble more,
+so narrowed and normal foramina look more alike; the default is the calibrated one (see
+README, "measured calibration table"). ``label_noise`` (default 4 %): that share of views, per
+side, carry the opposite label of their anatomy (half flipped each way, so the abnormal share
+is unchanged).
+
+``exposure`` (on): each image has its own grey level, contrast and gamma, inside a narrow grey
+range (about half of the 8-bit range: what histogram equalization is for). Off: one fixed exposure.
+
+``pose`` (on): the patient's spine is tilted up to 25 degrees either way and curved (lordosis
+to a slight kyphosis), and each view re-positions the patient by a few degrees (what the STN
+is for). Off: an upright spine with one mild curvature.
+
+``view_gap`` (on): the left view is the right-like drawing mirrored, but taken through another
+projection: magnified, foreshortened sideways, blurrier and noisier. So Flip adds data from a
+shifted domain, not duplicates. Off: the left view is the same projection, mirrored.
+
+``paired_labels`` (on): a patient's two labels are correlated as in real cohorts (stenosis is
+often bilateral); off: the sides are labelled independently. Either way exactly
 ``round(0.64 * patients)`` views of each side are abnormal, as in the paper.
 
-Distractors that an ROI crop must remove lie outside the spine box: the skull at
-the top, the mandible with teeth in front, the clavicle at the bottom and an L/R
-marker letter. The image uses a narrow grey range with noise so that histogram
-equalization matters. The spine box ``x0,y0,x1,y1`` encloses the bodies and the
-posterior column (with every foramen) tightly.
+Distractors that an ROI crop must remove lie outside the spine box: the skull at the top, the
+mandible with teeth in front, the clavicle at the bottom and an L/R marker letter. The spine
+box ``x0,y0,x1,y1`` encloses the bodies and the posterior column (with every foramen) tightly.
+Same arguments, same bytes.
 """
 from __future__ import annotations
 
@@ -32,58 +53,116 @@ import cv2
 import numpy as np
 
 from cluster.errors import FsweepError
-from preprocessing.vocab import VIEWS
+from preprocessing.vocab import LABEL_NAMES, VIEWS
 
 ABNORMAL_FRACTION = 0.64  # the paper's share of abnormal views
+BOTH_ABNORMAL_FRACTION = 0.52  # paired labels: patients abnormal on both sides (independent sides: 0.41)
+DEFAULT_DIFFICULTY = 0.5  # calibrated: see the module docstring
+DEFAULT_LABEL_NOISE = 0.04
 LEVELS = 6  # vertebral bodies C2..C7
 FORAMINA = LEVELS - 1  # one foramen between each pair of neighbouring levels
+NARROWED_COUNT_P = (0.25, 0.25, 0.2, 0.15, 0.15)  # overlap on: P(1..5 narrowed foramina | abnormal)
+MAX_TILT_DEG = 25.0
 SHIFT = 4  # fractional bits for OpenCV drawing: sub-pixel accuracy on small images
 SCALE = 1 << SHIFT
+ELLIPSE_POINTS = 32
+RIM = 0.05  # cortical rim of a foramen, in units
+MAX_LONG = 0.44  # longest half-axis of a foramen, in units (they sit one unit apart)
 CONTACT_SAMPLES = 4  # patients (both views each) shown on the contact sheet
 
 
 @dataclass(frozen=True)
-class Anatomy:
-    """One patient's right-like geometry and exposure, shared by both views."""
+class Nuisances:
+    """Which nuisances are drawn (all on by default) and the label-noise rate."""
+
+    overlap: bool = True
+    exposure: bool = True
+    pose: bool = True
+    view_gap: bool = True
+    paired_labels: bool = True
+    label_noise: float = DEFAULT_LABEL_NOISE
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One view's geometry in the right-like frame (before the left view is mirrored)."""
 
     unit: float  # vertebral pitch in pixels; every spine size is a multiple of it
-    top: tuple[float, float]  # (x, y) of the axis' top point
+    mid: tuple[float, float]  # (x, y) of the axis' middle point
     tilt: float  # axis angle from vertical, radians (positive leans the bottom right)
-    bow: float  # lordotic curvature: peak sideways offset as a fraction of the axis length
-    level: float  # darkest grey value of the image
-    span: float  # grey range above `level` (narrow on purpose)
+    bow: float  # curvature: peak sideways offset as a fraction of the axis length (lordosis > 0)
+    squeeze: float  # sideways foreshortening of the projection (1 = none)
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        """Apply the sideways foreshortening about the axis' middle point."""
+        out = np.array(points, dtype=np.float64)
+        out[..., 0] = self.mid[0] + self.squeeze * (out[..., 0] - self.mid[0])
+        return out
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """One image's grey mapping: level + span * canvas**gamma, plus noise and blur."""
+
+    level: float
+    span: float
+    gamma: float
+    noise: float
+    blur: float  # Gaussian sigma as a fraction of the image height
+
+
+@dataclass(frozen=True)
+class Foramen:
+    """One foramen: area (as the geometric-mean radius, in units), shape, tone and orientation."""
+
+    radius: float  # sqrt(long * short) half-axes, in units: fixes the area
+    ratio: float  # short / long half-axis (1 = round)
+    tone: float  # canvas value of the lumen (dark)
+    angle: float  # degrees from the sideways direction to the long axis: ~90 normal, ~0 narrowed
 
 
 def write_phantom(
     out: str | Path,
     patients: int = 200,
     seed: int = 0,
-    difficulty: float = 0.5,
+    difficulty: float = DEFAULT_DIFFICULTY,
     size: tuple[int, int] = (590, 1006),
+    *,
+    overlap: bool = True,
+    exposure: bool = True,
+    pose: bool = True,
+    view_gap: bool = True,
+    paired_labels: bool = True,
+    label_noise: float = DEFAULT_LABEL_NOISE,
 ) -> dict:
     """Write ``patients`` x 2 PNG images, ``manifest.csv`` and ``contact_sheet.png`` under ``out``.
 
-    ``size`` is (width, height) in pixels. Same arguments, same bytes. Returns a dict with
-    ``images``, ``patients``, ``abnormal_fraction``, ``manifest`` and ``contact_sheet`` (paths).
+    ``size`` is (width, height) in pixels. The keyword switches turn single nuisances off (see the
+    module docstring). Same arguments, same bytes. Returns a dict with ``images``, ``patients``,
+    ``abnormal_fraction``, ``noisy_labels`` (views whose label contradicts their anatomy),
+    ``manifest`` and ``contact_sheet`` (paths).
     """
     out = Path(out)
-    _check_arguments(out, patients, seed, difficulty, size)
+    _check_arguments(out, patients, seed, difficulty, size, label_noise)
+    nuisances = Nuisances(overlap, exposure, pose, view_gap, paired_labels, float(label_noise))
     (out / "images").mkdir(parents=True, exist_ok=True)
-    labels = _view_labels(patients, seed)
+    labels = view_labels(patients, seed, nuisances.paired_labels)
+    anatomy = _noisy_anatomy(labels, seed, nuisances.label_noise)
     rows, samples = [], []
     for index in range(patients):
         rng = np.random.default_rng([seed, index])
-        anatomy = _sample_anatomy(rng, size)
+        patient = _sample_patient(rng, size, nuisances.pose)
         patient_id = f"P{index + 1:04d}"
         for view in VIEWS:
-            abnormal = bool(labels[view][index])
-            image, box = render_view(anatomy, view, abnormal, difficulty, size, rng)
+            label = LABEL_NAMES[int(labels[view][index])]
+            projection = _view_projection(patient, view, nuisances, rng)
+            image, box = render_view(projection, view, bool(anatomy[view][index]), difficulty, size, nuisances, rng)
             name = f"images/{patient_id}_{view}.png"
             if not cv2.imwrite(str(out / name), image):
                 raise FsweepError(f"{out / name}: could not write the image")
-            rows.append([name, patient_id, view, "abnormal" if abnormal else "normal", *box])
+            rows.append([name, patient_id, view, label, *box])
             if index < CONTACT_SAMPLES:
-                samples.append((image, box, f"{patient_id} {view[0].upper()} {'abn' if abnormal else 'nor'}"))
+                samples.append((image, box, f"{patient_id} {view[0].upper()} {label[:3]}"))
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -91,17 +170,20 @@ def write_phantom(
         writer.writerows(rows)
     sheet = out / "contact_sheet.png"
     cv2.imwrite(str(sheet), contact_sheet(samples))
-    n_abnormal = int(labels["left"].sum() + labels["right"].sum())
+    n_abnormal = int(sum(labels[view].sum() for view in VIEWS))
+    noisy = int(sum((labels[view] != anatomy[view]).sum() for view in VIEWS))
     return {
         "images": len(rows),
         "patients": patients,
         "abnormal_fraction": n_abnormal / len(rows),
+        "noisy_labels": noisy,
         "manifest": str(manifest),
         "contact_sheet": str(sheet),
     }
 
 
-def _check_arguments(out: Path, patients: int, seed: int, difficulty: float, size: tuple[int, int]) -> None:
+def _check_arguments(out: Path, patients: int, seed: int, difficulty: float, size: tuple[int, int],
+                     label_noise: float) -> None:
     if patients < 1:
         raise FsweepError(f"--patients must be at least 1, got {patients}")
     if seed < 0:
@@ -110,57 +192,93 @@ def _check_arguments(out: Path, patients: int, seed: int, difficulty: float, siz
         raise FsweepError(f"--difficulty must be between 0 and 1, got {difficulty}")
     if min(size) < 32:
         raise FsweepError(f"--size must be at least 32x32 pixels, got {size[0]}x{size[1]}")
+    if not 0.0 <= label_noise <= 0.5:
+        raise FsweepError(f"label_noise must be between 0 and 0.5, got {label_noise}")
     if out.exists() and not out.is_dir():
         raise FsweepError(f"{out}: exists and is not a directory")
 
 
-def _view_labels(patients: int, seed: int) -> dict[str, np.ndarray]:
-    """Per side, exactly round(0.64 * patients) abnormal views, placed independently per side."""
+def view_labels(patients: int, seed: int, paired: bool = True) -> dict[str, np.ndarray]:
+    """Manifest labels per side: exactly round(0.64 * patients) abnormal views on each side.
+
+    ``paired``: about BOTH_ABNORMAL_FRACTION of the patients are abnormal on both sides (the most the
+    per-side counts allow at this size); otherwise each side is placed independently.
+    """
     rng = np.random.default_rng([seed, 1_000_003])
     n_abnormal = round(ABNORMAL_FRACTION * patients)
-    labels = {}
+    if not paired:
+        labels = {}
+        for view in VIEWS:
+            flags = np.zeros(patients, dtype=bool)
+            flags[rng.permutation(patients)[:n_abnormal]] = True
+            labels[view] = flags
+        return labels
+    both = int(np.clip(round(BOTH_ABNORMAL_FRACTION * patients), max(0, 2 * n_abnormal - patients), n_abnormal))
+    one_side = n_abnormal - both
+    order = rng.permutation(patients)
+    left, right = np.zeros(patients, dtype=bool), np.zeros(patients, dtype=bool)
+    left[order[:both + one_side]] = True  # both, then left only
+    right[order[:both]] = True
+    right[order[both + one_side:both + 2 * one_side]] = True  # right only
+    return {"left": left, "right": right}
+
+
+def _noisy_anatomy(labels: dict[str, np.ndarray], seed: int, rate: float) -> dict[str, np.ndarray]:
+    """What each view's anatomy shows: the manifest label, except round(rate * n / 2) views flipped each way."""
+    rng = np.random.default_rng([seed, 2_000_003])
+    anatomy = {}
     for view in VIEWS:
-        flags = np.zeros(patients, dtype=bool)
-        flags[rng.permutation(patients)[:n_abnormal]] = True
-        labels[view] = flags
-    return labels
+        flags = labels[view].copy()
+        flips = round(rate * flags.size / 2)
+        abnormal, normal = np.flatnonzero(flags), np.flatnonzero(~flags)
+        flips = min(flips, abnormal.size, normal.size)
+        flags[rng.choice(abnormal, flips, replace=False)] = False
+        flags[rng.choice(normal, flips, replace=False)] = True
+        anatomy[view] = flags
+    return anatomy
 
 
-def _sample_anatomy(rng: np.random.Generator, size: tuple[int, int]) -> Anatomy:
-    """Draw a patient's geometry so that the spine box always fits well inside the image."""
+def _sample_patient(rng: np.random.Generator, size: tuple[int, int], pose: bool) -> Projection:
+    """A patient's right-like geometry; the spine box always fits well inside the image."""
     width, height = size
-    unit = min(0.085 * height, 0.2 * width) * rng.uniform(0.92, 1.08)
-    return Anatomy(
-        unit=unit,
-        top=(width * rng.uniform(0.50, 0.56), height * rng.uniform(0.22, 0.25)),
-        tilt=math.radians(rng.uniform(-9.0, 9.0)),
-        bow=rng.uniform(0.02, 0.08),
-        level=rng.uniform(60.0, 90.0),
-        span=rng.uniform(55.0, 75.0),
-    )
+    unit = min(0.068 * height, 0.2 * width) * rng.uniform(0.92, 1.08)
+    tilt = math.radians(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG)) if pose else 0.0
+    bow = rng.uniform(-0.03, 0.12) if pose else 0.05
+    mid = (width * rng.uniform(0.48, 0.52), height * rng.uniform(0.49, 0.52))
+    return Projection(unit=unit, mid=mid, tilt=tilt, bow=bow, squeeze=1.0)
+
+
+def _view_projection(patient: Projection, view: str, nuisances: Nuisances, rng: np.random.Generator) -> Projection:
+    """The patient re-positioned for one view; the left view is taken through another projection."""
+    tilt = patient.tilt + (math.radians(rng.normal(0.0, 2.0)) if nuisances.pose else 0.0)
+    gap = nuisances.view_gap and view == "left"
+    unit = patient.unit * (rng.uniform(1.05, 1.10) if gap else 1.0)  # magnification
+    squeeze = rng.uniform(0.85, 0.92) if gap else 1.0  # another obliquity foreshortens sideways
+    return Projection(unit=unit, mid=patient.mid, tilt=tilt, bow=patient.bow, squeeze=squeeze)
 
 
 def render_view(
-    anatomy: Anatomy,
+    projection: Projection,
     view: str,
     abnormal: bool,
     difficulty: float,
     size: tuple[int, int],
+    nuisances: Nuisances,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[int]]:
-    """Draw one view; returns the uint8 image and its spine box [x0, y0, x1, y1]."""
+    """Draw one view whose anatomy is ``abnormal`` or not; returns the uint8 image and its spine box."""
     width = size[0]
     canvas = _background(size, rng)
-    widths = _foramen_widths(abnormal, difficulty, rng)
-    spine = _draw_spine(canvas, anatomy, widths)
+    foramina = _foramina(abnormal, difficulty, nuisances.overlap, rng)
+    spine = _draw_spine(canvas, projection, foramina, nuisances.overlap, rng)
     box = _tight_box(spine, size)
     _draw_distractors(canvas, box, size, rng)
     if view == "left":
         canvas = canvas[:, ::-1].copy()
         box = [width - box[2], box[1], width - box[0], box[3]]
     _draw_marker(canvas, "L" if view == "left" else "R", size)
-    image = _expose(canvas, anatomy, size, rng)
-    return image, box
+    exposure = _sample_exposure(view, nuisances, rng)
+    return _expose(canvas, exposure, size, rng), box
 
 
 def _background(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -170,75 +288,109 @@ def _background(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return np.repeat(ramp[:, None], width, axis=1)
 
 
-def _foramen_widths(abnormal: bool, difficulty: float, rng: np.random.Generator) -> np.ndarray:
-    """Width of each foramen relative to a full one; abnormal views narrow 3 to 5 of them."""
-    widths = rng.uniform(0.85, 1.0, FORAMINA)
+def foramen_shape(difficulty: float, overlap: bool = True) -> tuple[tuple[float, float], float]:
+    """(short/long axis ratio range, orientation jitter in degrees) of every foramen, label-free.
+
+    Easy: elongated ellipses whose orientation barely wobbles; hard: rounder ones that wobble more,
+    so a narrowed foramen (long axis sideways) and a normal one (long axis along the spine) look alike.
+    """
+    low = 0.3 + 0.3 * difficulty
+    jitter = 10.0 + 20.0 * difficulty if overlap else 8.0
+    return (low, min(low + 0.15, 1.0)), jitter
+
+
+def _foramina(abnormal: bool, difficulty: float, overlap: bool, rng: np.random.Generator) -> list[Foramen]:
+    """Five foramina; an abnormal view narrows some of them (orientation only: size and shape are label-free)."""
+    radius = rng.uniform(0.16, 0.3, FORAMINA) if overlap else rng.uniform(0.23, 0.26, FORAMINA)
+    tone = rng.uniform(0.06, 0.26, FORAMINA)
+    (low, high), jitter = foramen_shape(difficulty, overlap)
+    ratio = rng.uniform(low, high, FORAMINA)
+    radius = np.minimum(radius, MAX_LONG * np.sqrt(ratio))  # neighbouring foramina never touch
+    angle = 90.0 + rng.uniform(-jitter, jitter, FORAMINA)  # normal: tall, the long axis along the spine
     if abnormal:
-        narrowed = rng.choice(FORAMINA, size=rng.integers(3, FORAMINA + 1), replace=False)
-        widths[narrowed] = np.clip(0.25 + 0.5 * difficulty + rng.normal(0.0, 0.05, narrowed.size), 0.2, 0.85)
-    return widths
+        count = rng.choice(np.arange(1, FORAMINA + 1), p=NARROWED_COUNT_P) if overlap else rng.integers(3, FORAMINA + 1)
+        narrowed = rng.choice(FORAMINA, size=count, replace=False)
+        angle[narrowed] -= 90.0  # narrowed: squeezed along the spine, the long axis runs sideways
+    return [Foramen(*values) for values in zip(radius, ratio, tone, angle)]
 
 
-def _axis(anatomy: Anatomy, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Point, unit tangent and unit right-hand normal of the spine axis at arc parameter s."""
-    length = LEVELS * anatomy.unit
-    direction = np.array([math.sin(anatomy.tilt), math.cos(anatomy.tilt)])
-    normal = np.array([math.cos(anatomy.tilt), -math.sin(anatomy.tilt)])
+def _axis(p: Projection, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Point and unit right-hand normal of the spine axis at arc parameter s (before projection)."""
+    length = LEVELS * p.unit
+    direction = np.array([math.sin(p.tilt), math.cos(p.tilt)])
+    normal = np.array([math.cos(p.tilt), -math.sin(p.tilt)])
     t = s / length
     # lordosis bows the neck forward (toward the bodies, i.e. -normal in the right-like view)
-    point = np.array(anatomy.top) + s * direction - 4.0 * anatomy.bow * length * t * (1.0 - t) * normal
-    slope = -4.0 * anatomy.bow * (1.0 - 2.0 * t)
-    tangent = direction + slope * normal
+    point = np.array(p.mid) + (s - 0.5 * length) * direction - 4.0 * p.bow * length * t * (1.0 - t) * normal
+    tangent = direction - 4.0 * p.bow * (1.0 - 2.0 * t) * normal
     tangent /= np.linalg.norm(tangent)
-    return point, tangent, np.array([tangent[1], -tangent[0]])
+    return point, np.array([tangent[1], -tangent[0]])
 
 
-def _quad(anatomy: Anatomy, s0: float, s1: float, a0: float, a1: float) -> np.ndarray:
-    """Polygon between arc positions s0..s1 and sideways offsets a0..a1 (in units)."""
-    u = anatomy.unit
+def _quad(p: Projection, s0: float, s1: float, a0: float, a1: float) -> np.ndarray:
+    """Projected polygon between arc positions s0..s1 and sideways offsets a0..a1 (in units)."""
+    u = p.unit
     points = []
     for s in np.linspace(s0 * u, s1 * u, 6):
-        p, _, n = _axis(anatomy, s)
-        points.append(p + a0 * u * n)
+        point, normal = _axis(p, s)
+        points.append(point + a0 * u * normal)
     for s in np.linspace(s1 * u, s0 * u, 6):
-        p, _, n = _axis(anatomy, s)
-        points.append(p + a1 * u * n)
-    return np.array(points)
+        point, normal = _axis(p, s)
+        points.append(point + a1 * u * normal)
+    return p.project(np.array(points))
+
+
+def _ellipse(p: Projection, centre: np.ndarray, axes: tuple[float, float], direction: np.ndarray) -> np.ndarray:
+    """Projected polygon of an ellipse with half-axes ``axes`` (pixels), the first along ``direction``."""
+    phi = np.linspace(0.0, 2.0 * math.pi, ELLIPSE_POINTS, endpoint=False)
+    other = np.array([-direction[1], direction[0]])
+    points = centre + np.outer(axes[0] * np.cos(phi), direction) + np.outer(axes[1] * np.sin(phi), other)
+    return p.project(points)
 
 
 def _fill(canvas: np.ndarray, polygon: np.ndarray, value: float) -> None:
     cv2.fillPoly(canvas, [np.round(polygon * SCALE).astype(np.int32)], float(value), cv2.LINE_8, SHIFT)
 
 
-def _ellipse(canvas: np.ndarray, centre, axes, angle: float, value: float, thickness: int = -1) -> None:
-    cv2.ellipse(
-        canvas,
-        (int(round(centre[0] * SCALE)), int(round(centre[1] * SCALE))),
-        (int(round(axes[0] * SCALE)), int(round(axes[1] * SCALE))),
-        angle, 0, 360, float(value), thickness, cv2.LINE_8, SHIFT,
-    )
+def _rotate(vector: np.ndarray, degrees: float) -> np.ndarray:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return np.array([c * vector[0] - s * vector[1], s * vector[0] + c * vector[1]])
 
 
-def _draw_spine(canvas: np.ndarray, anatomy: Anatomy, widths: np.ndarray) -> list[np.ndarray]:
+def _draw_spine(canvas: np.ndarray, p: Projection, foramina: list[Foramen], overlap: bool,
+                rng: np.random.Generator) -> list[np.ndarray]:
     """Neck soft tissue, bodies, posterior column and foramina; returns the spine polygons."""
-    u = anatomy.unit
-    _fill(canvas, _quad(anatomy, -1.5, LEVELS + 1.5, -2.6, 2.4), 0.42)
+    u = p.unit
+    _fill(canvas, _quad(p, -1.5, LEVELS + 1.5, -2.6, 2.6), 0.42)
     polygons = []
     for level in range(LEVELS):
-        body = _quad(anatomy, level + 0.1, level + 0.9, -1.1, -0.05)
+        body = _quad(p, level + 0.1, level + 0.9, -1.1, -0.05)
         _fill(canvas, body, 0.78)
         polygons.append(body)
-    column = _quad(anatomy, 0.15, LEVELS - 0.15, 0.05, 1.4)
+    column = _quad(p, 0.15, LEVELS - 0.15, 0.05, 1.85)
     _fill(canvas, column, 0.68)
     polygons.append(column)
-    for j, width in enumerate(widths):
-        centre, _, normal = _axis(anatomy, (j + 1) * u)
-        centre = centre + 0.7 * u * normal
-        angle = math.degrees(math.atan2(normal[1], normal[0]))
-        across, along = 0.55 * u * width, 0.42 * u * (0.5 + 0.5 * width)  # stenosis shrinks mostly across
-        _ellipse(canvas, centre, (across + 0.06 * u, along + 0.06 * u), angle, 0.9)  # cortical rim
-        _ellipse(canvas, centre, (across, along), angle, 0.1)
+    for j, foramen in enumerate(foramina):
+        point, normal = _axis(p, (j + 1) * u)
+        centre = point + 0.95 * u * normal
+        long, short = foramen.radius * u / math.sqrt(foramen.ratio), foramen.radius * u * math.sqrt(foramen.ratio)
+        rim = RIM * u
+        direction = _rotate(normal, foramen.angle)
+        _fill(canvas, _ellipse(p, centre, (long + rim, short + rim), direction), 0.9)
+        _fill(canvas, _ellipse(p, centre, (long, short), direction), foramen.tone)
+    if overlap:
+        _draw_lucencies(canvas, p, rng)
     return polygons
+
+
+def _draw_lucencies(canvas: np.ndarray, p: Projection, rng: np.random.Generator) -> None:
+    """Zero to three dark blobs inside the bodies: dark area that has nothing to do with the label."""
+    u = p.unit
+    for _ in range(rng.integers(0, 4)):
+        point, normal = _axis(p, (rng.integers(0, LEVELS) + rng.uniform(0.35, 0.65)) * u)
+        centre = point - rng.uniform(0.4, 0.7) * u * normal
+        radius = rng.uniform(0.1, 0.2) * u
+        _fill(canvas, _ellipse(p, centre, (radius, radius * rng.uniform(0.6, 1.0)), normal), rng.uniform(0.06, 0.26))
 
 
 def _tight_box(polygons: list[np.ndarray], size: tuple[int, int]) -> list[int]:
@@ -253,13 +405,14 @@ def _tight_box(polygons: list[np.ndarray], size: tuple[int, int]) -> list[int]:
 def _draw_distractors(canvas: np.ndarray, box: list[int], size: tuple[int, int], rng: np.random.Generator) -> None:
     """Skull above, mandible with teeth in front, clavicle below: all outside the spine box."""
     width, height = size
-    x0, y0, x1, y1 = box
+    x0, y0, _, y1 = box
     gap = 0.02 * height
     # skull: a bright shell whose lowest point stays above the box
     ry = 0.2 * height
-    centre = (x0 - 0.05 * width + rng.uniform(-0.03, 0.03) * width, y0 - gap - ry)
-    _ellipse(canvas, centre, (0.42 * width, ry), 0.0, 0.72)
-    _ellipse(canvas, centre, (0.42 * width - 0.03 * height, ry - 0.03 * height), 0.0, 0.5)
+    centre = np.array([x0 - 0.05 * width + rng.uniform(-0.03, 0.03) * width, y0 - gap - ry])
+    flat = Projection(unit=1.0, mid=(0.0, 0.0), tilt=0.0, bow=0.0, squeeze=1.0)
+    _fill(canvas, _ellipse(flat, centre, (0.42 * width, ry), np.array([1.0, 0.0])), 0.72)
+    _fill(canvas, _ellipse(flat, centre, (0.42 * width - 0.03 * height, ry - 0.03 * height), np.array([1.0, 0.0])), 0.5)
     # mandible: a thick bright arc in front of the spine (left of the box in the right-like view)
     right = x0 - gap
     if right > 0.06 * width:
@@ -284,7 +437,7 @@ def _draw_marker(canvas: np.ndarray, letter: str, size: tuple[int, int]) -> None
     """The radiographer's side marker, readable (drawn after mirroring) in the top-right corner."""
     width, height = size
     scale = 0.0018 * height
-    thickness = max(1, int(round(0.006 * height)))
+    thickness = max(1, round(0.006 * height))
     (text_w, text_h), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     origin = (int(width - text_w - 0.04 * width), int(0.02 * height + text_h))
     mask = np.zeros(canvas.shape, np.uint8)  # putText draws on 8-bit images only
@@ -292,11 +445,24 @@ def _draw_marker(canvas: np.ndarray, letter: str, size: tuple[int, int]) -> None
     canvas[mask > 0] = 1.0
 
 
-def _expose(canvas: np.ndarray, anatomy: Anatomy, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Blur, squeeze into a narrow grey range, add noise, quantise to uint8."""
-    sigma = max(0.5, 0.0015 * size[1])
+def _sample_exposure(view: str, nuisances: Nuisances, rng: np.random.Generator) -> Exposure:
+    """Per-image exposure (or a fixed one); the left view's projection is blurrier and noisier."""
+    if nuisances.exposure:
+        level, span, gamma = rng.uniform(25.0, 65.0), rng.uniform(110.0, 150.0), math.exp(rng.uniform(-0.2, 0.2))
+    else:
+        level, span, gamma = 40.0, 160.0, 1.0
+    gap = nuisances.view_gap and view == "left"
+    noise = rng.uniform(2.0, 4.0) * (1.5 if gap else 1.0)
+    return Exposure(level=level, span=span, gamma=gamma, noise=noise, blur=0.0015 * (1.6 if gap else 1.0))
+
+
+def _expose(canvas: np.ndarray, exposure: Exposure, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Blur, apply the gamma, squeeze into a narrow grey range, add noise, quantise to uint8."""
+    sigma = max(0.5, exposure.blur * size[1])
     blurred = cv2.GaussianBlur(canvas, (0, 0), sigma)
-    grey = anatomy.level + anatomy.span * blurred + rng.normal(0.0, 3.0, blurred.shape)
+    np.clip(blurred, 0.0, 1.0, out=blurred)
+    grey = exposure.level + exposure.span * np.power(blurred, exposure.gamma)
+    grey += rng.normal(0.0, exposure.noise, blurred.shape)
     return np.clip(np.round(grey), 0, 255).astype(np.uint8)
 
 
@@ -307,7 +473,7 @@ def contact_sheet(samples: list[tuple[np.ndarray, list[int], str]], columns: int
         scale = min(1.0, 256.0 / image.shape[0])
         tile = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         tile = cv2.cvtColor(tile, cv2.COLOR_GRAY2BGR)
-        x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
         cv2.rectangle(tile, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 0), 1)
         cv2.putText(tile, caption, (3, tile.shape[0] - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 255, 255), 1)
         tiles.append(tile)

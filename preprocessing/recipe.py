@@ -23,6 +23,7 @@ from preprocessing.contrast import equalize
 from preprocessing.decode import decode_image
 from preprocessing.ingest import load_dataset
 from preprocessing.roi import RoiDetector, crop_box, detector_sha256, full_frame_box
+from preprocessing.splits import dataset_folds, fold_column
 from preprocessing.vocab import ASPECTS, HE_MODES
 
 CODE_VERSION = "store-1"  # bump whenever the same inputs would give different arrays
@@ -56,7 +57,8 @@ def variant_key(dataset_dir: str | Path, spec: VariantSpec) -> str:
     """Content key of ``spec`` applied to DATASET (no decoding: uses dataset.parquet's pixel hashes)."""
     spec.check()
     rows = read_dataset(dataset_dir)
-    images = hashlib.sha256(rows[KEY_COLUMNS].to_csv(index=False).encode()).hexdigest()
+    folds = [fold_column(k) for k in range(dataset_folds(rows.columns))]  # folds live in the variant's index
+    images = hashlib.sha256(rows[KEY_COLUMNS + folds].to_csv(index=False).encode()).hexdigest()
     payload = {
         "code": CODE_VERSION,
         "images": images,

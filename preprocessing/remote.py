@@ -1,4 +1,4 @@
-"""Variants of a ``s3://``/``gs://`` store: built in a node-local staging directory, then uploaded."""
+"""Artifacts (variants, frozen STNs) of a ``s3://``/``gs://`` store: built in a node-local staging directory, then uploaded."""
 from __future__ import annotations
 
 import hashlib
@@ -13,12 +13,15 @@ def staging_dir(store: str) -> Path:
 
 
 def publish(local: Path, remote: str) -> None:
-    """Upload a built variant: every file, then manifest.json last (readers wait for it)."""
+    """Upload a built artifact: every file, then manifest.json last (readers wait for it).
+
+    Dot files (``.verified``, locks, temps) are this node's state: a downloader checks its copy itself.
+    """
     import pyarrow.fs
 
     fs, path = open_filesystem(remote)
     fs.create_dir(path, recursive=True)
-    names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != "manifest.json")
+    names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
     for name in [*names, "manifest.json"]:
         pyarrow.fs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
                               destination_filesystem=fs)

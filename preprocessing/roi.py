@@ -14,12 +14,20 @@ Offline by construction (DESIGN §6): the model is built from its yaml or a loca
 the font check and the AMP check (both download) are kept from running, ultralytics'
 settings live in a private directory (never the user's home) with telemetry ``sync``
 off, and its Ray Tune integration is off (see ``_offline_ultralytics``).
+
+Safe loading: a ``best.pt`` is a pickle. ultralytics 8.4 unpickles it with
+``weights_only=False`` unless its safe-load switch is on; we turn it on for every load
+(``ULTRALYTICS_SAFE_LOAD``, and ``ultralytics.nn.tasks.SAFE_LOAD`` should ultralytics have
+been imported first): ``torch.load(weights_only=True)`` with an allow-list of torch and
+ultralytics model classes, model yamls parsed without ``eval``. A file that needs any other
+global is refused with one line, before anything in it runs (``fsweep predict`` too).
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -101,7 +109,11 @@ class RoiDetector:
         self.sha256 = file_sha256(self.weights)
         self.imgsz = _trained_imgsz(self.roi_dir)
         self.device = _device()
-        self._yolo = _load_yolo(str(self.weights))
+        try:
+            self._yolo = _load_yolo(str(self.weights))
+        except (TypeError, pickle.UnpicklingError, RuntimeError) as exc:  # safe load refused it, or a damaged file
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise FsweepError(f"{self.weights}: not a loadable ultralytics detector under safe loading ({reason})") from None
 
     def detect(self, img: np.ndarray) -> tuple[tuple[float, float, float, float], float] | None:
         """Highest-confidence box ``((x0, y0, x1, y1), conf)`` in pixels of ``img`` (2-D uint8), or None."""
@@ -226,8 +238,12 @@ def _offline_ultralytics() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / f"fsweep-ultralytics-{os.getuid()}"))
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS probe, no PyPI update check, no event upload
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install a missing requirement
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"  # weights_only loads: no arbitrary unpickling (module docstring)
     import ultralytics.data.utils as data_utils
+    import ultralytics.nn.tasks as tasks
     from ultralytics import settings
+
+    tasks.SAFE_LOAD = True  # the flag is read when ultralytics is first imported: in case that was before us
 
     # Ray Tune: ultralytics adds a callback that calls tune.report() with YOLO's metrics when
     # it finds a Tune trial context. It is a no-op outside Tune, but a detector trained inside a

@@ -3,8 +3,9 @@
 The recipe and its key are ``preprocessing.recipe``; opening and verifying a built
 variant is ``preprocessing.variant``; uploading to a URI store is ``preprocessing.remote``.
 Files are written to temporary names and moved into place with ``os.replace``, the
-manifest last. Work is spread over Ray tasks (``cluster.connect``: a small local Ray,
-or a cluster by address); every node points at the same STORE path on a shared file
+manifest last, under a cross-process lock per variant (``preprocessing.artifact``). Work
+is spread over Ray tasks (``cluster.connect``: a small local Ray, or a cluster by
+address); every node points at the same STORE path on a shared file
 system. A ``s3://``/``gs://`` STORE (any pyarrow URI) is built in a node-local staging
 directory and uploaded, manifest last.
 """
@@ -31,6 +32,7 @@ from preprocessing.files import (
     temp_name,
     temp_owner,
 )
+from preprocessing.artifact import LOCKS, MANIFEST, VERIFIED, build_lock, write_manifest
 from preprocessing.recipe import (
     CODE_VERSION,
     VariantSpec,
@@ -42,9 +44,11 @@ from preprocessing.recipe import (
 )
 from preprocessing.remote import publish, staging_dir
 from preprocessing.roi import BOX_COLUMNS, RoiDetector, crop_box, detector_sha256
+from preprocessing.splits import dataset_folds, fold_column
 from preprocessing.variant import INDEX_COLUMNS, Variant, open_variant
 from preprocessing.vocab import SPLITS, VIEWS, is_off
 
+BUILD_FILE = "build.json"  # provenance: Ray node id -> images built there (outside the checked bytes)
 CHUNK = 16  # images per Ray task: small enough for a smooth progress bar, large enough to amortise a task
 
 
@@ -76,24 +80,32 @@ def build_store(
 
 
 def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str | None) -> list[Variant]:
-    """Build every missing variant of ``specs`` (same detector and margin) in one pass over the images."""
+    """Build every missing variant of ``specs`` (same detector and margin) in one pass over the images.
+
+    Each key's build lock is held throughout (taken in key order, so two builders never deadlock):
+    a second builder waits, then finds the variant complete and reuses it.
+    """
     rows = read_dataset(dataset_dir)
     keys = [variant_key(dataset_dir, spec) for spec in specs]
-    done, todo = {}, []
-    for key, spec in dict(zip(keys, specs)).items():  # a mode given twice (--he off,off) is built once
-        try:
-            done[key] = open_variant(store, key)
-            print(f"variant {key} ({describe_spec(spec)}) up to date: no work")
-        except FsweepError as reason:
-            if "not built" not in str(reason):
-                print(f"variant {key}: {reason}; rebuilding")
-            todo.append((key, spec))
-    if todo:
-        workdir = staging_dir(store) if is_uri(store) else Path(store)
-        built = _build_missing(dataset_dir, rows, workdir, todo, address)
-        for key in built if is_uri(store) else ():
-            publish(workdir / key, join(store, key))
-        done.update(built)
+    workdir = staging_dir(store) if is_uri(store) else Path(store)
+    unique = dict(zip(keys, specs))  # a mode given twice (--he off,off) is built once
+    with contextlib.ExitStack() as locks:
+        for key in sorted(unique):
+            locks.enter_context(build_lock(workdir / LOCKS, key))
+        done, todo = {}, []
+        for key, spec in unique.items():
+            try:
+                done[key] = open_variant(store, key, full=True)  # a build re-hashes what it reuses
+                print(f"variant {key} ({describe_spec(spec)}) up to date: no work")
+            except FsweepError as reason:
+                if "not built" not in str(reason):
+                    print(f"variant {key}: {reason}; rebuilding")
+                todo.append((key, spec))
+        if todo:
+            built = _build_missing(dataset_dir, rows, workdir, todo, address)
+            for key in built if is_uri(store) else ():
+                publish(workdir / key, join(store, key))
+            done.update(built)
     return [done[key] for key in keys]
 
 
@@ -108,11 +120,13 @@ def _build_missing(dataset_dir: Path, rows: pd.DataFrame, store: Path, todo, add
             tmp.unlink(missing_ok=True)  # a failed build leaves nothing behind (a killed one: see _remove_dead_temps)
         raise
     located = meta.drop(columns=["image_id", "node"])
-    built_on = meta["node"].value_counts().to_dict()
-    index = rows.drop(columns=BOX_COLUMNS).merge(located, on=["split", "view", "pos"])[INDEX_COLUMNS]
+    built_on = {str(node): int(count) for node, count in meta["node"].value_counts().items()}
+    folds = [fold_column(k) for k in range(dataset_folds(rows.columns))]  # each fold's split, for the loader
+    index = rows.drop(columns=BOX_COLUMNS).merge(located, on=["split", "view", "pos"])[INDEX_COLUMNS + folds]
     built = {}
     for key, spec in todo:
-        _commit(store / key, outputs[key], index, _variant_meta(index, spec, key, built_on))
+        _commit(store / key, outputs[key], index, _variant_meta(index, spec, key, dataset_dir))
+        atomic_write_text(store / key / BUILD_FILE, json.dumps({"built_on": built_on}, indent=2))
         variant = open_variant(store, key)
         variant.preprocessed = len(index)
         fallbacks = f", {int(index['fallback'].sum())} fallback (no box found: full frame kept)" if spec.roi_dir else ""
@@ -122,8 +136,14 @@ def _build_missing(dataset_dir: Path, rows: pd.DataFrame, store: Path, todo, add
 
 
 def _open_outputs(path: Path, rows: pd.DataFrame, size: int) -> dict[str, tuple[Path, np.memmap]]:
-    """Temporary (N, S, S) arrays per split x view, in the variant's directory; stale temps removed first."""
+    """Temporary (N, S, S) arrays per split x view, in the variant's directory; stale temps removed first.
+
+    A variant being rebuilt (it failed its check) loses its manifest first: from here until the new
+    manifest lands, nothing in the directory verifies as complete, also if this builder is killed.
+    """
     path.mkdir(parents=True, exist_ok=True)
+    for marker in (MANIFEST, VERIFIED):
+        (path / marker).unlink(missing_ok=True)
     _remove_dead_temps(path)
     outputs = {}
     for split in SPLITS:
@@ -215,25 +235,30 @@ def _commit(path: Path, outputs: dict, index: pd.DataFrame, meta: dict) -> None:
     checksums = {}
     for group, (tmp, array) in outputs.items():
         array.flush()
-        checksums[f"{group}.npy"] = file_sha256(tmp)
+        checksums[f"{group}.npy"] = file_sha256(tmp)  # the full check of a build: hashed as written
         os.replace(tmp, path / f"{group}.npy")
     atomic_write_parquet(index, path / "index.parquet")
-    checksums["index.parquet"] = file_sha256(path / "index.parquet")
     atomic_write_text(path / "variant.json", json.dumps(meta, indent=2))
-    checksums["variant.json"] = file_sha256(path / "variant.json")
-    atomic_write_text(path / "manifest.json", json.dumps({"key": meta["key"], "sha256": checksums}, indent=2))
+    for name in ("index.parquet", "variant.json"):
+        checksums[name] = file_sha256(path / name)
+    write_manifest(path, meta["key"], list(checksums), checksums)
 
 
-def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, built_on: dict) -> dict:
+def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, dataset_dir: Path) -> dict:
+    """variant.json: a function of the inputs only (no node ids, no times), so every builder writes the same bytes."""
     counts = index.groupby(["split", "view"]).size()
+    summary = dataset_dir / "summary.json"
+    data = json.loads(summary.read_text()) if summary.is_file() else {}
     return {
         "key": key,
         "code_version": CODE_VERSION,
         "spec": dataclasses.asdict(spec),
         "detector_sha256": detector_sha256(spec.roi_dir) if spec.roi_dir else None,
+        # the data set this variant was built from: export records it without reading DATASET again
+        "dataset": {"fingerprint": data.get("fingerprint"), "split_seed": data.get("seed"),
+                    "counts": data.get("counts")},
         "counts": {f"{s}_{v}": int(counts.get((s, v), 0)) for s in SPLITS for v in VIEWS},
         "fallback": int(index["fallback"].sum()),
-        "built_on": {str(node): int(count) for node, count in built_on.items()},  # Ray node id -> images
     }
 
 

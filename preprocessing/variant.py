@@ -4,18 +4,19 @@ Layout of a variant::
 
     STORE/<key>/{train,val,test}_{left,right}.npy   uint8 N x S x S, memory-mappable
     STORE/<key>/index.parquet   image_id, patient, view, label, split, pos, x0..y1, conf, fallback
-    STORE/<key>/variant.json    spec, detector hash, counts, fallback count
-    STORE/<key>/manifest.json   sha256 of every file above; written last = the variant is complete
-    STORE/<key>/stn/            per-variant artefacts of later stages (the frozen STN)
+    STORE/<key>/variant.json    spec, detector hash, data fingerprint, counts (deterministic: no node ids)
+    STORE/<key>/manifest.json   sha256 and size of every file above; written last = the variant is complete
+    STORE/<key>/build.json      provenance (which Ray nodes built how many images); not checked
+    STORE/<key>/.verified       the manifest's sha256 after the last full check
 
-A reader accepts a variant only when ``manifest.json`` exists and every checksum
-matches, so an interrupted build or two racing builders never yield an array a reader
+A reader accepts a variant only when ``manifest.json`` exists and passes the checks of
+``preprocessing.artifact`` (fully hashed once per build or download, sizes and the
+manifest's hash on every open), so an interrupted build never yields an array a reader
 accepts. A ``s3://``/``gs://`` variant is downloaded once per node
-(``cluster.storage.cached_copy``) and verified like a local one.
+(``cluster.storage.cached_copy``) and checked like a local one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from cluster.errors import FsweepError
-from cluster.storage import cached_copy, exists, is_uri, join, resolve_storage
-from preprocessing.files import file_sha256
+from cluster.storage import exists, join, open_filesystem, resolve_storage
+from preprocessing.artifact import local_dir, manifest_sha256
 from preprocessing.recipe import VariantSpec
 from preprocessing.roi import BOX_COLUMNS
 from preprocessing.vocab import SPLITS, VIEWS
@@ -41,6 +42,7 @@ class Variant:
     path: Path  # STORE/<key>
     spec: VariantSpec  # the recipe
     index: pd.DataFrame  # one row per image: INDEX_COLUMNS
+    manifest: str = ""  # sha256 of its manifest.json: with the key, the handle an experiment records
     preprocessed: int = 0  # images preprocessed by the call that returned this object (0: reused)
 
     def images(self, split: str, view: str) -> np.ndarray:
@@ -62,65 +64,29 @@ class Variant:
         return rows.sort_values("pos")
 
 
-def open_variant(store: str | Path, key: str) -> Variant:
-    """Open a complete variant; FsweepError when it is missing, incomplete or fails its checksums."""
-    store = resolve_storage(store)
-    path = _variant_dir(store, key)
-    try:
-        _verify(path)
-    except FsweepError:
-        if not is_uri(store):
-            raise
-        # this node's copy is damaged, or is of a variant since rebuilt remotely: without a fresh
-        # download it would be refused for good, and every `store build` would rebuild in vain
-        path = _variant_dir(store, key, refresh=True)
-        _verify(path)
+def open_variant(store: str | Path, key: str, expected: str | None = None, full: bool = False) -> Variant:
+    """Open a complete variant by its key; FsweepError when it is missing, incomplete, corrupted or differs.
+
+    Each open does the cheap check of ``preprocessing.artifact`` (sizes, the manifest's hash, and
+    ``expected``: the manifest sha256 an experiment recorded); ``full`` re-hashes every file.
+    """
+    path = local_dir(resolve_storage(store), key, "variant", expected, full)
     meta = json.loads((path / "variant.json").read_text())
     index = pd.read_parquet(path / "index.parquet")
-    return Variant(key=key, path=path, spec=VariantSpec(**meta["spec"]), index=index)
+    return Variant(key=key, path=path, spec=VariantSpec(**meta["spec"]), index=index,
+                   manifest=manifest_sha256(path))
 
 
-_VERIFIED: dict[Path, tuple] = {}  # variant dir -> file stats at the last successful verification
+def list_variants(store: str) -> list[str]:
+    """Keys of the complete variants (a manifest.json under ``STORE/<key>/``) of a path or URI store."""
+    import pyarrow.fs
 
-
-def _verify(path: Path) -> None:
-    """Check every file against manifest.json; repeated opens in a process re-hash only changed files."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        state = "not built" if not path.exists() else "incomplete (no manifest.json: interrupted or in progress)"
-        raise FsweepError(f"{path}: variant {state}; run `fsweep store build`")
-    try:
-        checksums = dict(json.loads(manifest.read_text())["sha256"])
-    except (ValueError, KeyError, TypeError):  # hand-edited or foreign: refuse it, so a build replaces it
-        raise FsweepError(f"{manifest}: unreadable; run `fsweep store build` to rebuild") from None
-    stats = _stats(path, [manifest.name, *checksums])
-    if _VERIFIED.get(path) == stats:
-        return
-    for name, expected in checksums.items():
-        if not (path / name).is_file():
-            raise FsweepError(f"{path / name}: missing from a built variant; run `fsweep store build` to rebuild")
-        if file_sha256(path / name) != expected:
-            raise FsweepError(f"{path / name}: checksum mismatch (corrupted); run `fsweep store build` to rebuild")
-    _VERIFIED[path] = stats
-
-
-def _stats(path: Path, names: list[str]) -> tuple:
-    stats = []
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            info = (path / name).stat()
-            stats.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
-    return tuple(stats)
-
-
-def _variant_dir(store: str, key: str, refresh: bool = False) -> Path:
-    """The variant's local directory: STORE/<key>, or this node's cached copy of a URI store's variant."""
-    if not is_uri(store):
-        return Path(store) / key
-    remote = join(store, key)
-    if not exists(join(remote, "manifest.json")):  # uploaded last: without it the variant is not (fully) there
-        raise FsweepError(f"{remote}: variant not built; run `fsweep store build`")
-    return cached_copy(remote, refresh=refresh)
+    fs, root = open_filesystem(store)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        raise FsweepError(f"{store}: store directory not found")
+    dirs = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+            if info.type == pyarrow.fs.FileType.Directory and not info.base_name.startswith(".")]
+    return sorted(key for key in dirs if key != "stn" and exists(join(store, key, "manifest.json")))
 
 
 def _check_group(split: str, view: str) -> None:

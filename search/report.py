@@ -1,8 +1,9 @@
-"""``fsweep report EXPERIMENT``: report.md with the leaderboard, paper-shaped tables and plots.
+"""``fsweep report EXPERIMENT``: report.md with the winners, the comparison tables, the leaderboard and plots.
 
-Tables are on *validation* metrics (selection data); only the winners' rows show
-test figures, each with its bootstrap 95 % interval. Repeated seeds are shown as
-mean ± std over seeds (n = number of seeds).
+Winners are selected on validation only and then scored on test (patient-level bootstrap
+95 % intervals, threshold from validation). The comparison tables (``search.tables``) score
+every row on test at its trials' best-on-validation epochs, say so, and pair each row with
+its baseline; the same tables go to TensorBoard's Text tab. The leaderboard shows validation.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from fsmodels.metrics import SELECTABLE_METRICS
 from preprocessing.vocab import LABEL_NAMES
 from search.expdir import get_text, upload_dir
 from search.select import LEADERBOARD, WINNERS, finish_experiment
-from search.space import SPACE_KEYS, searched_keys
+from search.space import searched_keys
 from search.sweep import SWEEP_CONFIG, load_sweep_config
+from search.tables import comparison_sections, read_best_scores, section_markdown, write_tensorboard_text
 
 REPORT = "report.md"
 TABLE_METRICS = ("val_accuracy", "val_f1", "val_specificity", "val_sensitivity", "val_auc")  # paper's column order
@@ -42,34 +44,6 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def seed_summary(board: pd.DataFrame, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
-    """Per combination of ``keys``: mean ± std over seeds of the validation metrics.
-
-    Keys that vary but are not in ``keys`` (other than the seed) are settled by the
-    combination with the best mean ``metric``.
-    """
-    done = board[(board["status"] == "TERMINATED") & board[metric].notna()]  # idxmax/idxmin raise on all-NaN groups
-    if done.empty:
-        return pd.DataFrame()
-    varying = [k for k in SPACE_KEYS if k != "seed" and done[k].astype(str).nunique() > 1]
-    group_keys = list(dict.fromkeys([*keys, *varying]))
-    grouped = done.groupby([done[k].astype(str) for k in group_keys], sort=True)
-    stats = grouped[list(dict.fromkeys([*TABLE_METRICS, metric]))].agg(["mean", "std"])  # metric may be val_loss
-    counts = grouped.size()
-    by_keys = stats[(metric, "mean")].groupby(level=list(range(len(keys))))
-    best = by_keys.idxmax() if mode == "max" else by_keys.idxmin()
-    rows = []
-    for index in best:
-        index = index if isinstance(index, tuple) else (index,)
-        row = dict(zip(group_keys, index))
-        for m in TABLE_METRICS:
-            mean, std = stats.loc[index, (m, "mean")], stats.loc[index, (m, "std")]
-            row[m.removeprefix("val_")] = _fmt(mean) if counts[index] < 2 else f"{mean:.3f} ± {std:.3f}"
-        row["n"] = int(counts[index])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def _winner_lines(winners: dict, metric: str) -> list[str]:
     lines = []
     for view, win in winners.items():
@@ -84,7 +58,8 @@ def _winner_lines(winners: dict, metric: str) -> list[str]:
             f"### {view} view: trial `{win['trial_id']}` (epoch {win['best_epoch']})",
             f"- selected by {win['selected_by']}: {metric} = {_fmt(win['val'].get(metric))}",
             f"- config: {config}",
-            "- **test** (scored once, after selection; bootstrap 95 % intervals): " + "; ".join(cells),
+            f"- **test** (scored once, after selection, at the validation threshold {_fmt(test.get('threshold'))}; "
+            "95 % intervals from a bootstrap over patients): " + "; ".join(cells),
             f"- ![ROC]({view}_roc.png) ![confusion]({view}_confusion.png)",
             "",
         ]
@@ -151,12 +126,15 @@ def write_report(experiment: str | Path) -> Path | str:
     board["best_epoch"] = board["best_epoch"].astype("Int64")
     winners = json.loads((work / WINNERS).read_text())
     write_plots(work, winners)
-    (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners))
+    sections = [section_markdown(s, markdown_table) for s in
+                comparison_sections(cfg, board, read_best_scores(experiment, board["trial_id"]))]
+    write_tensorboard_text(work, sections)
+    (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners, sections))
     upload_dir(work, experiment)
     return join(experiment, REPORT) if is_uri(experiment) else Path(experiment) / REPORT
 
 
-def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
+def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: list[str] = ()) -> str:
     """The markdown of report.md."""
     metric, mode = cfg.search.metric, cfg.search.mode
     status = board["status"].value_counts().to_dict()
@@ -165,23 +143,19 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
         f"# Sweep report: {name}",
         "",
         f"{len(board)} trials ({', '.join(f'{n} {s.lower()}' for s, n in status.items())}); "
-        f"selection by **{metric}** ({mode}) on the validation split. Tables show validation metrics; "
-        "only the winners below were scored on the test split.",
+        f"selection by **{metric}** ({mode}) on the validation split"
+        f"{' (a configuration by its mean over seeds and folds)' if cfg.search.select_by == 'config' else ''}. "
+        "The comparison tables are scored on the TEST split, each trial at its best-on-validation epoch with "
+        "its validation threshold (Youden's J); the leaderboard shows validation metrics.",
         "",
         "## Winners (test split)",
         "",
         *_winner_lines(winners, metric),
-        "## Ablation: HE × Flip × STN per view (as the paper's Table 5; validation)",
+        "## Comparison tables (test split, rows at their best-on-validation epoch)",
         "",
-        "Each row of this table and the next is one combination of its keys; any other searched key "
-        f"(shown as a column) is set to the value with the best mean {metric} for that row.",
+        *(sections or ["No trial kept test scores (train.best_scores off, or none finished)."]),
         "",
-        markdown_table(seed_summary(board, ["view", "he", "flip", "stn"], metric, mode)),
-        "",
-        "## Backbones per view (as the paper's Table 6; validation)",
-        "",
-        markdown_table(seed_summary(board, ["view", "backbone"], metric, mode)),
-        "",
+        *device_hours_lines(board),
         "## Leaderboard",
         "",
         markdown_table(board[shown]),
@@ -191,3 +165,24 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict) -> str:
     if not failed.empty:
         lines += ["## Failed trials", "", markdown_table(failed[["trial_id", "error"]]), ""]
     return "\n".join(lines)
+
+
+def device_hours_lines(board: pd.DataFrame) -> list[str]:
+    """The report's GPU-hours section: device-hours of the sweep (one paper table per sweep) per device and view.
+
+    A trial's ``device_seconds`` is its wall time x its device share (``resources.gpu`` on a GPU), summed over
+    its attempts, so the totals are what the sweep cost, fractional trials counted by their share.
+    """
+    lines = ["## GPU-hours (device-hours this sweep cost)", ""]
+    if "device_seconds" not in board or board["device_seconds"].isna().all():
+        return lines + ["Not recorded (the trials predate GPU-hours accounting).", ""]
+    ran = board[board["device_seconds"].notna()].assign(device=lambda b: b["device"].fillna("?").astype(str))
+    hours = ran.groupby(["device", ran["view"].astype(str)])["device_seconds"].sum() / 3600
+    total = ran["device_seconds"].sum() / 3600
+    rows = pd.DataFrame({"device": [d for d, _ in hours.index], "view": [v for _, v in hours.index],
+                         "trials": ran.groupby(["device", ran["view"].astype(str)]).size().to_numpy(),
+                         "device_hours": hours.to_numpy()})
+    rate = ran["img_per_s"].median() if "img_per_s" in ran else float("nan")
+    return lines + [f"Total: **{total:.3f} device-hours** over {len(ran)} trials "
+                    f"(median training rate {_fmt(float(rate), 1)} img/s per trial).", "",
+                    markdown_table(rows), ""]

@@ -17,9 +17,11 @@ from cluster.storage import join
 from fsmodels.config import SPACE_KEYS, Config
 from fsmodels.metrics import SELECTABLE_METRICS, json_safe
 from search.expdir import checkpoint_location, local_dir, put_text
+from search.keep import keep_checkpoints
 
 LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
 WINNERS = "winners.json"  # per view: the winning trial, its validation and test metrics
+ACCOUNTING = {"device": "", "device_seconds": float("nan"), "img_per_s": float("nan")}  # leaderboard columns
 
 
 def best_epoch_metrics(history: pd.DataFrame | None, best_epoch) -> dict:
@@ -54,6 +56,8 @@ def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
         row["best_epoch"] = last.get("best_epoch") if best else None
         row["epochs_run"] = last.get("epoch", 0)
         row["node"] = last.get("node", last.get("node_ip", ""))
+        # GPU-hours accounting (run_trial): cumulative device-seconds, the device and the training rate
+        row.update({key: last.get(key, default) for key, default in ACCOUNTING.items()})
         row["error"] = error_reason(result.error) if trial.status == "ERROR" else ""
         row["checkpoint"] = checkpoint_location(experiment, result.checkpoint) if result.checkpoint else ""
         rows.append(row)
@@ -69,17 +73,34 @@ def leaderboard(experiment: str | Path, metric: str = "val_auc", mode: str = "ma
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
 
 
-def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max") -> dict[str, dict]:
+def best_config(group: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """The trials of the configuration (every space key but seed and fold) with the best mean validation ``metric``.
+
+    Ties go to the lower mean validation loss. Each trial counts once, so a configuration
+    run on more seeds or folds is ranked by a steadier mean, never by its luckiest trial.
+    """
+    keys = [k for k in SPACE_KEYS if k not in ("seed", "fold") and k in group]
+    labels = group[keys].astype(str).agg("|".join, axis=1)
+    means = group.groupby(labels)[[metric, "val_loss"]].mean()
+    order = means.sort_values([metric, "val_loss"], ascending=[mode == "min", True], kind="stable")
+    return group[labels == order.index[0]]
+
+
+def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max", by: str = "trial") -> dict[str, dict]:
     """Best finished trial per view by validation ``metric`` (only validation columns are looked at).
 
-    Ties (AUC saturates on small validation sets) go to the lower validation loss, as
-    the best epoch within a trial does, then to the earlier best epoch.
+    ``by="config"`` first keeps the configuration with the best mean over its seeds and folds
+    (``best_config``), then its best trial (the one exported). Ties (AUC saturates on small
+    validation sets) go to the lower validation loss, as the best epoch within a trial does,
+    then to the earlier best epoch.
     """
     if metric not in SELECTABLE_METRICS or board.empty:
         return {}
     usable = board[(board["status"] == "TERMINATED") & board[metric].notna()]  # never a diverged or failed trial
     winners = {}
     for view, group in usable.groupby("view", sort=True):
+        if by == "config":
+            group = best_config(group, metric, mode)
         keys = [metric, "val_loss", "best_epoch"] if metric != "val_loss" else [metric, "best_epoch"]
         ascending = [mode == "min"] + [True] * (len(keys) - 1)
         order = group.sort_values(keys, ascending=ascending, kind="stable")
@@ -111,7 +132,7 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
     board = leaderboard(experiment, cfg.search.metric, cfg.search.mode)
     put_text(join(experiment, LEADERBOARD), board.to_csv(index=False))
     winners = {}
-    for view, row in pick_winners(board, cfg.search.metric, cfg.search.mode).items():
+    for view, row in pick_winners(board, cfg.search.metric, cfg.search.mode, cfg.search.select_by).items():
         test = score_on_test(row)
         put_text(join(experiment, f"winner_{view}_test_scores.csv"), pd.DataFrame(test.pop("scores")).to_csv(index=False))
         winners[view] = {
@@ -119,11 +140,13 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
             "config": {k: _plain(row[k]) for k in SPACE_KEYS},
             "best_epoch": _plain(row["best_epoch"]),
             "checkpoint": row["checkpoint"],
-            "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation",
+            "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation"
+                           + (", configuration mean over seeds and folds" if cfg.search.select_by == "config" else ""),
             "val": {k: _plain(row[k]) for k in SELECTABLE_METRICS},
             "test": test,
         }
     put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=_plain))
+    keep_checkpoints(board, {win["trial_id"] for win in winners.values()}, cfg.search.keep_checkpoints)
     print(f"leaderboard: {join(experiment, LEADERBOARD)} ({len(board)} trials)")
     for view, win in winners.items():
         print(

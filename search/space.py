@@ -4,9 +4,15 @@ Each ``space`` key is a fixed value, a list, or a one-key mapping naming a Ray T
 distribution, e.g. ``{loguniform: [1e-4, 1e-2]}``. A list is a grid axis under
 ``search.algorithm: grid`` and a categorical choice under ``random``/``optuna``
 (TPE cannot take grid axes). ``{grid: [...]}`` and ``{choice: [...]}`` say it explicitly.
+
+Explicit points (``space`` as a list, ``fsmodels.config.space_points``) run as a grid: every
+point's grid axes are expanded into concrete cells, and Ray Tune grid-searches one ``point``
+index (the cell) while every space key reads its value from that cell (``tune.sample_from``),
+so trial configs stay flat and every cell runs ``search.num_samples`` times.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from ray import tune
@@ -14,11 +20,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fsmodels.config import SPACE_KEYS, Config, distribution, entry_values
+from fsmodels.config import SPACE_KEYS, Config, distribution, entry_values, key_values, space_points
 from fsmodels.metrics import SELECTABLE_METRICS
 from preprocessing.vocab import ConfigError
 
 ALGORITHMS = ("grid", "random", "optuna")
+POINT = "point"  # the trial config key holding an explicit-point cell's index
 SCHEDULERS = ("fifo", "asha")
 # Distributions a space key may name; argument lists are passed to ray.tune as given.
 DISTRIBUTIONS = {
@@ -69,21 +76,48 @@ def check_search(cfg: Config) -> None:
         )
     if s.num_samples < 1:
         raise ConfigError(f"search.num_samples: must be >= 1, got {s.num_samples}")
+    if cfg.space.points and s.algorithm != "grid":
+        raise ConfigError(f"search.algorithm: explicit points (space as a list) run as a grid, not {s.algorithm}")
+
+
+def grid_cells(cfg: Config) -> list[dict]:
+    """Every concrete combination of every explicit point's grid axes, point by point, in order."""
+    cells = []
+    for point in space_points(cfg):
+        axes = [entry_values(key, point[key]) for key in SPACE_KEYS]
+        cells += [dict(zip(SPACE_KEYS, combo)) for combo in itertools.product(*axes)]
+    return cells
+
+
+class CellValue:
+    """``tune.sample_from`` callable: space key ``key`` of the cell the trial's ``point`` index names."""
+
+    def __init__(self, cells: list[dict], key: str):
+        self.cells, self.key = cells, key
+
+    def __call__(self, spec) -> object:
+        return self.cells[spec["config"][POINT]][self.key]
 
 
 def param_space(cfg: Config) -> dict:
-    """Every ``space`` key as a fixed value or a Ray Tune domain."""
+    """Every ``space`` key as a fixed value or a Ray Tune domain (explicit points: a grid over cells)."""
     check_search(cfg)
+    if cfg.space.points:
+        cells = grid_cells(cfg)
+        return {POINT: tune.grid_search(list(range(len(cells)))),
+                **{key: tune.sample_from(CellValue(cells, key)) for key in SPACE_KEYS}}
     return {key: tune_domain(key, getattr(cfg.space, key), cfg.search.algorithm) for key in SPACE_KEYS}
 
 
 def searched_keys(cfg: Config) -> list[str]:
     """Space keys that take more than one value in this sweep."""
-    return [k for k in SPACE_KEYS if len(entry_values(k, getattr(cfg.space, k)) or (0, 1)) > 1]
+    return [k for k in SPACE_KEYS if len(key_values(cfg, k) or (0, 1)) > 1]
 
 
 def max_epochs(cfg: Config) -> int:
     """The largest ``space.epochs`` any trial can get (ASHA's default max_t)."""
+    if cfg.space.points:
+        return int(max(key_values(cfg, "epochs")))  # points hold no distributions
     value = cfg.space.epochs
     if isinstance(value, dict):
         name, args = distribution("epochs", value)
@@ -103,12 +137,28 @@ def tune_metric(cfg: Config) -> str:
     return f"best_{cfg.search.metric}"
 
 
-def search_algorithm(cfg: Config, concurrency: int) -> Searcher | None:
-    """Optuna's TPE behind one concurrency limit; grid/random use Tune's variant generator."""
+OPTUNA_CONCURRENCY = 8  # TPE's default in-flight trials: each one it suggests learns from fewer finished ones
+
+
+def concurrency(cfg: Config) -> int:
+    """Trials in flight at once (0 = no fsweep limit), never sized from the cluster at the sweep's start.
+
+    grid/random: ``search.max_concurrent`` or no limit, so Ray queues every pending trial and an
+    autoscaler sees them all and adds nodes; optuna: ``search.max_concurrent`` or
+    ``OPTUNA_CONCURRENCY``, since TPE suggests better points when fewer are pending.
+    """
+    if cfg.search.max_concurrent > 0:
+        return cfg.search.max_concurrent
+    return OPTUNA_CONCURRENCY if cfg.search.algorithm == "optuna" else 0
+
+
+def search_algorithm(cfg: Config) -> Searcher | None:
+    """Optuna's TPE behind its concurrency limit; grid/random use Tune's variant generator (0: unlimited)."""
+    limit = concurrency(cfg)
     if cfg.search.algorithm == "optuna":
         optuna = OptunaSearch(metric=tune_metric(cfg), mode=cfg.search.mode, seed=cfg.search.seed)
-        return ConcurrencyLimiter(optuna, max_concurrent=max(1, concurrency))
-    return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrency)
+        return ConcurrencyLimiter(optuna, max_concurrent=limit)
+    return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=limit)
 
 
 def scheduler(cfg: Config) -> TrialScheduler:

@@ -4,8 +4,9 @@ The driver builds (or reuses) every store variant and frozen STN the space needs
 before any trial starts; trials (``search.trial``) only open them by absolute path.
 Experiment layout: Ray Tune's own (``tuner.pkl``, ``experiment_state-*.json``,
 searcher state, ``trial_<id>/`` with ``result.json``, ``progress.csv``,
-``checkpoint_*``), plus fsweep's ``fsweep_sweep.yaml``, ``fsweep_variants.yaml``,
-the TensorBoard files, ``leaderboard.csv``, ``winners.json`` and the report.
+``checkpoint_*``, ``stdout``/``stderr``), plus fsweep's ``fsweep_sweep.yaml``, ``fsweep_variants.yaml``,
+``fsweep_progress.json``, ``logs/driver.log``, the TensorBoard files, ``leaderboard.csv``, ``winners.json``
+and the report. The console shows ``search.progress``'s view; ``search.keep`` thins ended trials' checkpoints.
 """
 from __future__ import annotations
 
@@ -16,21 +17,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cluster.errors import FsweepError
 from cluster.storage import exists, is_uri, join, resolve_storage
-from fsmodels.config import Config, config_from_dict, entry_values, load_config
+from fsmodels.config import Config, config_from_dict, entry_values, key_values, load_config, space_points
 from preprocessing.vocab import ConfigError, is_off
 from search import space
 from search.expdir import get_text, put_text, upload_dir
+from search.keep import CheckpointThinner
+from search.progress import ProgressView, asha_rungs, driver_logs
 from search.tb import TensorBoardCallback, write_experiment_summary
 from search.trial import train_trial
 
 SWEEP_CONFIG = "fsweep_sweep.yaml"  # the resolved sweep config, in the experiment directory
-STORE_VARIANTS = "fsweep_variants.yaml"  # HE mode -> store variant key prepared by the driver
+STORE_VARIANTS = "fsweep_variants.yaml"  # the variant and STN handles the driver resolved (prepare_store)
 
 
 def _absolute(path: str) -> str:
@@ -54,30 +58,58 @@ def check_data(cfg: Config) -> None:
         raise ConfigError(f"data.dataset: {cfg.data.dataset or '(empty)'} has no dataset.parquet (run `fsweep ingest`)")
     if not cfg.data.store:
         raise ConfigError("data.store: empty (give the STORE path of `fsweep store build`)")
+    _check_folds(cfg)
+
+
+def _check_folds(cfg: Config) -> None:
+    """space.fold values the dataset has (fold 0 is its `split`), before any trial starts."""
+    from preprocessing.splits import dataset_folds
+
+    folds = dataset_folds(pd.read_parquet(Path(cfg.data.dataset) / "dataset.parquet").columns)
+    missing = [f for f in key_values(cfg, "fold") or [] if f >= max(folds, 1)]
+    if missing:
+        raise ConfigError(f"space.fold: {cfg.data.dataset} has no fold {missing[0]} ({folds} folds; "
+                          "run `fsweep ingest --folds K`)")
 
 
 def sweep_he_modes(cfg: Config) -> list[str]:
-    """HE modes the space can draw, plus 'off' (the plain ROI crop shown in TensorBoard)."""
-    modes = entry_values("he", cfg.space.he)
-    return list(dict.fromkeys(["off", *modes]))
+    """HE modes the space can draw: the only variants a sweep builds (thumbnails come from what exists)."""
+    return key_values(cfg, "he")
 
 
-def prepare_store(cfg: Config) -> dict[str, str]:
-    """Build or reuse every variant (HE mode x size) and frozen STN the sweep needs; HE mode -> key."""
+def frozen_stn_runs(cfg: Config) -> list[tuple[str, int]]:
+    """(HE mode, seed) of every trial the space can draw with a frozen STN: the STNs the driver pretrains."""
+    runs = []
+    for point in space_points(cfg):
+        if "frozen" not in entry_values("stn", point["stn"]):
+            continue
+        seeds = entry_values("seed", point["seed"])
+        if seeds is None:  # each seed pretrains its own STN, before the sweep: they must be known
+            raise ConfigError("space.seed: with stn frozen, seeds must be a value or a list (each pretrains an STN)")
+        runs += [(he, int(seed)) for he in entry_values("he", point["he"]) for seed in seeds]
+    return list(dict.fromkeys(runs))
+
+
+def prepare_store(cfg: Config) -> dict:
+    """Build or reuse every variant and frozen STN the sweep needs; the record every trial opens them by.
+
+    ``{"variants": {he: handle}, "stns": {he: {seed: handle}}}``, a handle being ``{key, manifest}``
+    (``fsmodels.params.handle``): resolved here once, saved as ``fsweep_variants.yaml``.
+    """
+    from fsmodels.params import handle
     from fsmodels.stn import ensure_frozen_stn
     from preprocessing.store import build_store
 
     modes = sweep_he_modes(cfg)
-    variants = build_store(
+    variants = dict(zip(modes, build_store(
         cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size, he_modes=modes,
         margin=cfg.roi.margin, aspect=cfg.data.aspect,
-    )
-    stn_modes = entry_values("stn", cfg.space.stn)
-    searched_he = entry_values("he", cfg.space.he)
-    for he, variant in zip(modes, variants):
-        if "frozen" in stn_modes and he in searched_he:
-            ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=0)  # the seed run_trial asks for
-    return {he: variant.key for he, variant in zip(modes, variants)}
+    )))
+    record = {"variants": {he: handle(variant) for he, variant in variants.items()}, "stns": {}}
+    for he, seed in frozen_stn_runs(cfg):  # a trial's STN is pretrained with the trial's own seed
+        stn = ensure_frozen_stn(variants[he], epochs=cfg.train.stn_epochs, seed=seed, store=cfg.data.store)
+        record["stns"].setdefault(he, {})[seed] = handle(stn)
+    return record
 
 
 SCRATCH_ROOT = Path(tempfile.gettempdir()) / "fsweep-scratch"  # trials' working checkpoints, one folder per experiment
@@ -88,7 +120,7 @@ def scratch_root(experiment: str | Path) -> Path:
     return SCRATCH_ROOT / hashlib.sha256(str(experiment).encode()).hexdigest()[:12]
 
 
-def trainable(cfg: Config, variants: dict[str, str], scratch: Path):
+def trainable(cfg: Config, variants: dict, scratch: Path):
     """The Tune trainable with its small handles (config dict, variant keys, scratch folder) and per-trial resources."""
     base = cfg.to_dict()
     base.pop("space")
@@ -109,18 +141,23 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def concurrency(cfg: Config, cluster: dict) -> int:
-    """search.max_concurrent, or as many trials as the cluster's CPUs/GPUs hold."""
-    if cfg.search.max_concurrent > 0:
-        return cfg.search.max_concurrent
-    slots = [cluster["cpus"] / cfg.resources.cpu] if cfg.resources.cpu > 0 else []
-    if cfg.resources.gpu > 0:
-        slots.append(cluster["gpus"] / cfg.resources.gpu)
-    return max(1, int(min(slots))) if slots else 1
+def progress_view(cfg: Config, experiment: str, name: str, verbose: bool) -> list:
+    """The live view as a Tune callback; none with ``verbose`` (Ray's own tables instead)."""
+    if verbose:
+        return []
+    return [ProgressView(experiment, name=name, metric=cfg.search.metric, mode=cfg.search.mode,
+                         keys=space.searched_keys(cfg), asha=asha_rungs(cfg), slots=cfg.search.max_concurrent)]
 
 
-def run_config(cfg: Config, storage: str, name: str) -> tune.RunConfig:
-    """Storage, checkpoint retention, retries, loggers (ours replace Ray's TensorBoard logger)."""
+def checkpoint_thinner(cfg: Config, experiment: str) -> list:
+    """search.keep_checkpoints while the sweep runs: ended trials that cannot win are thinned at once."""
+    if cfg.search.keep_checkpoints == "all" or cfg.search.select_by != "trial":
+        return []
+    return [CheckpointThinner(experiment, cfg.search.metric, cfg.search.mode, cfg.search.keep_checkpoints)]
+
+
+def run_config(cfg: Config, storage: str, name: str, verbose: bool = False) -> tune.RunConfig:
+    """Storage, checkpoint retention, retries, loggers (ours replace Ray's TensorBoard logger), console output."""
     return tune.RunConfig(
         name=name,
         storage_path=storage,
@@ -128,12 +165,23 @@ def run_config(cfg: Config, storage: str, name: str) -> tune.RunConfig:
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback()],
-        verbose=1,
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(),
+                   *checkpoint_thinner(cfg, join(storage, name)),
+                   *progress_view(cfg, join(storage, name), name, verbose)],
+        verbose=1 if verbose else 0,  # 0: no Tune tables (the view replaces them)
+        log_to_file=True,  # each trial's stdout/stderr into its directory, always
     )
 
 
-def _connect(address: str | None) -> dict:
+def set_output(tuner: tune.Tuner, cfg: Config, experiment: str, verbose: bool) -> None:
+    """A restored tuner's console output: Tuner.restore brings back the pickled RunConfig, with no setter for it."""
+    run = tuner._local_tuner.get_run_config()
+    run.callbacks = [cb for cb in run.callbacks or [] if not isinstance(cb, ProgressView)]
+    run.callbacks += progress_view(cfg, experiment, Path(experiment.rstrip("/")).name, verbose)
+    run.verbose, run.log_to_file = (1 if verbose else 0), True
+
+
+def _connect(address: str | None, verbose: bool = False) -> dict:
     """Join or start Ray, with Tune's logger defaults set for this driver."""
     from cluster.connect import connect
 
@@ -142,10 +190,12 @@ def _connect(address: str | None) -> dict:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # Tiny CPU trials checkpoint faster than Tune's snapshot-rate warning assumes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    return connect(address)
+    # Tune's new output engine prints its header even at verbose=0; the legacy one at 0 prints nothing
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    return connect(address, log_to_driver=verbose)  # quiet: trial output only in the trials' log files
 
 
-def write_sweep_files(experiment: str, cfg: Config, variants: dict[str, str], name: str) -> None:
+def write_sweep_files(experiment: str, cfg: Config, variants: dict, name: str) -> None:
     """The resolved config, the variant keys and the HParams experiment record, into the experiment dir."""
     put_text(join(experiment, SWEEP_CONFIG), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     put_text(join(experiment, STORE_VARIANTS), yaml.safe_dump(variants))
@@ -167,9 +217,12 @@ def _location(experiment: str) -> Path | str:
 
 
 def run_sweep(
-    cfg: Config, address: str | None = None, name: str | None = None, storage: str | None = None
+    cfg: Config, address: str | None = None, name: str | None = None, storage: str | None = None,
+    verbose: bool = False,
 ) -> Path | str:
     """Run the sweep described by ``cfg``; write leaderboard.csv and score the winners.
+
+    The console shows the live view (``search.progress``); ``verbose`` shows Ray's tables and the trials' output.
 
     Returns the experiment directory ``<storage>/<name>`` (a Path, or the URI string).
     """
@@ -183,29 +236,29 @@ def run_sweep(
     experiment = join(storage, name)
     if exists(join(experiment, SWEEP_CONFIG)):
         raise FsweepError(f"{experiment}: experiment exists; use `fsweep resume {experiment}` or another --name")
-    cluster = _connect(address)
-    variants = prepare_store(cfg)
-    limit = concurrency(cfg, cluster)
-    scratch = scratch_root(experiment)
-    tuner = tune.Tuner(
-        trainable(cfg, variants, scratch),
-        param_space=params,
-        tune_config=tune.TuneConfig(  # no metric here: it would override the searcher's and the scheduler's own
-            num_samples=cfg.search.num_samples,
-            search_alg=space.search_algorithm(cfg, limit),
-            scheduler=space.scheduler(cfg),
-            trial_dirname_creator=trial_dirname,
-            reuse_actors=True,  # same resources per trial: skip a process start + torch import per trial
-        ),
-        run_config=run_config(cfg, storage, name),
-    )
-    write_sweep_files(experiment, cfg, variants, name)
-    fit_and_clean(tuner, scratch)
-    finish_experiment(experiment, cfg)
+    with driver_logs(experiment, verbose):  # Ray's logs into <experiment>/logs/driver.log unless verbose
+        _connect(address, verbose)
+        variants = prepare_store(cfg)
+        scratch = scratch_root(experiment)
+        tuner = tune.Tuner(
+            trainable(cfg, variants, scratch),
+            param_space=params,
+            tune_config=tune.TuneConfig(  # no metric here: it would override the searcher's and the scheduler's own
+                num_samples=cfg.search.num_samples,
+                search_alg=space.search_algorithm(cfg),
+                scheduler=space.scheduler(cfg),
+                trial_dirname_creator=trial_dirname,
+                reuse_actors=True,  # same resources per trial: skip a process start + torch import per trial
+            ),
+            run_config=run_config(cfg, storage, name, verbose),
+        )
+        write_sweep_files(experiment, cfg, variants, name)
+        fit_and_clean(tuner, scratch)
+        finish_experiment(experiment, cfg)
     return _location(experiment)
 
 
-def resume_sweep(experiment: str | Path, address: str | None = None) -> Path | str:
+def resume_sweep(experiment: str | Path, address: str | None = None, verbose: bool = False) -> Path | str:
     """Finish an interrupted sweep (``Tuner.restore``): completed trials are kept, the rest continue."""
     from search.select import finish_experiment
 
@@ -214,9 +267,11 @@ def resume_sweep(experiment: str | Path, address: str | None = None) -> Path | s
         raise FsweepError(f"{experiment}: not a resumable fsweep experiment (no {SWEEP_CONFIG} or tuner.pkl)")
     cfg = load_sweep_config(experiment)
     variants = yaml.safe_load(get_text(join(experiment, STORE_VARIANTS)))
-    _connect(address)
-    scratch = scratch_root(experiment)
-    tuner = tune.Tuner.restore(experiment, trainable=trainable(cfg, variants, scratch), resume_errored=False)
-    fit_and_clean(tuner, scratch)
-    finish_experiment(experiment, cfg)
+    with driver_logs(experiment, verbose):
+        _connect(address, verbose)
+        scratch = scratch_root(experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable(cfg, variants, scratch), resume_errored=False)
+        set_output(tuner, cfg, experiment, verbose)
+        fit_and_clean(tuner, scratch)
+        finish_experiment(experiment, cfg)
     return _location(experiment)

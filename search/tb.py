@@ -27,7 +27,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from fsmodels.config import SPACE_KEYS, Config, entry_values
+from fsmodels.config import SPACE_KEYS, Config, entry_values, key_values
 from fsmodels.metrics import SELECTABLE_METRICS
 
 EPOCH_PREFIXES = ("val_", "train_")  # this epoch's values: the per-epoch curves, under epoch/<name> in Scalars
@@ -75,7 +75,8 @@ def _hparam_info(key: str, raw: Any) -> api_pb2.HParamInfo:
 
 def experiment_summary(cfg: Config, description: str = "") -> Summary:
     """The HParams experiment: every space key and the best epoch's validation metrics (the leaderboard's)."""
-    hparams = [_hparam_info(key, getattr(cfg.space, key)) for key in SPACE_KEYS]
+    # explicit points: a key's domain is every value it takes over the points
+    hparams = [_hparam_info(key, key_values(cfg, key) if cfg.space.points else getattr(cfg.space, key)) for key in SPACE_KEYS]
     metrics = [
         api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_VALIDATION,
                            description="at the trial's best epoch (selection on validation)")

@@ -2,7 +2,8 @@
 
 It reports once per epoch with the epoch's checkpoint (``tune.report``), resumes
 from ``tune.get_checkpoint()`` after a failure or an interrupted driver, opens the
-store variants the driver built (never builds one) and adds sample images and the
+store variant and frozen STN by the keys the driver recorded (never builds or
+re-derives one: a trial needs only the store) and adds sample images and the
 validation ROC to the trial's TensorBoard run.
 """
 from __future__ import annotations
@@ -32,39 +33,48 @@ def _node_label() -> str:
     return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
-def _sample_stages(cfg: Config, variants: dict[str, str]) -> dict[str, list]:
-    """A few validation images of this trial's view: ROI crop, after HE, after the frozen STN."""
+def artifact_handles(cfg: Config, record: dict) -> dict:
+    """This trial's variant and frozen STN handles, looked up in the driver's record (never recomputed)."""
+    stn = record["stns"][cfg.space.he][int(cfg.space.seed)] if cfg.space.stn == "frozen" else None
+    return {"variant": record["variants"][cfg.space.he], "stn": stn}
+
+
+def _sample_stages(cfg: Config, record: dict, handles: dict) -> dict[str, list]:
+    """A few validation images of this trial's view: the plain ROI crop (when the sweep has he=off), after HE,
+    after the frozen STN; only artifacts the sweep built anyway are opened."""
     import torch
 
-    from fsmodels.stn import STN_WEIGHTS, load_frozen_stn
-    from preprocessing.variant import open_variant
+    from fsmodels.params import open_artifacts
+    from fsmodels.stn import load_frozen_stn
 
     view = "right" if cfg.space.view == "both" else cfg.space.view
-    he = cfg.space.he
+    variant, weights = open_artifacts(cfg, handles)
     stages = {}
-    for stage, mode in (("roi_crop", "off"), ("after_he", he)):
-        variant = open_variant(cfg.data.store, variants[mode])
-        stages[stage] = list(variant.images("val", view)[:SAMPLE_COUNT])
-    weights = Path(open_variant(cfg.data.store, variants[he]).path) / "stn" / STN_WEIGHTS
-    if cfg.space.stn == "frozen" and weights.is_file() and stages["after_he"]:
+    if "off" in record["variants"]:
+        crop, _ = open_artifacts(cfg, {"variant": record["variants"]["off"]})
+        stages["roi_crop"] = list(crop.images("val", view)[:SAMPLE_COUNT])
+    stages["after_he"] = list(variant.images("val", view)[:SAMPLE_COUNT])
+    if weights is not None and stages["after_he"]:
         batch = torch.from_numpy(np.stack(stages["after_he"])).unsqueeze(1).float() / 255.0
         with torch.no_grad():
             stages["after_stn"] = list(load_frozen_stn(weights)(batch).squeeze(1).clamp(0, 1).numpy())
     return stages
 
 
-def train_trial(params: dict, *, base: dict, variants: dict[str, str], scratch_root: str) -> None:
+def train_trial(params: dict, *, base: dict, variants: dict, scratch_root: str) -> None:
     """Tune function trainable: one run_trial, reporting each epoch with its checkpoint.
 
     run_trial works in ``scratch_root/<trial id>`` outside the trial's working
     directory, so its epoch checkpoints are not synced twice (Ray persists the
     reported ones); the trial directory gets config.yaml, metrics.json and the
     TensorBoard images. The driver removes ``scratch_root`` when the sweep ends.
+    ``variants``: the driver's record of variant and STN handles (``search.sweep.prepare_store``).
     """
-    from fsmodels.train import run_trial
+    from fsmodels.train import BEST_SCORES, run_trial
     from search.tb import write_roc, write_samples
 
     cfg = trial_config(base, params)
+    handles = artifact_handles(cfg, variants)
     out = Path.cwd()  # the trial's working directory; Ray syncs it into the trial directory
     scratch = Path(scratch_root) / tune.get_context().get_trial_id()
     shutil.rmtree(scratch, ignore_errors=True)  # a failed attempt's leftovers
@@ -73,17 +83,21 @@ def train_trial(params: dict, *, base: dict, variants: dict[str, str], scratch_r
     resume_from = Path(checkpoint.to_directory(str(scratch / "resume"))) if checkpoint else None
     save_config(cfg, out / "config.yaml")
     if resume_from is None:
-        write_samples(out, _sample_stages(cfg, variants))
+        write_samples(out, _sample_stages(cfg, variants, handles))
 
     def on_best(epoch: int, labels: np.ndarray, scores: np.ndarray) -> None:
         # every new best gets its ROC (written before the report syncs it), also for trials ASHA stops later
         write_roc(out, labels, scores, step=epoch, title=f"validation ROC, epoch {epoch}")
+        if (scratch / BEST_SCORES).is_file():  # the report's test-scored rows, synced with the trial directory
+            shutil.copy2(scratch / BEST_SCORES, out / BEST_SCORES)
 
-    def on_epoch(metrics: dict, checkpoint_dir: Path) -> None:
-        tune.report({**metrics, "node": node}, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+    def on_epoch(metrics: dict, checkpoint_dir: Path | None) -> None:
+        # only epochs that wrote a checkpoint (train.checkpoint_every) hand one to Ray to persist
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report({**metrics, "node": node}, checkpoint=checkpoint)
 
     try:
-        run_trial(cfg, scratch, on_epoch=on_epoch, resume_from=resume_from, on_best=on_best)
+        run_trial(cfg, scratch, on_epoch=on_epoch, resume_from=resume_from, on_best=on_best, handles=handles)
         shutil.copy2(scratch / "metrics.json", out / "metrics.json")
     finally:  # also when ASHA stops it inside tune.report (SystemExit) or it fails: Ray holds the reported checkpoints
         # (Ray may kill the actor of a trial that ended before this runs: the driver's cleanup covers that)

@@ -65,3 +65,78 @@ def test_console_entry_point_reports_bad_input(tmp_path):
     )
     assert done.returncode == 2
     _one_error_line(done.stderr, "fsweep ingest: error:")
+
+
+# --- one config path: flags are --set shortcuts, the space is typed when the config loads ---------
+
+def _config_of(argv: list[str]):
+    from fsweep.cli import _config, build_parser
+
+    args = build_parser().parse_args(argv)
+    positional = {"data.dataset": args.dataset, "data.store": args.store} if hasattr(args, "dataset") and \
+        getattr(args, "store_command", None) else {}
+    return _config(args, **positional).to_dict()
+
+
+@pytest.mark.parametrize("flags, sets", [
+    (["store", "build", "DS", "--store", "ST", "--size", "48", "--he", "off,clahe", "--aspect", "pad", "--margin", "0.1"],
+     ["store", "build", "DS", "--store", "ST", "--set", "data.size=48", "--set", "space.he=[off, clahe]",
+      "--set", "data.aspect=pad", "--set", "roi.margin=0.1"]),
+    (["roi", "train", "DS", "--out", "R", "--epochs", "3", "--imgsz", "96", "--annotated", "20"],
+     ["roi", "train", "DS", "--out", "R", "--set", "roi.epochs=3", "--set", "roi.imgsz=96", "--set", "roi.annotated=20"]),
+    (["stn", "train", "ST", "--epochs", "2", "--seed", "5"],
+     ["stn", "train", "ST", "--set", "train.stn_epochs=2", "--set", "space.seed=5"]),
+])
+def test_command_flags_are_shortcuts_for_set(flags, sets):
+    assert _config_of(flags) == _config_of(sets)
+
+
+def test_commands_without_flags_take_the_config_defaults(tmp_path):
+    from fsmodels.config import Config
+
+    (tmp_path / "c.yaml").write_text("data: {size: 80}\nroi: {epochs: 4}\n")
+    built = _config_of(["store", "build", "DS", "--store", "ST", "--config", str(tmp_path / "c.yaml")])
+    assert built["data"]["size"] == 80 and built["data"]["aspect"] == Config().data.aspect
+    assert _config_of(["roi", "train", "DS", "--out", "R"])["roi"] == Config().to_dict()["roi"]
+    # a flag beats the file, --set beats the flag
+    argv = ["store", "build", "DS", "--store", "ST", "--config", str(tmp_path / "c.yaml"), "--size", "96"]
+    assert _config_of(argv)["data"]["size"] == 96
+    assert _config_of([*argv, "--set", "data.size=112"])["data"]["size"] == 112
+
+
+def test_space_values_are_typed_once_when_the_config_loads(tmp_path):
+    from fsmodels.config import load_config
+
+    (tmp_path / "c.yaml").write_text(
+        "space: {lr: 1e-3, flip: 'on', he: off, stn: [off, Frozen], batch_size: '8', view: R,\n"
+        "        seed: [0, 1], epochs: {choice: [2, 3]}}\n"
+    )
+    space = load_config(tmp_path / "c.yaml").space
+    assert (space.lr, space.flip, space.he, space.batch_size) == (0.001, True, "off", 8)
+    assert space.stn == ["off", "frozen"] and space.seed == [0, 1] and space.epochs == {"choice": [2, 3]}
+    assert space.view == "right"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("space.batch_size=0", "space.batch_size"), ("space.lr=-1", "space.lr"), ("space.he=[off, sideways]", "space.he"),
+    ("space.flip=maybe", "space.flip"), ("space.epochs={normal: [1, 2]}", "unknown distribution"),
+    ("data.aspect=crop", "data.aspect"),
+])
+def test_a_bad_space_value_is_refused_at_load_in_one_line(override, needle):
+    from fsmodels.config import load_config
+    from preprocessing.vocab import ConfigError
+
+    with pytest.raises(ConfigError, match=needle) as error:
+        load_config(None, [override])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("spelling", ["None", "none", "off", "null", "false", ""])
+def test_off_is_one_word_for_every_command(spelling, tmp_path):
+    """`roi.detector: None` once meant off for `fsweep train` and the path <cwd>/None for `fsweep sweep`."""
+    from fsmodels.config import load_config
+    from search.sweep import absolute_paths
+
+    cfg = load_config(None, [f"roi.detector={spelling}", f"train.pretrained={spelling}"])
+    assert cfg.roi.detector == "none" and cfg.train.pretrained == "none"
+    assert absolute_paths(cfg).roi.detector == "none"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -370,11 +371,11 @@ def pipeline(ray_cluster, dicom_inputs, tmp_path_factory):
 def test_store_is_built_by_tasks_on_several_nodes_and_read_by_trials_on_several_nodes(pipeline, ray_cluster):
     node_ids = [n.node_id for n in [ray_cluster.head_node, *ray_cluster.worker_nodes]]
     images = len(pd.read_parquet(pipeline["dataset"] / "dataset.parquet"))
-    variants = [json.loads(p.read_text()) for p in pipeline["store"].glob("*/variant.json")]
-    assert len(variants) == 2  # off and global, built in one pass
-    for meta in variants:
-        assert len(meta["built_on"]) >= 2 and set(meta["built_on"]) <= set(node_ids), meta["built_on"]
-        assert sum(meta["built_on"].values()) == images  # every image once, wherever it ran
+    builds = [json.loads(p.read_text())["built_on"] for p in pipeline["store"].glob("*/build.json")]
+    assert len(builds) == 2  # off and global, built in one pass
+    for built_on in builds:
+        assert len(built_on) >= 2 and set(built_on) <= set(node_ids), built_on
+        assert sum(built_on.values()) == images  # every image once, wherever it ran
     board = pd.read_csv(pipeline["experiment"] / "leaderboard.csv")
     done = board[board["status"] == "TERMINATED"]
     assert len(done) == 2 and done["val_auc"].between(0, 1).all()
@@ -423,10 +424,10 @@ def test_store_build_that_loses_a_node_finishes_with_a_verified_store(pipeline, 
         variant = build_variant(pipeline["dataset"], pipeline["store"], spec)
     try:
         assert killer.removed is not None, "no store task was seen on a worker node"  # killed while it ran one
-        variant = open_variant(pipeline["store"], variant_key(pipeline["dataset"], spec))  # checksums verified
+        variant = open_variant(pipeline["store"], variant_key(pipeline["dataset"], spec), full=True)  # every checksum
         rows = pd.read_parquet(pipeline["dataset"] / "dataset.parquet").set_index("image_id")
         assert len(variant.index) == len(rows)
-        built_on = json.loads((variant.path / "variant.json").read_text())["built_on"]
+        built_on = json.loads((variant.path / "build.json").read_text())["built_on"]
         assert sum(built_on.values()) == len(rows)  # each image counted once: lost chunks ran again elsewhere
         for split in ("train", "val", "test"):
             for view in ("left", "right"):
@@ -498,3 +499,182 @@ def test_sweep_that_loses_a_worker_node_resumes_its_trials_elsewhere_without_rep
         assert killer.removed.node_id[:8] in nodes[:-1] and nodes[-1] != nodes[0]  # started there, finished elsewhere
     finally:
         replace_removed_node(ray_cluster, killer)
+
+
+# --- concurrency that follows the cluster -------------------------------------------------
+
+def trial_spans(experiment: Path) -> list[tuple[float, float]]:
+    """(start, end) wall times of every trial, from the results Tune recorded (first report minus its epoch time)."""
+    spans = []
+    for history in trial_histories(experiment).values():
+        if history:
+            first, last = history[0], history[-1]
+            spans.append((first["timestamp"] - first["time_this_iter_s"], last["timestamp"]))
+    return spans
+
+
+def overlapping(spans: list[tuple[float, float]]) -> bool:
+    """True when some two spans share a moment."""
+    spans = sorted(spans)
+    return any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
+def test_concurrency_needs_no_cluster_size_grid_and_random_unlimited_optuna_fixed():
+    from fsmodels.config import Config
+    from search import space
+
+    cfg = Config()
+    for algorithm, limit in (("grid", 0), ("random", 0), ("optuna", space.OPTUNA_CONCURRENCY)):
+        cfg.search.algorithm = algorithm
+        assert space.concurrency(cfg) == limit  # 0: Ray queues every pending trial; the autoscaler sees them
+    cfg.search.max_concurrent = 3
+    assert space.concurrency(cfg) == 3
+    assert space.search_algorithm(cfg).max_concurrent == 3
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_zero_cpu_head_runs_trials_side_by_side_on_workers_that_join_later(tiny_dataset, tmp_path):
+    from preprocessing.store import build_variant
+
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    build_variant(tiny_dataset, store, make_spec(he="global", size=32))  # whatever Ray this process has, or a local one
+    cfg = tiny_sweep_config(tiny_dataset, store, seed=[0, 1, 2, 3], epochs=3)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    late = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # as both shipped cluster files start
+    try:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "fsweep.cli", "sweep", str(config), "--address", late.address, "--name", "late",
+             "--storage", str(runs)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 120
+        while not (runs / "late" / "fsweep_sweep.yaml").is_file() and driver.poll() is None:
+            assert time.monotonic() < deadline, "the sweep did not start"
+            time.sleep(0.2)
+        time.sleep(2)  # the sweep runs (every trial pending: the head has no CPU) before any worker exists
+        for _ in range(2):
+            late.add_node(num_cpus=1)
+        logs, _ = driver.communicate(timeout=400)
+        assert driver.returncode == 0, logs[-3000:]
+        assert "ray: 1 nodes, 0 CPUs" in logs  # the cluster the driver saw at its start
+    finally:
+        late.shutdown()
+    board = pd.read_csv(runs / "late" / "leaderboard.csv")
+    assert len(board) == 4 and (board["status"] == "TERMINATED").all(), board
+    assert board["node"].nunique() == 2  # both late workers ran trials ...
+    assert overlapping(trial_spans(runs / "late"))  # ... at the same time
+
+
+# --- one handle per artifact ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_after_a_reingest_uses_the_recorded_variant_or_refuses_in_one_line(ray_cluster, tiny_phantom, tmp_path):
+    from fsweep.export import export_experiment
+    from preprocessing.ingest import ingest
+    from preprocessing.store import build_store
+    from search.sweep import STORE_VARIANTS, run_sweep
+
+    from conftest import TINY_SALT
+
+    dataset, store = tmp_path / "dataset", tmp_path / "store"
+    ingest(tiny_phantom / "manifest.csv", dataset, seed=0, salt=TINY_SALT, echo=False)
+    fingerprint = json.loads((dataset / "summary.json").read_text())["fingerprint"]
+    build_store(dataset, store, roi="none", size=64, he_modes=["global"], margin=0.05, aspect="stretch")
+    cfg = tiny_sweep_config(dataset, store, seed=[0, 1], stn="frozen")
+    cfg.data.size = 64  # ONNX can express the STN's pooling at multiples of 64 px
+    experiment = run_sweep(cfg, address=ray_cluster.address, name="rekey", storage=str(tmp_path / "runs"))
+    record = yaml.safe_load((experiment / STORE_VARIANTS).read_text())
+    recorded = record["variants"]["global"]["key"]
+    stns = record["stns"]["global"]
+    assert set(stns) == {0, 1} and stns[0]["key"] != stns[1]["key"]  # each seed pretrains its own STN
+    stats = json.loads((store / "stn" / stns[1]["key"] / "stn.json").read_text())
+    assert stats["seed"] == 1 and {"rotation_deg", "scale", "det"} <= set(stats["theta"])
+    board = pd.read_csv(experiment / "leaderboard.csv").set_index("trial_id")
+
+    # the same folder re-ingested with another split, the store rebuilt: another variant key
+    ingest(tiny_phantom / "manifest.csv", dataset, seed=1, salt=TINY_SALT, echo=False)
+    assert json.loads((dataset / "summary.json").read_text())["fingerprint"] != fingerprint
+    rebuilt = build_store(dataset, store, roi="none", size=64, he_modes=["global"], margin=0.05, aspect="stretch")
+    assert rebuilt[0].key != recorded
+
+    card = json.loads((export_experiment(experiment, tmp_path / "model") / "model_card.json").read_text())
+    model = card["models"]["right"]
+    assert model["store_variant"] == recorded and card["data"]["fingerprint"] == fingerprint  # what it trained on
+    assert model["metrics"]["val"]["auc"] == pytest.approx(board.loc[model["trial_id"], "val_auc"], abs=1e-6)
+
+    shutil.rmtree(store / recorded)  # the recorded variant is gone: a one-line refusal, never the new split
+    with pytest.raises(FsweepError, match=f"{recorded}: variant not built") as error:
+        export_experiment(experiment, tmp_path / "model2")
+    assert "\n" not in str(error.value)
+
+
+# --- patient data ------------------------------------------------------------------------
+
+def test_the_salt_can_live_outside_the_dataset_folder(tiny_phantom, tmp_path, monkeypatch):
+    from fsweep.cli import main as fsweep_main
+    from preprocessing.ingest import hash_patient
+
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    salt_file = secrets_dir / "salt"
+    monkeypatch.setenv("FSWEEP_SALT_FILE", str(salt_file))
+    assert fsweep_main(["ingest", str(tiny_phantom / "manifest.csv"), "--out", str(tmp_path / "dataset")]) == 0
+    assert not (tmp_path / "dataset" / ".salt").exists()  # nothing next to the hashes to brute-force them with
+    assert salt_file.stat().st_mode & 0o777 == 0o600
+    salt = salt_file.read_text().strip()
+    rows = pd.read_parquet(tmp_path / "dataset" / "dataset.parquet")
+    manifest = pd.read_csv(tiny_phantom / "manifest.csv").set_index("image")
+    first = rows.iloc[0]
+    patient_id = manifest.loc[Path(first["image"]).relative_to(tiny_phantom).as_posix(), "patient_id"]
+    assert first["patient"] == hash_patient(str(patient_id), salt)
+    monkeypatch.delenv("FSWEEP_SALT_FILE")  # the flag does the same, and a re-ingest keeps the ids
+    assert fsweep_main(["ingest", str(tiny_phantom / "manifest.csv"), "--out", str(tmp_path / "again"),
+                        "--salt-file", str(salt_file)]) == 0
+    assert list(pd.read_parquet(tmp_path / "again" / "dataset.parquet")["patient"]) == list(rows["patient"])
+    assert fsweep_main(["ingest", str(tiny_phantom / "manifest.csv"), "--out", str(tmp_path / "x"),
+                        "--salt-file", str(tmp_path / "nowhere" / "salt")]) != 0
+
+
+# --- dependencies ------------------------------------------------------------------------
+
+def imported_top_modules(paths: list[Path]) -> set[str]:
+    """Top-level names of every module imported (module level or inside functions) by the files under ``paths``."""
+    import ast
+
+    names = set()
+    for root in paths:
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_imported_third_party_package_is_declared_with_an_installed_floor():
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {Requirement(r).name.lower().replace("_", "-"): Requirement(r) for r in project["dependencies"]}
+    dev = {Requirement(r).name.lower(): Requirement(r) for r in project["optional-dependencies"]["dev"]}
+    owners = metadata.packages_distributions()
+    ours = {"fsweep", "search", "fsmodels", "preprocessing", "cluster", "conftest", "bench"}
+
+    def undeclared(modules: set[str], declared: dict) -> set[str]:
+        missing = set()
+        for module in modules - ours - set(sys.stdlib_module_names):
+            dists = {d.lower().replace("_", "-") for d in owners.get(module, [module])}
+            if not dists & set(declared):
+                missing.add(f"{module} ({', '.join(sorted(dists))})")
+        return missing
+
+    code = [PROJECT_ROOT / name for name in ("fsweep", "search", "fsmodels", "preprocessing", "cluster", "bench")]
+    assert not undeclared(imported_top_modules(code), runtime)
+    tools = {"packaging": None}  # pytest's own dependency
+    assert not undeclared(imported_top_modules([PROJECT_ROOT / "tests"]), {**runtime, **dev, **tools})
+    for name, requirement in {**runtime, **dev}.items():  # each floor is met by what the tests run on
+        assert requirement.specifier.contains(metadata.version(name), prereleases=True), (name, metadata.version(name))

@@ -113,9 +113,9 @@ def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(swe
         recipe = model["preprocessing"]
         assert recipe["roi"]["sha256"] == detector_sha and recipe["roi"]["imgsz"] == 64
         assert (recipe["he"], recipe["size"], recipe["aspect"], recipe["stn"], recipe["margin"]) == (
-            "global", SIZE, "pad", "joint", sweep["cfg"].roi.margin)
+            "global", SIZE, sweep["cfg"].data.aspect, "joint", sweep["cfg"].roi.margin)
         assert model["backbone"] == "resnet10t" and model["trial_id"] == winners[view]["trial_id"]
-        assert model["threshold"] == 0.5
+        assert model["threshold"] == winners[view]["test"]["threshold"]  # chosen on validation, applied on test
         for split in ("val", "test"):
             assert all(f"{m}_ci" in model["metrics"][split] for m in CI_METRICS)
         assert model["metrics"]["test"]["accuracy"] == winners[view]["test"]["accuracy"]
@@ -163,13 +163,15 @@ def test_predicting_the_stored_test_images_reproduces_the_recorded_test_metrics(
         mine = (test["view"] == view).to_numpy()
         labels, scores = test.loc[mine, "label"].to_numpy(), predicted.loc[mine, "probability"].to_numpy()
         recorded = card["models"][view]["metrics"]["test"]
-        got = {**binary_metrics(labels, scores), **bootstrap_ci(labels, scores, n=1000, seed=0)}
+        threshold, patients = card["models"][view]["threshold"], test.loc[mine, "patient"].to_numpy()
+        got = {**binary_metrics(labels, scores, threshold),
+               **bootstrap_ci(labels, scores, n=1000, seed=0, threshold=threshold, patients=patients)}
         for key in (*CI_METRICS, "tp", "fp", "tn", "fn", *(f"{m}_ci" for m in CI_METRICS)):
             assert got[key] == pytest.approx(recorded[key], abs=0, nan_ok=True), (view, key)
         stored = pd.read_csv(sweep["experiment"] / f"winner_{view}_test_scores.csv").set_index("image_id")
         ids = test.loc[mine, "image_id"]
         assert np.abs(stored.loc[ids, "score"].to_numpy() - scores).max() <= 1e-5
-        assert (predicted.loc[mine, "label"] == (scores >= 0.5)).all()
+        assert (predicted.loc[mine, "label"] == (scores >= threshold)).all()
 
 
 def test_predict_on_never_seen_raw_files_decodes_16_bit_png_and_dicom_monochrome1(sweep, model_dir, unseen, tmp_path):

@@ -420,3 +420,22 @@ def test_all_rows_rejected_stops_after_writing_the_reasons(tiny_phantom, tmp_pat
 def test_load_dataset_without_ingest_is_one_line(tmp_path):
     with pytest.raises(FsweepError, match="no dataset.parquet"):
         load_dataset(tmp_path)
+
+
+def test_folds_rotate_test_and_val_at_patient_level_and_stratified(tiny_phantom, tmp_path):
+    from preprocessing.splits import dataset_folds, fold_column
+
+    ingest(tiny_phantom / "manifest.csv", tmp_path, seed=0, salt="t", echo=False, folds=5)
+    rows = load_dataset(tmp_path)
+    assert dataset_folds(rows.columns) == 5 and (rows["split"] == rows[fold_column(0)]).all()
+    per_patient = rows.groupby("patient")[[fold_column(k) for k in range(5)]].nunique()
+    assert (per_patient == 1).all().all()  # both views of a patient share a split in every fold
+    folds = rows.drop_duplicates("patient")[[fold_column(k) for k in range(5)]]
+    assert ((folds == "test").sum(axis=1) == 1).all() and ((folds == "val").sum(axis=1) == 1).all()
+    for k in range(5):
+        share = rows[fold_column(k)].value_counts(normalize=True)
+        assert share["train"] == pytest.approx(0.6, abs=0.06) and share["test"] == pytest.approx(0.2, abs=0.06)
+        abnormal = rows.groupby(fold_column(k))["label"].mean()
+        assert abnormal.max() - abnormal.min() < 0.2  # stratified by label pattern
+    with pytest.raises(FsweepError, match="3 or more"):
+        ingest(tiny_phantom / "manifest.csv", tmp_path / "two", seed=0, salt="t", echo=False, folds=2)

@@ -120,3 +120,25 @@ def test_a_non_finite_score_makes_every_metric_nan(scores):
     metrics = binary_metrics(labels, scores)
     assert all(math.isnan(metrics[k]) for k in ("auc", "accuracy", "f1", "sensitivity", "specificity"))
     assert all(math.isnan(lo) and math.isnan(hi) for lo, hi in bootstrap_ci(labels, scores, n=20).values())
+
+
+def test_patient_bootstrap_moves_both_images_of_a_patient_together():
+    from fsmodels.metrics import patient_draws
+
+    patients = np.array(["a", "a", "b", "b", "c", "c", "d"])  # d has one image
+    for idx in patient_draws(patients, n=200, seed=0):
+        drawn = patients[idx]
+        for p in ("a", "b", "c"):  # a two-image patient enters with both images, as often as it is drawn
+            assert (idx[drawn == p] % 2 == 0).sum() == (idx[drawn == p] % 2 == 1).sum()
+        assert len(set(drawn)) <= 4 and len(idx) >= 4  # 4 patients drawn: 4..8 images
+
+
+def test_patient_bootstrap_is_wider_than_an_image_bootstrap_when_images_of_a_patient_agree():
+    rng = np.random.default_rng(0)
+    y = np.repeat(rng.integers(0, 2, size=30), 4)  # 30 patients x 4 identical images
+    s = np.repeat(rng.random(30), 4)
+    patients = np.repeat(np.arange(30), 4)
+    by_image = bootstrap_ci(y, s, n=400, seed=0)
+    by_patient = bootstrap_ci(y, s, n=400, seed=0, patients=patients)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(by_patient["accuracy_ci"]) > 1.5 * width(by_image["accuracy_ci"])

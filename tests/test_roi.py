@@ -133,3 +133,26 @@ def _iou(a, b) -> float:
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = width * height
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+class _Payload:
+    """Unpickling this runs ``open(path, 'w')``: what a hostile best.pt could do instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_detector_file_with_foreign_objects_is_refused_without_running_them(tmp_path):
+    import torch
+
+    roi = tmp_path / "roi"
+    roi.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(marker), "train_args": {}}, roi / "best.pt")
+    with pytest.raises(FsweepError, match="not a loadable ultralytics detector under safe loading") as error:
+        RoiDetector(roi)
+    assert "\n" not in str(error.value)
+    assert not marker.exists()  # nothing in the file ran

@@ -23,7 +23,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 from fsmodels.config import Config
 from preprocessing.vocab import ConfigError
 from search import space
-from search.report import _winner_lines, seed_summary
+from search.report import _winner_lines
 from search.select import LEADERBOARD, WINNERS, leaderboard, pick_winners
 from search.sweep import SCRATCH_ROOT, absolute_paths, prepare_store, resume_sweep, run_sweep, scratch_root
 from fsmodels.metrics import SELECTABLE_METRICS
@@ -134,16 +134,7 @@ def test_an_off_detector_stays_off_and_is_not_made_a_path(tmp_path):
     assert out.roi.detector == "off" and Path(out.data.store).is_absolute()
 
 
-def test_report_tables_work_when_selecting_by_validation_loss():
-    board = pd.DataFrame([
-        dict(trial_id=t, status="TERMINATED", view="right", backbone=b, he="global", flip=True, stn="off", seed=seed,
-             batch_size=4, epochs=2, lr=0.01, finetune=True, val_auc=auc, val_accuracy=0.7, val_f1=0.6,
-             val_specificity=0.8, val_sensitivity=0.5, val_loss=loss, best_epoch=1)
-        for t, b, seed, auc, loss in (("a", "resnet18", 0, 0.9, 0.4), ("b", "resnet18", 1, 0.8, 0.5),
-                                      ("c", "vgg16", 0, 0.95, 0.2), ("d", "vgg19", 0, 0.5, float("nan")))
-    ])  # vgg19's only trial has no defined metric: left out, not a crash
-    table = seed_summary(board, ["view", "backbone"], "val_loss", "min")
-    assert list(table["backbone"]) == ["resnet18", "vgg16"] and list(table["n"]) == [2, 1]
+def test_winner_lines_work_when_selecting_by_validation_loss():
     winner = dict(trial_id="c", best_epoch=1, selected_by="val_loss (min) on validation", config={},
                   val={"val_loss": 0.2, "val_auc": 0.95}, test={})
     assert "val_loss = 0.200" in "\n".join(_winner_lines({"right": winner}, "val_loss"))
@@ -184,18 +175,19 @@ def test_grid_sweep_completes_and_trials_only_read_the_store(grid_sweep):
     board = pd.read_csv(experiment / LEADERBOARD)
     assert len(board) == 4 and set(board["status"]) == {"TERMINATED", "ERROR"}
     for key in (*space.SPACE_KEYS, "val_auc", "val_accuracy", "val_f1", "val_sensitivity", "val_specificity",
-                "best_epoch", "node", "error"):
+                "best_epoch", "node", "error", "device", "device_seconds", "img_per_s"):
         assert key in board.columns
     done = board[board["status"] == "TERMINATED"]
     assert sorted(done["he"]) == ["global", "off"] and set(done["backbone"]) == {"test_resnet"}
     assert done["val_auc"].between(0, 1).all() and done["best_epoch"].isin([1, 2]).all()
     assert done["node"].str.len().gt(0).all()
+    assert done["device_seconds"].gt(0).all() and done["img_per_s"].gt(0).all()  # GPU-hours accounting
     assert grid_sweep["after"] == grid_sweep["before"]  # no variant built or rewritten by a trial
     assert not grid_sweep["scratch_left"]  # the trials' working checkpoints are gone with the sweep
     dirs = trial_dirs(experiment)
     for row in done.itertuples():
         metrics = json.loads((dirs[row.trial_id] / "metrics.json").read_text())
-        assert metrics["variant"] == variants[row.he]  # each trial opened the driver-built variant of its HE mode
+        assert metrics["variant"] == variants["variants"][row.he]["key"]  # the driver-built variant of its HE mode
         assert "test" not in metrics  # trials never score the test split
         assert yaml.safe_load((dirs[row.trial_id] / "config.yaml").read_text())["data"]["store"].startswith("/")
 
@@ -266,7 +258,7 @@ def test_report_has_tables_and_plots(grid_sweep):
     path = write_report(grid_sweep["experiment"])
     text = path.read_text()
     board = pd.read_csv(grid_sweep["experiment"] / LEADERBOARD)
-    for heading in ("## Winners", "HE × Flip × STN", "Table 6", "## Leaderboard", "## Failed trials"):
+    for heading in ("## Winners", "## Comparison tables", "### right view", "## Leaderboard", "## Failed trials"):
         assert heading in text
     assert all(trial_id in text for trial_id in board["trial_id"])
     assert "auc_ci" not in text and "[" in text  # intervals rendered as [lo, hi]
@@ -289,6 +281,7 @@ def test_optuna_proposes_inside_the_space_and_asha_stops_some_trials(local_ray, 
     assert board["lr"].nunique() == 6  # TPE proposed, not one fixed value
     runs = board["epochs_run"]
     assert (runs < 3).any() and (runs == 3).any()  # ASHA stopped some trials early, let others finish
+    assert board["checkpoint"].str.len().gt(0).all()  # a stopped trial ends on a rung epoch, which checkpoints
 
 
 # --- resume after a killed driver ------------------------------------------------------------

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -105,7 +106,7 @@ def test_key_changes_with_every_parameter_and_only_then(tiny_dataset, tmp_path):
     # a copied detector (same bytes elsewhere) is the same detector
     roi_copy = tmp_path / "roi_copy"
     shutil.copytree(roi_a, roi_copy)
-    assert variant_key(tiny_dataset, make_spec(he="global", size=SIZE, roi_dir=str(roi_copy))) == key
+    assert variant_key(tiny_dataset, make_spec(he="global", size=SIZE, aspect="pad", roi_dir=str(roi_copy))) == key
     # without a detector nothing is cropped, so the margin cannot change the arrays
     no_roi = make_spec(he="global", size=SIZE)
     wide = make_spec(he="global", size=SIZE, margin=0.2)
@@ -139,10 +140,15 @@ def test_build_writes_the_layout_and_the_recipe(built, tiny_dataset):
             labels = expected.set_index("image_id")["label"].loc[glob.image_ids(split, view)]
             np.testing.assert_array_equal(glob.labels(split, view), labels.to_numpy())
     meta = json.loads((glob.path / "variant.json").read_text())
-    assert sum(meta["built_on"].values()) == len(rows) and meta["spec"]["he"] == "global"
+    built_on = json.loads((glob.path / "build.json").read_text())["built_on"]  # provenance, outside the checked bytes
+    assert sum(built_on.values()) == len(rows) and meta["spec"]["he"] == "global"
+    assert meta["dataset"]["fingerprint"] == json.loads((tiny_dataset / "summary.json").read_text())["fingerprint"]
     assert sorted(p.name for p in glob.path.iterdir()) == [
-        "index.parquet", "manifest.json", *sorted(f"{s}_{v}.npy" for s in SPLITS for v in VIEWS), "variant.json",
+        ".verified", "build.json", "index.parquet", "manifest.json",
+        *sorted(f"{s}_{v}.npy" for s in SPLITS for v in VIEWS), "variant.json",
     ]
+    checked = json.loads((glob.path / "manifest.json").read_text())["sha256"]
+    assert "build.json" not in checked and "variant.json" in checked
     # the stored array is the recipe applied to the raw file
     image_id = glob.image_ids("val", "right")[2]
     path = rows.set_index("image_id").loc[image_id, "image"]
@@ -156,7 +162,8 @@ def test_second_build_does_no_preprocessing(built, tiny_dataset, capsys):
     assert [v.key for v in again] == [v.key for v in first]
     assert [v.preprocessed for v in again] == [0, 0]
     assert capsys.readouterr().out.count("up to date: no work") == 2
-    args = ["store", "build", str(tiny_dataset), "--store", str(store), "--size", str(SIZE), "--he", "global"]
+    args = ["store", "build", str(tiny_dataset), "--store", str(store), "--size", str(SIZE), "--he", "global",
+            "--set", "data.aspect=pad"]
     assert fsweep(args) == 0
     assert "up to date: no work" in capsys.readouterr().out
 
@@ -175,8 +182,9 @@ def test_corrupted_array_is_refused_then_rebuilt(tiny_dataset, tmp_path):
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
     target.write_bytes(bytes(data))
+    open_variant(tmp_path, variant.key)  # an open's cheap check sees sizes, not a same-size bit flip ...
     with pytest.raises(FsweepError, match="train_left.npy: checksum mismatch"):
-        open_variant(tmp_path, variant.key)
+        open_variant(tmp_path, variant.key, full=True)  # ... the full one (every build runs it) does
     rebuilt = build_variant(tiny_dataset, tmp_path, spec)
     assert rebuilt.preprocessed == len(variant.index)
     np.testing.assert_array_equal(open_variant(tmp_path, variant.key).images("train", "left"), clean)
@@ -222,15 +230,48 @@ def test_racing_builders_leave_one_verified_variant(tiny_dataset, tmp_path):
     )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     builders = [subprocess.Popen([sys.executable, "-c", script, str(tiny_dataset), str(tmp_path), str(SIZE)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
-    for builder in builders:
-        assert builder.wait(timeout=300) == 0, builder.stderr.read().decode()[-2000:]
-    variant = open_variant(tmp_path, variant_key(tiny_dataset, spec))
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [builder.communicate(timeout=300) for builder in builders]
+    assert all(builder.returncode == 0 for builder in builders), [err[-2000:] for _, err in outputs]
+    said = sorted("up to date" in out for out, _ in outputs)
+    assert said == [False, True], outputs  # the lock: one builds, the other waits, then reuses
+    variant = open_variant(tmp_path, variant_key(tiny_dataset, spec), full=True)
     assert not list(variant.path.glob(".*.tmp"))
     rows = pd.read_parquet(tiny_dataset / "dataset.parquet").set_index("image_id")
     image_id = variant.image_ids("train", "right")[0]
     expected = preprocess_image(rows.loc[image_id, "image"], spec)
     np.testing.assert_array_equal(variant.images("train", "right")[0], expected)
+
+
+def test_variant_json_is_deterministic_and_opens_hash_only_the_manifest(tiny_dataset, tmp_path, monkeypatch):
+    import preprocessing.artifact as artifact
+
+    spec = make_spec(he="off", size=SIZE)
+    variant = build_variant(tiny_dataset, tmp_path, spec)
+    first = {name: (variant.path / name).read_bytes() for name in ("variant.json", "index.parquet", "manifest.json")}
+    (variant.path / "manifest.json").unlink()  # a second build (another node, another time) ...
+    assert build_variant(tiny_dataset, tmp_path, spec).preprocessed == len(variant.index)
+    for name, data in first.items():  # ... writes the same checked bytes: readers never see a mismatch
+        assert (variant.path / name).read_bytes() == data, name
+    hashed = []
+    real = artifact.file_sha256
+    monkeypatch.setattr(artifact, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    opened = open_variant(tmp_path, variant.key)
+    assert set(hashed) == {"manifest.json"}  # an open is cheap: sizes and the manifest's hash
+    (variant.path / ".verified").unlink()  # e.g. a node's fresh download: one full check, then cheap again
+    hashed.clear()
+    open_variant(tmp_path, variant.key)
+    assert {"train_left.npy", "index.parquet"} <= set(hashed)
+    hashed.clear()
+    open_variant(tmp_path, variant.key, expected=opened.manifest)
+    assert set(hashed) == {"manifest.json"}
+    with pytest.raises(FsweepError, match="differs from the one the experiment recorded") as error:
+        open_variant(tmp_path, variant.key, expected="0" * 64)
+    assert "\n" not in str(error.value)
+    target = variant.path / "test_right.npy"
+    target.write_bytes(target.read_bytes()[:-10])  # truncated after the build: every open sees it
+    with pytest.raises(FsweepError, match="test_right.npy: size differs"):
+        open_variant(tmp_path, variant.key)
 
 
 def test_an_image_gone_since_ingest_is_a_one_line_error(tiny_dataset, tmp_path):
@@ -251,16 +292,17 @@ def test_uri_store_is_uploaded_manifest_last_and_read_from_a_node_cache(tiny_dat
     spec = make_spec(he="global", size=SIZE)
     built = build_variant(tiny_dataset, uri, spec)
     remote = tmp_path / "bucket" / built.key
-    assert sorted(p.name for p in remote.iterdir()) == sorted(p.name for p in built.path.iterdir())
+    def names(path):
+        return sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+
+    assert names(remote) == names(built.path) and not (remote / ".verified").exists()  # node state stays home
     again = build_variant(tiny_dataset, uri, spec)
     assert again.preprocessed == 0 and again.path.is_relative_to(tmp_path / "node_cache")
     np.testing.assert_array_equal(again.images("val", "left"), built.images("val", "left"))
     with pytest.raises(FsweepError, match="not built"):
         open_variant(uri, "0123456789abcdef")
     cached = again.path / "val_left.npy"
-    damaged = bytearray(cached.read_bytes())
-    damaged[-1] ^= 0xFF
-    cached.write_bytes(bytes(damaged))  # this node's copy goes bad: it is fetched again, not refused for good
+    cached.write_bytes(cached.read_bytes()[:-1])  # this node's copy goes bad: it is fetched again, not refused for good
     np.testing.assert_array_equal(open_variant(uri, built.key).images("val", "left"), built.images("val", "left"))
 
 
@@ -300,3 +342,69 @@ def test_eval_set_is_one_split_never_mirrored(built):
     with pytest.raises(FsweepError, match="view='top'"):
         eval_set(variant, "top", "val")
 
+
+
+# --- the frozen STN as a store artifact -------------------------------------------------------
+
+def test_stn_grid_and_sampling_stay_float32_under_autocast():
+    from fsmodels.stn import STN
+
+    torch.manual_seed(0)
+    stn = STN().eval()
+    with torch.no_grad():
+        stn.regressor[2].weight.normal_(0, 0.05)  # a theta that depends on the image, as after pretraining
+        x = torch.rand(2, 1, 64, 64)
+        plain = stn(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = stn(x)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)  # bf16 theta would move the samples
+
+
+def test_frozen_stn_is_keyed_checksummed_and_shared_through_a_uri_store(tiny_dataset, tmp_path, monkeypatch):
+    import fsmodels.stn as stn_module
+    from fsmodels.stn import STN_STATS, ensure_frozen_stn, open_stn, stn_key
+
+    monkeypatch.setenv("FSWEEP_CACHE", str(tmp_path / "node_a"))
+    uri = f"file://{tmp_path / 'bucket'}"
+    variant = build_variant(tiny_dataset, uri, make_spec(he="global", size=64))
+    assert len({stn_key(variant.key, 2, 0), stn_key(variant.key, 2, 1), stn_key(variant.key, 3, 0)}) == 3
+    trained = []
+    real = stn_module.pretrain_stn
+    monkeypatch.setattr(stn_module, "pretrain_stn", lambda *a, **k: trained.append(1) or real(*a, **k))
+    first = ensure_frozen_stn(variant, epochs=2, seed=1, store=uri)
+    remote = tmp_path / "bucket" / "stn" / first.key
+    assert (remote / "manifest.json").is_file() and not (remote / ".verified").exists()  # uploaded, manifest last
+    stats = json.loads((first.path / STN_STATS).read_text())
+    assert stats["seed"] == 1 and stats["variant"] == variant.key and stats["theta"]["det"]["mean"] > 0
+    monkeypatch.setenv("FSWEEP_CACHE", str(tmp_path / "node_b"))  # another node: downloads it, never retrains
+    again = ensure_frozen_stn(variant, epochs=2, seed=1, store=uri)
+    assert trained == [1] and again.path.is_relative_to(tmp_path / "node_b")
+    assert again.manifest == first.manifest and again.weights.read_bytes() == first.weights.read_bytes()
+    with pytest.raises(FsweepError, match="differs from the one the experiment recorded"):
+        open_stn(uri, first.key, expected="f" * 64)
+    with pytest.raises(FsweepError, match="frozen STN not built"):
+        open_stn(uri, stn_key(variant.key, 2, 7))
+    stn_module.pretrain_stn_cli(uri, variant=None, epochs=2, seed=1)  # `fsweep stn train s3://...` lists the variants
+    assert trained == [1]  # and reuses the uploaded STN
+
+
+def test_a_trial_needs_only_the_store_and_its_recorded_handles(tiny_dataset, tmp_path):
+    from fsmodels.config import load_config
+    from fsmodels.params import trial_handles, trial_params
+    from fsmodels.train import run_trial
+
+    store = tmp_path / "store"
+    build_variant(tiny_dataset, store, make_spec(he="global", size=64))
+    sets = [f"data.dataset={tiny_dataset}", f"data.store={store}", "data.size=64", "space.backbone=test_resnet",
+            "space.view=right", "space.epochs=1", "space.batch_size=8", "space.stn=frozen", "space.seed=3",
+            "train.pretrained=none", "train.stn_epochs=1"]
+    cfg = load_config(None, sets)
+    handles = trial_handles(cfg, trial_params(cfg))  # the driver's step: keys resolved once, from DATASET
+    elsewhere = load_config(None, [*sets, f"data.dataset={tmp_path / 'gone'}", f"roi.detector={tmp_path / 'gone'}"])
+    result = run_trial(elsewhere, tmp_path / "trial", handles=handles)  # no DATASET, no detector: only the store
+    assert result["variant"] == handles["variant"]["key"] and result["best_epoch"] == 1
+    recorded = torch.load(Path(result["checkpoint"]) / "state.pt", weights_only=True)["artifacts"]
+    assert recorded == handles  # the checkpoint carries the handles: evaluation and export open the same ones
+    other_seed = load_config(None, [*sets, "space.seed=4"])
+    assert trial_handles(other_seed, trial_params(other_seed))["stn"]["key"] != handles["stn"]["key"]  # seed -> STN

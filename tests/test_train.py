@@ -25,7 +25,7 @@ from fsweep.cli import main as fsweep
 SIZE = 64  # tiny images: the whole file runs in about a minute on 2 cores
 EPOCH_KEYS = {
     "epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_f1", "val_sensitivity",
-    "val_specificity", "val_youden_threshold", "best_epoch", "diverged",
+    "val_specificity", "val_youden_threshold", "best_epoch", "diverged", "device", "device_seconds", "img_per_s",
     *(f"best_{name}" for name in SELECTABLE_METRICS),
 }
 
@@ -107,7 +107,7 @@ def test_a_damaged_checkpoint_is_one_clear_error(full_run, tmp_path):
 
 
 def test_resume_continues_at_the_next_epoch_with_identical_metrics(trial_yaml, full_run, tmp_path):
-    cfg = load_config(trial_yaml)
+    cfg = load_config(trial_yaml, ["train.checkpoint_every=1"])
     seen = []
 
     def crash_after_epoch_1(metrics, checkpoint_dir):
@@ -169,7 +169,7 @@ def test_frozen_stn_trains_once_under_concurrency_and_stays_frozen(tiny_variant,
 
     monkeypatch.setattr(stn_module, "pretrain_stn", counted)
     paths = []
-    workers = [threading.Thread(target=lambda: paths.append(ensure_frozen_stn(tiny_variant, epochs=10, seed=0))) for _ in range(2)]
+    workers = [threading.Thread(target=lambda: paths.append(ensure_frozen_stn(tiny_variant, epochs=10, seed=0).weights)) for _ in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -205,8 +205,9 @@ def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_mis
     from fsmodels.params import resolve_variant
 
     store = f"file://{tmp_path / 'uri_store'}"
-    built = build_variant(tiny_dataset, store, make_spec(he="off", size=32, aspect="pad", roi_dir=None))
-    cfg = load_config(None, [f"data.dataset={tiny_dataset}", f"data.store={store}", "data.size=32"])
+    built = build_variant(tiny_dataset, store, make_spec(he="off", size=32, roi_dir=None))
+    cfg = load_config(None, [f"data.dataset={tiny_dataset}", f"data.store={store}", "data.size=32",
+                            "data.aspect=pad"])
     assert resolve_variant(cfg, "off").key == built.key
     with pytest.raises(FsweepError, match="fsweep store build"):
         resolve_variant(cfg, "clahe")  # never built: the error says how to build it
@@ -231,3 +232,149 @@ def test_a_trial_whose_scores_turn_nan_is_diverged_and_never_takes_that_epoch(tr
     assert result["status"] == "diverged" and result["best_epoch"] == 1
     assert reports[1]["best_epoch"] == 1 and reports[1]["best_val_auc"] == reports[0]["val_auc"]
     assert all(math.isnan(reports[1][f"val_{k}"]) for k in ("auc", "accuracy", "f1", "sensitivity", "specificity"))
+
+
+# --- GPU lane (issue 14): resident data, cheap checkpoints, numerics, accounting -----------------
+
+def test_resident_batches_equal_the_dataloader_batches_image_by_image(tiny_variant):
+    from fsmodels.engine import make_loader, runtime
+    from fsmodels.resident import ResidentSet
+    from preprocessing.loader import train_set
+
+    cfg = load_config(None, ["train.amp=off", "train.channels_last=off"])
+    rt = runtime(cfg)
+    data = train_set(tiny_variant, "right", flip=True)  # the right view plus the mirrored left view
+    resident = ResidentSet(data, rt.device)
+    assert resident.images.dtype == torch.uint8 and len(resident) == len(data)
+    flipped_seen = 0
+    for seed, batch_size in ((7, 4), (123, 5)):
+        ours = list(resident.batches(batch_size, seed))
+        theirs = list(make_loader(data, batch_size, rt, cfg, seed))
+        assert len(ours) == len(theirs) > 1
+        for (x, y), (ref_x, ref_y) in zip(ours, theirs):
+            assert torch.equal(x, ref_x) and torch.equal(y, ref_y.float())
+        order = [int(i) for i in resident.batches(batch_size, seed).order]
+        flipped_seen += sum(bool(data.mirrored[i]) for i in order)
+    assert flipped_seen > 0  # mirrored samples were compared too
+    in_order = list(resident.batches(32, None))
+    assert sum(len(y) for _, y in in_order) == len(data)  # evaluation: every sample, no drop_last
+
+
+def test_resume_is_exact_with_checkpoint_every_2(trial_yaml, full_run, tmp_path):
+    cfg = load_config(trial_yaml, ["train.checkpoint_every=2"])
+    seen = []
+
+    def crash_after_epoch_3(metrics, checkpoint_dir):
+        seen.append(checkpoint_dir)
+        if metrics["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, tmp_path, on_epoch=crash_after_epoch_3)
+    assert [d.name if d else None for d in seen] == [None, "epoch_002", None]  # only epochs that wrote one
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_002"]
+    resumed = []
+    result = run_trial(cfg, tmp_path, on_epoch=lambda m, d: resumed.append((m["epoch"], d and d.name)),
+                       resume_from=seen[1])
+    assert resumed == [(3, None), (4, "epoch_004"), (5, "epoch_005")]  # the last epoch always checkpoints
+    reference = json.loads((full_run[0] / "metrics.json").read_text())
+    assert json_safe(result["history"]) == reference["history"]  # bit-identical to the uninterrupted run
+    assert result["device_seconds"] > 0 and result["checkpoint_seconds"] >= 0
+
+
+def test_checkpoint_epochs_cover_every_nth_the_last_and_asha_rungs():
+    from fsmodels.checkpoint import checkpoint_epochs
+
+    assert checkpoint_epochs(5, 25) == {5, 10, 15, 20, 25}
+    assert checkpoint_epochs(1, 3) == {1, 2, 3}
+    assert checkpoint_epochs(5, 25, (1, 3, 25)) == {1, 3, 5, 9, 10, 15, 20, 25}  # Ray's ASHA rungs: 1, 3, 9
+
+
+def test_a_failed_background_checkpoint_write_surfaces_on_the_training_thread(tmp_path):
+    from fsmodels.checkpoint import CheckpointWriter
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    writer = CheckpointWriter()
+    writer.submit(blocker / "ckpt", {"epoch": 1, "w": torch.ones(2)}, {}, load_config(None))
+    with pytest.raises(OSError):
+        writer.wait()
+
+
+def test_evaluation_scores_are_fp32_under_forced_amp(tiny_variant):
+    from fsmodels.engine import predict, runtime
+    from fsmodels.model import build_model
+    from fsmodels.resident import ResidentSet
+
+    torch.manual_seed(0)
+    model = build_model("resnet10t", "none", True)
+    data = ResidentSet(eval_set(tiny_variant, "both", "val"), torch.device("cpu"))
+    criterion = torch.nn.BCEWithLogitsLoss()
+    amp = runtime(load_config(None, ["train.amp=on", "train.channels_last=off"]))
+    fp32 = runtime(load_config(None, ["train.amp=off", "train.channels_last=off"]))
+    assert amp.amp_dtype == torch.bfloat16
+    _, scores_amp, loss_amp = predict(model, data.batches(32, None), criterion, amp)
+    _, scores_fp32, loss_fp32 = predict(model, data.batches(32, None), criterion, fp32)
+    assert np.array_equal(scores_amp, scores_fp32) and loss_amp == loss_fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast evaluation would give
+        x, _ = next(iter(data.batches(32, None)))
+        bf16 = torch.sigmoid(model.eval()(x.float() / 255).float()).numpy()
+    assert not np.array_equal(bf16, scores_fp32[: len(bf16)])
+
+
+def test_deterministic_reruns_are_bit_identical_and_set_the_flags(trial_yaml, tmp_path):
+    from fsmodels.engine import set_determinism
+
+    cfg = load_config(trial_yaml, ["space.epochs=2", "space.view=right", "train.deterministic=on"])
+    try:
+        first = run_trial(cfg, tmp_path / "a")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        second = run_trial(cfg, tmp_path / "b")
+    finally:
+        set_determinism(False)
+    assert first["history"] == second["history"]
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_every_epoch_report_and_metrics_json_account_device_seconds(trial_yaml, tmp_path):
+    reports = []
+    cfg = load_config(trial_yaml, ["space.epochs=2", "space.view=right", "train.resident_max_mb=0"])  # memmap path
+    result = run_trial(cfg, tmp_path, on_epoch=lambda m, d: reports.append(m))
+    assert [r["device"] for r in reports] == ["cpu", "cpu"]
+    assert 0 < reports[0]["device_seconds"] < reports[1]["device_seconds"] <= result["device_seconds"]
+    assert result["img_per_s"] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["device"] == "cpu" and saved["device_seconds"] == result["device_seconds"]
+
+
+def test_a_torch_compile_failure_is_one_line(trial_yaml, tmp_path, monkeypatch):
+    import fsmodels.train as train_module
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(*args, **kwargs):
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler\nlong trace"), None)
+
+    monkeypatch.setattr(train_module, "train_epoch", broken)
+    with pytest.raises(FsweepError, match=r"train.compile: torch.compile failed on this machine .*compile=off$"):
+        run_trial(load_config(trial_yaml, ["space.epochs=1", "train.compile=on"]), tmp_path)
+
+
+def test_resident_batches_equal_the_dataloader_for_another_folds_row_subsets():
+    from fsmodels.engine import make_loader, runtime
+    from fsmodels.resident import ResidentSet
+    from preprocessing.loader import ArraySet, Part
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (9, 8, 8), dtype=np.uint8) for _ in range(2)]
+    labels = [rng.integers(0, 2, 9) for _ in range(2)]
+    rows = [np.array([0, 2, 3, 7]), np.array([1, 4, 5, 6, 8])]  # another fold takes some rows of each array
+    parts = [Part(images=a, labels=y[r], image_ids=tuple(f"{k}-{i}" for i in r), mirrored=m, rows=r)
+             for k, (a, y, r) in enumerate(zip(arrays, labels, rows)) for m in (False, True)]
+    data = ArraySet(parts)
+    cfg = load_config(None, ["train.amp=off", "train.channels_last=off"])
+    ours = list(ResidentSet(data, torch.device("cpu")).batches(3, seed=5))
+    theirs = list(make_loader(data, 3, runtime(cfg), cfg, 5))
+    assert len(ours) == len(theirs) == len(data) // 3
+    for (x, y), (ref_x, ref_y) in zip(ours, theirs):
+        assert torch.equal(x, ref_x) and torch.equal(y, ref_y.float())

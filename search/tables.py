@@ -1,0 +1,206 @@
+"""The report's comparison tables: every row scored on TEST at its trial's best-on-validation epoch.
+
+Sections: one per view (the paper's tables are per view). Rows: one per combination of the
+row keys, ``report.rows`` or else every space key that varies (seed and fold aside: they are
+the replicates a row averages over), so no key is collapsed to its best value. Order: as
+the sweep created the trials (the plan's order). Baseline: the row ``report.baseline`` names,
+else the section's first row.
+
+Rules, so a researcher can trust the numbers:
+- each trial is scored on test at its best epoch by validation ``search.metric`` (the scores
+  ``fsmodels.train`` keeps in ``best_scores.parquet``); selection never reads them;
+- the decision threshold of each trial is Youden's J on its best epoch's VALIDATION ROC
+  (0.5 when undefined), applied unchanged on test;
+- a row gives mean ± std over its trials (seeds x folds), the test images per trial (n)
+  and the number of seeds and folds;
+- each row's paired difference to the baseline (row - baseline, per fold averaged over
+  seeds, then over folds) has a 95 % interval from a paired bootstrap that resamples test
+  PATIENTS, the same patients for both rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cluster.storage import exists, join, open_filesystem
+from fsmodels.config import SPACE_KEYS, Config
+from fsmodels.metrics import binary_metrics, patient_draws, youden_threshold
+
+BEST_SCORES = "best_scores.parquet"  # fsmodels.train.BEST_SCORES, read from each trial directory
+REPLICATES = ("seed", "fold")  # what a row averages over
+N_BOOT = 1000
+PAPER_ORDER = ("accuracy", "f1", "specificity", "sensitivity", "auc")  # the paper's columns, then AUC
+
+
+@dataclass
+class Section:
+    """One view's comparison: its rows (markdown-ready cells) and the paired differences to its baseline."""
+
+    title: str
+    rows: pd.DataFrame
+    diffs: pd.DataFrame
+
+
+def read_best_scores(experiment: str, trial_ids) -> dict[str, pd.DataFrame]:
+    """trial id -> its best_scores.parquet (trials without one are left out)."""
+    out = {}
+    for trial_id in trial_ids:
+        location = join(str(experiment), f"trial_{trial_id}", BEST_SCORES)
+        if exists(location):
+            fs, path = open_filesystem(location)
+            with fs.open_input_file(path) as handle:
+                out[trial_id] = pd.read_parquet(handle)
+    return out
+
+
+def trial_threshold(scores: pd.DataFrame) -> float:
+    """Youden's J threshold on the trial's best-epoch validation scores; 0.5 when undefined."""
+    val = scores[scores["split"] == "val"]
+    value = youden_threshold(val["label"], val["score"])
+    return value if np.isfinite(value) else 0.5
+
+
+def held_out_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The trial's test images in a fixed order (image_id), so trials of one fold line up."""
+    return scores[scores["split"] == "test"].sort_values("image_id").reset_index(drop=True)
+
+
+def _metrics(labels, scores, threshold) -> dict:
+    m = binary_metrics(labels, scores, threshold)
+    return {k: m[k] for k in PAPER_ORDER}
+
+
+def row_keys(cfg: Config, done: pd.DataFrame) -> list[str]:
+    """The keys naming a row: ``report.rows``, else every varying space key but view, seed and fold."""
+    if cfg.report.rows:
+        return [k for k in cfg.report.rows if k in SPACE_KEYS]
+    return [k for k in SPACE_KEYS if k not in ("view", *REPLICATES) and done[k].astype(str).nunique() > 1]
+
+
+def _baseline_index(labels: list[dict], baseline) -> int:
+    """The row ``baseline`` ({key: value}) names (values compared as text), else 0."""
+    if isinstance(baseline, dict) and baseline:
+        for i, label in enumerate(labels):
+            if all(str(label.get(k)) == str(v) for k, v in baseline.items()):
+                return i
+    return 0
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the defined values (a metric undefined in a resample, e.g. F1 without positives, is left out)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _fold_stats(trials: list[str], board: pd.DataFrame, scores: dict, idx=None) -> dict[int, dict]:
+    """fold -> mean over that fold's trials of each metric (``idx``: a bootstrap resample of test rows)."""
+    per_fold: dict[int, list[dict]] = {}
+    for trial_id in trials:
+        fold = int(board.loc[trial_id, "fold"]) if "fold" in board else 0
+        test, threshold = scores[trial_id]
+        y, s = test["label"].to_numpy(), test["score"].to_numpy()
+        if idx is not None:
+            y, s = y[idx[fold]], s[idx[fold]]
+        per_fold.setdefault(fold, []).append(_metrics(y, s, threshold))
+    return {f: {k: _mean([m[k] for m in ms]) for k in PAPER_ORDER} for f, ms in per_fold.items()}
+
+
+def paired_difference(row: list[str], base: list[str], board: pd.DataFrame, scores: dict,
+                      n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """Row - baseline per metric with a paired patient-level bootstrap 95 % interval (folds both rows share)."""
+    folds = sorted(set(_fold_stats(row, board, scores)) & set(_fold_stats(base, board, scores)))
+    if not folds:
+        return {}
+
+    def diff(idx=None) -> dict:
+        r, b = _fold_stats(row, board, scores, idx), _fold_stats(base, board, scores, idx)
+        return {k: _mean([r[f][k] - b[f][k] for f in folds]) for k in PAPER_ORDER}
+
+    # one patient resample per fold, applied to every trial of both rows (all see the same test images)
+    fold_of = {t: int(board.loc[t, "fold"]) if "fold" in board else 0 for t in row + base}
+    patients = {f: scores[next(t for t in row if fold_of[t] == f)][0]["patient"].to_numpy() for f in folds}
+    draws = {f: patient_draws(patients[f], n_boot, seed + f) for f in folds}
+    boots = [diff({f: draws[f][b] for f in folds}) for b in range(n_boot)]
+    out = {}
+    for k, point in diff().items():
+        values = np.array([b[k] for b in boots])
+        values = values[np.isfinite(values)]
+        lo, hi = np.percentile(values, [2.5, 97.5]) if values.size else (np.nan, np.nan)
+        out[k] = (point, float(lo), float(hi))
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f}" if len(values) < 2 else f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def comparison_sections(cfg: Config, board: pd.DataFrame, best_scores: dict[str, pd.DataFrame],
+                        n_boot: int = N_BOOT) -> list[Section]:
+    """One Section per view over the finished trials that kept test scores."""
+    done = board[(board["status"] == "TERMINATED") & board["trial_id"].isin(list(best_scores))]
+    if done.empty:
+        return []
+    done = done.sort_values("trial_id", kind="stable").set_index("trial_id", drop=False)  # creation order
+    scores = {t: (held_out_rows(best_scores[t]), trial_threshold(best_scores[t])) for t in done.index}
+    keys = row_keys(cfg, done)
+    sections = []
+    for view in dict.fromkeys(done["view"].astype(str)):
+        mine = done[done["view"].astype(str) == view]
+        groups: dict[tuple, list[str]] = {}
+        for trial_id, values in zip(mine.index, mine[keys].astype(str).itertuples(index=False, name=None)):
+            groups.setdefault(values, []).append(trial_id)
+        labels = [dict(zip(keys, values)) for values in groups]
+        base_i = _baseline_index(labels, cfg.report.baseline)
+        trials = list(groups.values())
+        rows, diffs = [], []
+        for i, (label, members) in enumerate(zip(labels, trials)):
+            per_trial = [_metrics(scores[t][0]["label"], scores[t][0]["score"], scores[t][1]) for t in members]
+            row = {**label, **{k: _cell([m[k] for m in per_trial]) for k in PAPER_ORDER}}
+            row["n"] = int(round(np.mean([len(scores[t][0]) for t in members])))
+            row["trials"] = len(members)
+            row["seeds"] = int(mine.loc[members, "seed"].nunique())
+            row["folds"] = mine.loc[members, "fold"].nunique() if "fold" in mine else 1
+            row["baseline"] = "yes" if i == base_i else ""
+            rows.append(row)
+            if i != base_i:
+                d = paired_difference(members, trials[base_i], mine, scores, n_boot=n_boot, seed=cfg.search.seed)
+                diffs.append({**label, **{f"Δ {k}": f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in d.items()}})
+        sections.append(Section(title=f"{view} view", rows=pd.DataFrame(rows), diffs=pd.DataFrame(diffs)))
+    return sections
+
+
+def section_markdown(section: Section, markdown_table) -> str:
+    """A section as markdown: the rows, then the paired differences to the baseline."""
+    lines = [
+        f"### {section.title}",
+        "",
+        ("Test split, each trial at its best-on-validation epoch, threshold from validation (Youden's J); "
+         "mean ± std over the row's trials (seeds × folds); n = test images per trial."),
+        "",
+        markdown_table(section.rows),
+        "",
+    ]
+    if not section.diffs.empty:
+        lines += [
+            ("Paired difference to the baseline row (row − baseline, test), with a 95 % interval from a paired "
+             "bootstrap over test patients:"),
+            "",
+            markdown_table(section.diffs),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_tensorboard_text(log_dir, sections: list[str]) -> None:
+    """The report's sections in TensorBoard's Text tab (tag ``report/<i>``) of the experiment's top-level run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for i, text in enumerate(sections):
+            writer.add_text(f"report/{i:02d}", text, 0)

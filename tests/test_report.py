@@ -1,0 +1,170 @@
+"""search.report / search.tables: test-scored comparison rows, validation thresholds, paired patient
+bootstrap, folds and selection by configuration; two tiny paper-shaped sweeps on the phantom."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from conftest import TINY_SALT, tiny_sweep_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fsmodels.config import Config, validate
+from preprocessing.ingest import ingest
+from search.plan import planned_trials
+from search.report import write_report
+from search.select import LEADERBOARD, pick_winners
+from search.sweep import run_sweep
+from search.tables import (
+    comparison_sections,
+    held_out_rows,
+    paired_difference,
+    trial_threshold,
+)
+
+SPACE = dict(backbone="test_resnet", batch_size=8, epochs=1, lr=0.01, he="off", flip=False, stn="off",
+             finetune=True, seed=0, fold=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private 2-CPU Ray for this module (never another session's cluster)."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def scores_frame(val: tuple, test: tuple, patients: list[str] | None = None) -> pd.DataFrame:
+    """A best_scores.parquet-like frame from (labels, scores) of val and test."""
+    frames = []
+    for split, (labels, scores) in (("val", val), ("test", test)):
+        ids = [f"{split}{i:03d}" for i in range(len(labels))]
+        pats = patients if split == "test" and patients is not None else ids
+        frames.append(pd.DataFrame({"split": split, "epoch": 1, "image_id": ids, "patient": pats,
+                                    "label": labels, "score": scores}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def board_rows(specs: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{**SPACE, "view": "right", "status": "TERMINATED", "val_auc": 0.8, "val_loss": 0.5,
+                          "best_epoch": 1, **spec} for spec in specs])
+
+
+def test_rows_are_scored_on_test_at_the_threshold_chosen_on_validation():
+    val = ([0, 0, 0, 1, 1, 1], [0.55, 0.6, 0.65, 0.75, 0.8, 0.9])  # Youden's J: 0.75 separates validation
+    test = ([0, 0, 1, 1], [0.6, 0.7, 0.8, 0.85])  # at 0.5 every normal is wrong; at 0.75 all are right
+    frame = scores_frame(val, test)
+    assert trial_threshold(frame) == pytest.approx(0.75)
+    assert list(held_out_rows(frame)["split"].unique()) == ["test"]
+    cfg = validate(Config())
+    board = board_rows([dict(trial_id="t0")])
+    (section,) = comparison_sections(cfg, board, {"t0": frame}, n_boot=20)
+    assert section.rows.loc[0, "accuracy"] == "1.000" and section.rows.loc[0, "specificity"] == "1.000"
+    one_class = scores_frame(([1, 1], [0.2, 0.3]), test)  # no Youden threshold on validation: 0.5
+    assert trial_threshold(one_class) == 0.5
+
+
+def test_paired_difference_resamples_patients_and_is_zero_for_identical_rows():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=40)
+    good = np.clip(labels * 0.6 + rng.random(40) * 0.4, 0, 1)
+    noise = rng.random(40)
+    patients = [f"p{i // 2}" for i in range(40)]  # two images per patient
+    frames = {"a": scores_frame((labels, good), (labels, noise), patients),
+              "b": scores_frame((labels, good), (labels, noise), patients),
+              "c": scores_frame((labels, good), (labels, good), patients)}
+    board = board_rows([dict(trial_id=t, seed=0) for t in frames]).set_index("trial_id", drop=False)
+    scores = {t: (held_out_rows(f), trial_threshold(f)) for t, f in frames.items()}
+    same = paired_difference(["b"], ["a"], board, scores, n_boot=200)
+    assert same["auc"] == (0.0, 0.0, 0.0)  # paired: the same patients on both sides
+    better = paired_difference(["c"], ["a"], board, scores, n_boot=200)
+    point, lo, hi = better["auc"]
+    assert lo > 0 and lo <= point <= hi
+
+
+def test_selection_by_config_ranks_the_mean_over_seeds_and_folds_not_the_luckiest_trial():
+    board = board_rows([
+        dict(trial_id="a0", backbone="lucky", seed=0, val_auc=0.95), dict(trial_id="a1", backbone="lucky", seed=1, val_auc=0.55),
+        dict(trial_id="b0", backbone="steady", seed=0, fold=0, val_auc=0.85),
+        dict(trial_id="b1", backbone="steady", seed=0, fold=1, val_auc=0.84),
+    ])
+    assert pick_winners(board, "val_auc", "max", by="trial")["right"]["trial_id"] == "a0"
+    assert pick_winners(board, "val_auc", "max", by="config")["right"]["trial_id"] == "b0"
+
+
+def leaderboard_trials(experiment: Path) -> list[tuple]:
+    board = pd.read_csv(experiment / LEADERBOARD)
+    keys = ["backbone", "view", "he", "flip", "stn", "finetune", "seed", "fold", "epochs"]
+    return sorted(tuple(str(v) for v in row) for row in board[keys].itertuples(index=False))
+
+
+def plan_trials(cfg) -> list[tuple]:
+    keys = ["backbone", "view", "he", "flip", "stn", "finetune", "seed", "fold", "epochs"]
+    return sorted(tuple(str(t[k]) for k in keys) for t in planned_trials(validate(cfg)))
+
+
+def tensorboard_texts(experiment: Path) -> list[str]:
+    acc = EventAccumulator(str(experiment), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [tag for tag in acc.Tags().get("tensors", []) if tag.startswith("report/")]
+
+
+def test_table4_shaped_sweep_reports_both_arms_on_test_with_paired_intervals(local_ray, tiny_dataset, tmp_path):
+    started = time.time()
+    cfg = tiny_sweep_config(tiny_dataset, tmp_path / "store", view=["left", "right"], finetune=[False, True],
+                            he="off", flip=False, stn="off", seed=[0, 1], epochs=1)
+    cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
+    cfg.report.baseline = {"finetune": False}
+    experiment = Path(run_sweep(cfg, name="table4", storage=str(tmp_path / "runs")))
+    assert leaderboard_trials(experiment) == plan_trials(cfg)  # plan == what ran
+    text = write_report(experiment).read_text()
+    assert "### left view" in text and "### right view" in text
+    section = text.split("### right view\n")[1]
+    assert "| finetune |" in section and "| False |" in section and "| True |" in section  # both arms
+    assert "best-on-validation epoch" in section and "Youden" in section and "Paired difference" in section
+    assert section.count(" ± ") >= 5  # mean ± std over 2 seeds
+    assert "| True | " in section.split("Paired difference")[1] and "[" in section.split("Paired difference")[1]
+    assert len(tensorboard_texts(experiment)) == 2  # one text per section
+    assert time.time() - started < 120
+
+
+@pytest.mark.slow  # folds: a second ingest and store, 8 trials
+def test_table5_shaped_sweep_over_folds_gives_the_spread_over_folds(local_ray, tiny_phantom, tmp_path):
+    dataset = tmp_path / "dataset"
+    ingest(tiny_phantom / "manifest.csv", dataset, seed=0, salt=TINY_SALT, echo=False, folds=3)
+    cfg = tiny_sweep_config(dataset, tmp_path / "store", epochs=1, fold=[0, 1])
+    cfg.space.points = [{"he": "off", "flip": False}, {"he": "global", "flip": False},
+                        {"he": "off", "flip": True}, {"he": "global", "flip": True}]
+    cfg.search.max_failures, cfg.search.max_concurrent, cfg.search.select_by = 0, 2, "config"
+    experiment = Path(run_sweep(cfg, name="table5", storage=str(tmp_path / "runs")))
+    assert leaderboard_trials(experiment) == plan_trials(cfg)
+    board = pd.read_csv(experiment / LEADERBOARD)
+    assert sorted(board["fold"].unique()) == [0, 1] and (board["status"] == "TERMINATED").all()
+    text = write_report(experiment).read_text()
+    section = text.split("### right view\n")[1]
+    for he, flip in (("off", "False"), ("global", "False"), ("off", "True"), ("global", "True")):
+        assert f"| {he} | {flip} |" in section
+    rows = section.split("Paired difference")[0]
+    assert rows.count("| 2 |") >= 4  # two folds per row (and its trials)
+    assert " ± " in rows and "configuration mean over seeds and folds" in text
+    trials = [p for p in experiment.glob("trial_*") if (p / "best_scores.parquet").is_file()]
+    assert len(trials) == 8
+    by_fold = {}
+    for trial in trials:
+        scores = pd.read_parquet(trial / "best_scores.parquet")
+        fold = int(pd.read_csv(experiment / LEADERBOARD).set_index("trial_id").loc[trial.name[6:], "fold"])
+        by_fold.setdefault(fold, set()).update(scores.loc[scores["split"] == "test", "patient"])
+    assert not by_fold[0] & by_fold[1]  # rotating test: no patient is tested in two folds
+
+
+def test_a_sweep_over_folds_the_dataset_lacks_fails_before_it_starts(tiny_dataset, tmp_path):
+    from preprocessing.vocab import ConfigError
+    from search.sweep import check_data
+
+    cfg = validate(tiny_sweep_config(tiny_dataset, tmp_path / "store", fold=[0, 1]))
+    with pytest.raises(ConfigError, match="no fold 1"):
+        check_data(cfg)
