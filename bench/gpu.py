@@ -10,7 +10,8 @@ rate, plus a few real ResNet50 512 px steps for the projection. Printed:
   on one ready float batch. The memmap DataLoader path is measured too, for comparison;
 - aggregate img/s of 1, 2 and 4 batch-4 trial loops as separate processes on one device
   (and under CUDA MPS when its daemon runs, or with ``--mps`` on a GPU): ``packing_4_x``;
-- ``torch.compile``: compile time and step rate against eager (skipped with ``--quick``);
+- with ``--compile``: ``torch.compile``'s compile time and step rate against eager (on 2 CPU cores the
+  compile alone takes minutes, so it is not part of the default run);
 - ``paper_tables_gpu_hours``: Tables 3-6 (35 trials x 25 epochs x ~1000 train images at
   512 px, plus fp32 validation) from the measured ResNet50 rate x efficiency x packing
   (on the CPU a CPU projection, labelled so).
@@ -18,7 +19,8 @@ On the CPU every process runs one torch thread (a CPU trial's default ``resource
 in-process rates are timed in its CPU time, so other work on a shared machine does not count;
 packing is timed in wall time (it is about sharing the machine).
 Last line: ``pipeline_efficiency=.. amp_speedup_x=.. packing_4_x=.. paper_tables_gpu_hours=..``.
-Usage: ``python bench/gpu.py [--quick] [--mps]`` (CPU: about 3 min; ``--quick``: under a minute).
+Usage: ``python bench/gpu.py [--quick] [--mps] [--compile]`` (CPU: about 3 min; ``--quick``: under a minute
+on idle cores).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from fsmodels.config import load_config
-from fsmodels.engine import Runtime, epoch_batches, make_loader, place_data, runtime, to_input, train_epoch
+from fsmodels.engine import Runtime, epoch_batches, place_data, runtime, to_input, train_epoch
 from fsmodels.model import build_model
 from preprocessing.loader import ArraySet, Part
 
@@ -260,6 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer images, rounds and processes")
     parser.add_argument("--mps", action="store_true", help="on a GPU, start the CUDA MPS daemon for the packed run")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes on a CPU)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -287,7 +290,7 @@ def main() -> None:
     print(f"trial loop batch 4: model step {step:.1f} img/s, resident loop {resident:.1f} img/s "
           f"(efficiency {efficiency:.3f}), memmap DataLoader loop {loader:.1f} img/s (efficiency {loader / step:.3f})")
 
-    if not args.quick:
+    if args.compile:
         seconds, eager, compiled = compile_rates(s, rt, steps)
         print(f"torch.compile {s['backbone']} batch 4: compile (first step) {seconds:.1f} s, eager {eager:.1f} img/s, "
               f"compiled {compiled:.1f} img/s (x{compiled / eager:.2f})")

@@ -35,7 +35,7 @@ from preprocessing.vocab import (
 STN_MODES = ("off", "frozen", "joint")  # space.stn: none, pretrained then frozen (the paper), trained with the classifier
 OPTIMIZERS = ("sgd", "adamw")  # train.optimizer
 SCHEDULES = ("step", "cosine")  # train.schedule
-KEEP_CHECKPOINTS = ("winners", "all", "none")  # search.keep_checkpoints (search.select.keep_checkpoints says what each keeps)
+KEEP_CHECKPOINTS = ("winners", "all", "none")  # search.keep_checkpoints (search.keep says what each keeps)
 # Distributions a space key may name; search.space maps each to its Ray Tune function.
 DISTRIBUTIONS = ("uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint", "choice", "grid")
 
@@ -91,7 +91,7 @@ class SearchConfig:
     max_failures: int = 2  # retries of a trial after a node or process failure
     seed: int = 0  # seed of the search algorithm itself (random sampling, Optuna's TPE)
     select_by: str = "trial"  # winners: the best trial per view, or the best `config` by its mean over seeds and folds
-    keep_checkpoints: str = "winners"  # after the sweep: winners (only winners resumable, others best weights) / all / none
+    keep_checkpoints: str = "winners"  # ended trials keep: winners (others best weights) / all / none (winners' best)
 
 
 @dataclass

@@ -253,7 +253,7 @@ def run_trial(
     step_model = compile_model(model, cfg.train.compile)  # ``model`` keeps the plain state-dict keys
     ckpt_root, writer = out / "checkpoints", CheckpointWriter()
     ckpt_epochs = checkpoint_epochs(cfg.train.checkpoint_every, params.epochs, _asha_rungs(cfg, params.epochs))
-    account = _Accounting(rt, cfg, run.device_seconds)
+    account = _Accounting(rt, cfg, run.device_seconds, started)  # the device is held from the trial's start
     for epoch in range(run.last_epoch + 1, params.epochs + 1):
         seed_everything(epoch_seed(params.seed, epoch))
         loader = epoch_batches(train_src, params.batch_size, rt, cfg, epoch_seed(params.seed, epoch))
@@ -285,6 +285,7 @@ def run_trial(
                 artifacts=handles,
                 pos_weight=pos_weight, device_seconds=account.device_seconds(),
             )
+            run.checkpoint = _finish_write(writer, ckpt_root) or run.checkpoint  # the previous write, long done
             written = writer.submit(ckpt_root, state, run.best_model, cfg)  # a CPU copy, written on a background thread
         report = {**epoch_report(epoch, train_loss, val, run, metric, diverged), **account.report()}
         print(_progress_line(report, params.epochs, metric), flush=True)
@@ -335,11 +336,11 @@ def _step(cfg: Config, fn, *args):
 class _Accounting:
     """GPU-hours accounting: the device, device-seconds (wall time x the trial's device share) and train img/s."""
 
-    def __init__(self, rt: Runtime, cfg: Config, earlier: float):
+    def __init__(self, rt: Runtime, cfg: Config, earlier: float, started: float):
         self.device = device_label(rt)
         # a fractional-GPU trial holds its share of the device; a CPU trial counts its wall time
         self.share = float(cfg.resources.gpu) if rt.device.type == "cuda" and cfg.resources.gpu > 0 else 1.0
-        self.earlier, self.started = earlier, time.perf_counter()
+        self.earlier, self.started = earlier, started  # started: time.time() at the trial's start
         self.images, self.seconds = 0, 0.0
 
     def trained(self, images: int, seconds: float) -> None:
@@ -349,7 +350,7 @@ class _Accounting:
 
     def device_seconds(self) -> float:
         """Device-seconds of this trial so far, earlier attempts included."""
-        return self.earlier + (time.perf_counter() - self.started) * self.share
+        return self.earlier + (time.time() - self.started) * self.share
 
     def report(self) -> dict:
         """The accounting keys of an epoch report and of metrics.json."""

@@ -92,8 +92,9 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: floa
 
     modes = sweep_he_modes(cfg)
     _step(f"fsweep store build {out / 'dataset'} --store {out / 'store'} --config {DEMO_CONFIG.name} --roi {out / 'roi'}")
-    build_store(out / "dataset", out / "store", roi=str(out / "roi"), size=cfg.data.size, he_modes=modes,
-                margin=roi.margin, aspect=cfg.data.aspect)
+    with nullcontext() if verbose else logs_to_file(out / "logs" / "store.log", ("ray",)):  # Ray's start-up notices
+        build_store(out / "dataset", out / "store", roi=str(out / "roi"), size=cfg.data.size, he_modes=modes,
+                    margin=roi.margin, aspect=cfg.data.aspect)
 
     _step(f"fsweep sweep {DEMO_CONFIG} --storage {out / 'runs'} --name demo")
     experiment = run_sweep(cfg, address=None, name="demo", storage=str(out / "runs"), verbose=verbose)

@@ -484,6 +484,7 @@ def test_sweep_that_loses_a_worker_node_resumes_its_trials_elsewhere_without_rep
     cfg = tiny_sweep_config(pipeline["dataset"], pipeline["store"], backbone="resnet10t", epochs=epochs,
                             seed=[0, 1, 2])
     cfg.search.max_failures = 2
+    cfg.train.checkpoint_every = 1  # every epoch checkpointed: a restarted trial repeats none
     experiment = pipeline["out"] / "runs" / "node_loss"
     with TrialNodeKiller(ray_cluster, experiment, epochs) as killer:
         run_sweep(cfg, address=ray_cluster.address, name="node_loss", storage=str(experiment.parent))
