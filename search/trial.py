@@ -1,6 +1,6 @@
 """One sweep trial: ``fsmodels.train.run_trial`` as a Ray Tune function trainable.
 
-It reports once per epoch with the epoch's checkpoint (``tune.report``), resumes
+It reports once per epoch (``tune.report``), with the checkpoint on epochs that wrote one, resumes
 from ``tune.get_checkpoint()`` after a failure or an interrupted driver, opens the
 store variant and frozen STN by the keys the driver recorded (never builds or
 re-derives one: a trial needs only the store) and adds sample images and the
