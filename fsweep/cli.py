@@ -32,12 +32,21 @@ def _image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+NUISANCES = {  # the phantom's nuisances, each on by default (preprocessing.phantom.write_phantom)
+    "overlap": "overlapping normal/narrowed foramen sizes, partial stenosis and distractor blobs",
+    "exposure": "per-image exposure, gamma and contrast (what HE is for)",
+    "pose": "patient tilt up to 25 degrees and spine curvature (what the STN is for)",
+    "view_gap": "the left/right view gap (projection, magnification, noise)",
+    "paired_labels": "correlated left/right labels of a patient",
+}
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from preprocessing.phantom import write_phantom
 
-    summary = write_phantom(
-        args.out, patients=args.patients, seed=args.seed, difficulty=args.difficulty, size=args.size
-    )
+    given = {key: getattr(args, key) for key in ("patients", "seed", "difficulty", "size", "label_noise", *NUISANCES)}
+    # flags left out take write_phantom's own (calibrated) defaults: they are set in one place
+    summary = write_phantom(args.out, **{key: value for key, value in given.items() if value is not None})
     print(
         f"wrote {summary['images']} images of {summary['patients']} patients "
         f"({summary['abnormal_fraction']:.0%} abnormal) to {Path(args.out) / 'manifest.csv'}"
@@ -251,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic phantom data set (manifest + images)")
     p.add_argument("--out", required=True, help="output directory (manifest.csv, images/)")
-    p.add_argument("--patients", type=int, default=200, help="number of patients (2 views each)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--difficulty", type=float, default=0.5,
-                   help="0 (easy) .. 1 (hard): how close narrowed foramina come to normal ones")
-    p.add_argument("--size", type=_image_size, default=(590, 1006), metavar="WxH",
+    p.add_argument("--patients", type=int, default=None, help="number of patients, 2 views each (default 200)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same files; default 0)")
+    p.add_argument("--difficulty", type=float, default=None,
+                   help="0 (easy) .. 1 (hard): how round and wobbly foramina are (default: the calibrated 0.5)")
+    p.add_argument("--size", type=_image_size, default=None, metavar="WxH",
                    help="image width x height in pixels (default 590x1006, half the paper's)")
+    for nuisance, text in NUISANCES.items():
+        p.add_argument(f"--no-{nuisance.replace('_', '-')}", dest=nuisance, action="store_const", const=False,
+                       default=None, help=f"switch off {text}")
+    p.add_argument("--label-noise", type=float, default=None, metavar="RATE",
+                   help="share of views per side whose label is flipped (default 0.04)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("ingest", help="validate and decode a manifest; patient-level 60/20/20 split")

@@ -25,7 +25,7 @@ def _step(title: str) -> float:
     return time.monotonic()
 
 
-def score_new_patients(model_dir: Path, out: Path, patients: int, seed: int, difficulty: float) -> dict:
+def score_new_patients(model_dir: Path, out: Path, patients: int, seed: int) -> dict:
     """AUC of an exported model on phantom patients generated anew (``seed`` unseen by any split), per its views.
 
     The phantom's labels are known, so this checks that a winner generalizes beyond the
@@ -41,7 +41,7 @@ def score_new_patients(model_dir: Path, out: Path, patients: int, seed: int, dif
     from preprocessing.phantom import write_phantom
     from preprocessing.vocab import LABEL_ALIASES
 
-    write_phantom(out, patients=patients, seed=seed, difficulty=difficulty)
+    write_phantom(out, patients=patients, seed=seed)  # the default, calibrated phantom
     views = sorted({view for entry in json.loads((model_dir / CARD).read_text())["models"].values()
                     for view in entry["views"]})
     manifest = pd.read_csv(out / "manifest.csv")
@@ -57,7 +57,7 @@ def demo_paths(out: Path) -> dict[str, str]:
     return {"data.dataset": str(out / "dataset"), "data.store": str(out / "store"), "roi.detector": str(out / "roi")}
 
 
-def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: float = 0.8, verbose: bool = False) -> Path:
+def run_demo(out: str | Path, cfg: Config, patients: int = 100, verbose: bool = False) -> Path:
     """Run every stage on a fresh phantom under ``out`` with ``cfg`` (configs/demo.yaml); returns the experiment.
 
     Quiet unless ``verbose``: YOLO's log goes to ``out/roi/train.log``, Ray's to the experiment's ``logs/``.
@@ -76,9 +76,8 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: floa
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    # hard enough that the sweep's trials differ on validation (at 0.5 most reach AUC 1.0)
-    _step(f"fsweep synth --out {out / 'phantom'} --patients {patients} --difficulty {difficulty}")
-    write_phantom(out / "phantom", patients=patients, seed=0, difficulty=difficulty)
+    _step(f"fsweep synth --out {out / 'phantom'} --patients {patients}")  # the calibrated default phantom
+    write_phantom(out / "phantom", patients=patients, seed=0)
 
     _step(f"fsweep ingest {out / 'phantom' / 'manifest.csv'} --out {out / 'dataset'}")
     ingest(out / "phantom" / "manifest.csv", out / "dataset", seed=0)
@@ -109,18 +108,22 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, difficulty: floa
 
     new = out / "new_radiographs"
     _step(f"fsweep predict {out / 'model'} {new}/images/*_right.png --out {out / 'preds.csv'} --cam {out / 'cam'} --view right")
-    write_phantom(new, patients=3, seed=99, difficulty=difficulty)  # patients no split has seen
-    files = sorted((new / "images").glob("*_right.png"))  # the demo sweep trains the right-view model
+    write_phantom(new, patients=3, seed=99)  # patients no split has seen
+    files = sorted((new / "images").glob("*_right.png"))  # any view the exported model serves
     preds = predict(model, files, out=out / "preds.csv", cam_dir=out / "cam", view="right")
     print(preds[["image", "view", "probability", "label"]].to_string(index=False))
 
     fresh = out / "new_patients"
     _step(f"generalization: the exported winner on {NEW_PATIENTS} newly generated patients (seed {NEW_SEED})")
-    check = score_new_patients(model, fresh, NEW_PATIENTS, NEW_SEED, difficulty)
+    check = score_new_patients(model, fresh, NEW_PATIENTS, NEW_SEED)
     winners = json.loads((Path(experiment) / "winners.json").read_text())
-    test_auc = ", ".join(f"{view} {win['test']['auc']:.3f}" for view, win in winners.items())
-    print(f"test AUC (held-out split): {test_auc}; AUC on new patients: {check['auc']:.3f} "
+    test_auc = {view: win["test"]["auc"] for view, win in winners.items()}
+    shown = ", ".join(f"{view} {auc:.3f}" for view, auc in test_auc.items())
+    print(f"test AUC (held-out split): {shown}; AUC on new patients: {check['auc']:.3f} "
           f"(n={check['n']} images, {'/'.join(check['views'])} view; chance 0.5)")
+    summary = {"test_auc": test_auc, "new_patients_auc": check["auc"], "new_patients_images": check["n"],
+               "new_patients_seed": NEW_SEED, "views": check["views"]}
+    (out / "generalization.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"compare the trials: tensorboard --logdir {experiment}")
     return Path(experiment)

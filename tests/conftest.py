@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -86,3 +87,12 @@ def make_spec(**fields) -> VariantSpec:
     cfg = Config()
     recipe = dict(he="global", size=cfg.data.size, aspect=cfg.data.aspect, roi_dir=None, margin=cfg.roi.margin)
     return VariantSpec(**{**recipe, **fields})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private 2-CPU Ray for this module (never another session's cluster)."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()

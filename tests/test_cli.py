@@ -27,6 +27,18 @@ def test_synth_then_ingest(tmp_path, capsys):
     assert len(pd.read_parquet(tmp_path / "ds" / "dataset.parquet")) == 12
 
 
+def test_synth_nuisance_flags_reach_the_generator(tmp_path):
+    def images(name, *flags):
+        argv = ["synth", "--out", str(tmp_path / name), "--patients", "2", "--size", "74x126", *flags]
+        assert main(argv) == 0
+        return [p.read_bytes() for p in sorted((tmp_path / name / "images").glob("*.png"))]
+
+    default = images("a")
+    assert images("b") == default  # same flags, same bytes
+    assert images("c", "--no-exposure") != default
+    assert images("d", "--no-pose", "--no-view-gap", "--label-noise", "0") != default
+
+
 @pytest.mark.parametrize("argv, prefix, fragment", [
     (["ingest", "{tmp}/absent.csv", "--out", "{tmp}/ds"], "fsweep ingest: error:", "manifest not found"),
     (["ingest", "{tmp}/m.csv", "--out", "{tmp}/ds"], "fsweep ingest: error:", "missing column"),

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import ray
 import torch
 import yaml
 from conftest import tiny_sweep_config
@@ -263,15 +262,6 @@ def test_a_quiet_sweep_prints_a_few_lines_and_status_works_while_it_runs_and_aft
     assert (experiment / "logs" / "driver.log").is_file()
     for trial_dir in experiment.glob("trial_*"):  # the full trial output went to files
         assert "epoch 12/12" in (trial_dir / "stdout").read_text()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A private 2-CPU Ray for this module (never another session's cluster)."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def checkpoints(experiment: Path) -> dict[str, Path]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 from conftest import TINY_SALT, tiny_sweep_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,15 +26,6 @@ from search.tables import (
 
 SPACE = dict(backbone="test_resnet", batch_size=8, epochs=1, lr=0.01, he="off", flip=False, stn="off",
              finetune=True, seed=0, fold=0)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A private 2-CPU Ray for this module (never another session's cluster)."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def scores_frame(val: tuple, test: tuple, patients: list[str] | None = None) -> pd.DataFrame:

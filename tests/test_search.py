@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import pandas as pd
 import pytest
-import ray
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
@@ -31,15 +30,6 @@ from fsmodels.metrics import SELECTABLE_METRICS
 from conftest import tiny_sweep_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A private 2-CPU Ray for this module (never another session's cluster)."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def tiny_config(dataset: Path, store: Path, **space_values) -> Config:
