@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from cluster.errors import FsweepError
