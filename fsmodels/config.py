@@ -45,7 +45,7 @@ class DataConfig:
     dataset: str = ""  # DATASET directory written by `fsweep ingest`
     store: str = ""  # STORE path (or s3:// / gs:// URI) of the preprocessing cache
     size: int = 512  # square input size in pixels (paper: 512)
-    aspect: str = "stretch"  # how the ROI crop becomes square: stretch (plain resize, the paper) or pad
+    aspect: str = "pad"  # crop to square: pad (measured better on phantom v2: README) or stretch (the paper)
 
 
 @dataclass
