@@ -119,7 +119,7 @@ STORE_SHORTCUTS = (
     ("--size", "data.size", int, "square output size"),
     ("--he", "space.he", _comma_list, "comma-separated HE modes to build (off, global, clahe)"),
     ("--margin", "roi.margin", float, "crop margin, fraction of the box"),
-    ("--aspect", "data.aspect", str, "how a crop becomes square: stretch (the paper) or pad"),
+    ("--aspect", "data.aspect", str, "how a crop becomes square: pad (default) or stretch (the paper)"),
 )
 STN_SHORTCUTS = (
     ("--epochs", "train.stn_epochs", int, "pretraining epochs"),
