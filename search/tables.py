@@ -28,7 +28,6 @@ from cluster.storage import exists, join, open_filesystem
 from fsmodels.config import SPACE_KEYS, Config
 from fsmodels.metrics import binary_metrics, patient_draws, youden_threshold
 
-BEST_SCORES = "best_scores.parquet"  # fsmodels.train.BEST_SCORES, read from each trial directory
 REPLICATES = ("seed", "fold")  # what a row averages over
 N_BOOT = 1000
 PAPER_ORDER = ("accuracy", "f1", "specificity", "sensitivity", "auc")  # the paper's columns, then AUC
@@ -45,6 +44,8 @@ class Section:
 
 def read_best_scores(experiment: str, trial_ids) -> dict[str, pd.DataFrame]:
     """trial id -> its best_scores.parquet (trials without one are left out)."""
+    from fsmodels.train import BEST_SCORES  # the trial loop names the file
+
     out = {}
     for trial_id in trial_ids:
         location = join(str(experiment), f"trial_{trial_id}", BEST_SCORES)
