@@ -36,6 +36,9 @@ from ray.cluster_utils import Cluster
 from cluster.connect import connect
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no progress tables between our rows
+# as `fsweep sweep` does (search.sweep): Tune's default TensorBoardX logger imports torch on the driver at the
+# first fit, a one-off second that only the 1-node run would pay
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 TRIALS = 12  # trials per sweep
 REPORTS = 4  # tune.report calls per trial (one per simulated epoch)
