@@ -300,6 +300,12 @@ def _check_points(cfg: Config) -> None:
                 )
 
 
+def asha_settings(cfg: Config) -> tuple[int, int, int] | None:
+    """(grace_period, reduction_factor, max_t) when the sweep runs ASHA, else None; max_t 0 = the trial's epochs."""
+    s = cfg.search
+    return (s.grace_period, s.reduction_factor, s.max_t) if s.scheduler == "asha" else None
+
+
 def validate(cfg: Config) -> Config:
     """Type every space entry and check every choice once, so later code can trust the config."""
     for key in SPACE_KEYS:

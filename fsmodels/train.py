@@ -37,7 +37,7 @@ from fsmodels.checkpoint import (
     plain,
     prune_checkpoints,
 )
-from fsmodels.config import Config, config_from_dict, save_config
+from fsmodels.config import Config, asha_settings, config_from_dict, save_config
 from fsmodels.engine import (
     Runtime,
     compile_error,
@@ -252,7 +252,9 @@ def run_trial(
     train_src, val_src = place_data(rt, cfg, train_data, val_data)  # on the device once when they fit (the DataLoader's order)
     step_model = compile_model(model, cfg.train.compile)  # ``model`` keeps the plain state-dict keys
     ckpt_root, writer = out / "checkpoints", CheckpointWriter()
-    ckpt_epochs = checkpoint_epochs(cfg.train.checkpoint_every, params.epochs, _asha_rungs(cfg, params.epochs))
+    asha = asha_settings(cfg)
+    rungs = (asha[0], asha[1], asha[2] or params.epochs) if asha else None
+    ckpt_epochs = checkpoint_epochs(cfg.train.checkpoint_every, params.epochs, rungs)
     account = _Accounting(rt, cfg, run.device_seconds, started)  # the device is held from the trial's start
     for epoch in range(run.last_epoch + 1, params.epochs + 1):
         seed_everything(epoch_seed(params.seed, epoch))
@@ -303,14 +305,6 @@ def run_trial(
         result["test"] = evaluate_checkpoint(run.checkpoint, split="test", with_scores=False)
     (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2))
     return result
-
-
-def _asha_rungs(cfg: Config, epochs: int) -> tuple[int, int, int] | None:
-    """(grace_period, reduction_factor, max_t) when the sweep runs ASHA on the epoch, else None."""
-    s = cfg.search
-    if str(s.scheduler).lower() != "asha":
-        return None
-    return s.grace_period, s.reduction_factor, s.max_t or epochs
 
 
 def _finish_write(writer: CheckpointWriter, root: Path) -> Path | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from ray import tune
 
 from cluster.storage import is_uri, join, open_filesystem
-from fsmodels.config import Config
+from fsmodels.config import Config, asha_settings
 from search import space
 from search.expdir import get_text, put_bytes, put_text
 
@@ -110,7 +110,8 @@ def _best(trials: list[TrialSnapshot], mode: str) -> TrialSnapshot | None:
 
 def asha_rungs(cfg: Config) -> tuple[int, int] | None:
     """(grace period, reduction factor) when the sweep's scheduler is ASHA, else None."""
-    return (cfg.search.grace_period, cfg.search.reduction_factor) if cfg.search.scheduler == "asha" else None
+    asha = asha_settings(cfg)
+    return asha[:2] if asha else None
 
 
 def expected_epochs(start: int, planned: int, asha: tuple[int, int] | None) -> float:
