@@ -32,12 +32,13 @@ import time
 import ray
 from ray import tune
 from ray.cluster_utils import Cluster
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cluster.connect import connect
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no progress tables between our rows
-# as `fsweep sweep` does (search.sweep): Tune's default TensorBoardX logger imports torch on the driver at the
-# first fit, a one-off second that only the 1-node run would pay
+# as `fsweep sweep` does (search.sweep): Tune's default loggers off, its CSV and JSON loggers passed explicitly
+# (the default TensorBoardX logger imports torch on the driver at the first fit, a second only the 1-node run pays)
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 TRIALS = 12  # trials per sweep
@@ -49,11 +50,11 @@ SLOT = "sim_gpu"  # custom resource standing in for one GPU per node
 
 def sleeping_trial(config: dict) -> None:
     """A trial whose work is a fixed sleep; reports once per simulated epoch."""
-    started = time.time()
+    started, process_cpu = time.time(), time.process_time()
     node = ray.get_runtime_context().get_node_id()
     for epoch in range(1, REPORTS + 1):
         time.sleep(EPOCH_S)
-        tune.report({"epoch": epoch, "node": node, "started": started})
+        tune.report({"epoch": epoch, "node": node, "started": started, "process_cpu": process_cpu})
 
 
 def start_cluster(nodes: int) -> Cluster:
@@ -65,13 +66,14 @@ def start_cluster(nodes: int) -> Cluster:
     return cluster
 
 
-def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float, int, float]:
-    """Run the sweep on the connected cluster; (wall seconds of fit, distinct nodes used, startup seconds)."""
+def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float, int, float, float]:
+    """Run the sweep; (wall seconds of fit, distinct nodes used, startup seconds, start-up CPU seconds per node)."""
     tuner = tune.Tuner(
         tune.with_resources(sleeping_trial, {"cpu": 1, SLOT: 1}),
         param_space={"trial": tune.grid_search(list(range(TRIALS)))},
         tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
-        run_config=tune.RunConfig(name=f"nodes_{nodes}", storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(name=f"nodes_{nodes}", storage_path=storage, verbose=0,
+                                  callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]),
     )
     start, clock = time.perf_counter(), time.time()
     results = tuner.fit()
@@ -79,10 +81,11 @@ def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float
     if results.errors or len(results) != TRIALS:
         raise RuntimeError(f"{nodes} nodes: {len(results.errors)} of {len(results)} trials failed")
     used = {r.metrics["node"] for r in results}
-    first = {}  # node -> when its first trial began running
+    first = {}  # node -> (when its first trial began running, its process's CPU seconds by then)
     for r in results:
-        first[r.metrics["node"]] = min(first.get(r.metrics["node"], math.inf), r.metrics["started"] - clock)
-    return wall, len(used), max(first.values())
+        first[r.metrics["node"]] = min(first.get(r.metrics["node"], (math.inf, 0.0)),
+                                       (r.metrics["started"] - clock, r.metrics["process_cpu"]))
+    return wall, len(used), max(t for t, _ in first.values()), sum(c for _, c in first.values()) / len(first)
 
 
 def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
@@ -90,7 +93,7 @@ def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
     cluster = start_cluster(nodes)
     try:
         connect(cluster.address)
-        wall, used, startup = sweep_wall_time(storage, nodes, reuse_actors)
+        wall, used, startup, start_cpu = sweep_wall_time(storage, nodes, reuse_actors)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -103,9 +106,18 @@ def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
         "per_min": TRIALS / wall * 60.0,
         "overhead": (nodes * wall - TRIALS * trial_s) / TRIALS,
         "startup": startup,
+        "start_cpu": start_cpu,
         # after every node is up: node time beyond the sleeps, per trial, as a share of a trial's time
         "steady": (nodes * (wall - startup) - TRIALS * trial_s) / TRIALS / trial_s * 100,
     }
+
+
+def cpu_queue_line(row: dict) -> str:
+    """What sharing this machine's cores costs the last node's start-up: its CPU work spread over the cores."""
+    cores = os.cpu_count() or 1
+    queued = row["nodes"] * row["start_cpu"] / cores
+    return (f"{row['nodes']} nodes x {row['start_cpu']:.2f} s start-up CPU on {cores} cores: "
+            f"the last node's first trial waits >= {max(queued, row['start_cpu']):.2f} s for CPU alone")
 
 
 def main() -> None:
@@ -118,7 +130,7 @@ def main() -> None:
         f"{'reused' if reuse else 'fresh'} trial actors"
     )
     print(f"{'nodes':>5} {'used':>4} {'wall_s':>7} {'ideal_s':>7} {'trials/min':>10} {'overhead/trial_s':>16} "
-          f"{'startup_s':>9} {'steady_%':>8}")
+          f"{'startup_s':>9} {'steady_%':>8} {'start_cpu_s':>11}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fsweep-scaling-") as storage:
         for nodes in NODE_COUNTS:
@@ -126,9 +138,11 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{row['nodes']:>5} {row['used']:>4} {row['wall']:>7.1f} {row['ideal']:>7.1f} "
-                f"{row['per_min']:>10.1f} {row['overhead']:>16.2f} {row['startup']:>9.2f} {row['steady']:>8.1f}",
+                f"{row['per_min']:>10.1f} {row['overhead']:>16.2f} {row['startup']:>9.2f} {row['steady']:>8.1f} "
+                f"{row['start_cpu']:>11.2f}",
                 flush=True,
             )
+    print(cpu_queue_line(rows[-1]))
     base = rows[0]["per_min"]
     for row in rows[1:-1]:
         print(f"scaling_{row['nodes']}_nodes_x={row['per_min'] / base:.2f}")
