@@ -55,7 +55,7 @@ def prepare(work: Path, patients: int, seed: int, difficulty: float, size: int) 
     print(f"phantom: {patients} patients, seed {seed}, difficulty {difficulty} "
           f"({time.monotonic() - started:.1f} s)", flush=True)
     fsweep("ingest", str(phantom / "manifest.csv"), "--out", str(dataset), "--seed", str(seed))
-    fsweep("roi", "train", str(dataset), "--out", str(roi), "--epochs", "15", "--imgsz", "160")
+    fsweep("roi", "train", str(dataset), "--out", str(roi), "--config", str(ROOT / "configs" / "demo.yaml"))
     map50 = json.loads((roi / "metrics.json").read_text()).get("map50")
     print(f"ROI detector mAP50={map50}", flush=True)
     fsweep("store", "build", str(dataset), "--store", str(store), "--roi", str(roi), "--size", str(size),

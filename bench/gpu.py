@@ -37,8 +37,17 @@ import torch
 import torch.nn as nn
 
 from fsmodels.config import load_config
-from fsmodels.engine import Runtime, epoch_batches, place_data, runtime, to_input, train_epoch
+from fsmodels.engine import (
+    Runtime,
+    compile_model,
+    epoch_batches,
+    place_data,
+    runtime,
+    to_input,
+    train_epoch,
+)
 from fsmodels.model import build_model
+from fsmodels.train import make_optimizer, make_scheduler
 from preprocessing.loader import ArraySet, Part
 
 PAPER_TRIALS, PAPER_EPOCHS, PAPER_IMAGES = 35, 25, 1000  # Tables 3-6: trials, epochs, train images per epoch
@@ -46,6 +55,7 @@ VAL_SHARE = 1 / 3  # validation images per train image (60/20/20 split)
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step
 TRIAL_BATCH = 4  # the paper's batch size: what packed trials run
 RESNET50_OVER_TINY = 8  # --quick on the CPU only: ResNet50's step time over resnet10t's at equal pixels (rough)
+DEFAULTS = load_config(None)  # the trial's defaults: optimizer, schedule, loader settings
 
 
 def setting(cuda: bool, quick: bool) -> dict:
@@ -69,8 +79,7 @@ def fresh_model(backbone: str, rt: Runtime):
     model = build_model(backbone, "none", True).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    return model, optimizer, nn.BCEWithLogitsLoss()
+    return model, make_optimizer(DEFAULTS, model, DEFAULTS.space.lr), nn.BCEWithLogitsLoss()
 
 
 def sync(rt: Runtime) -> None:
@@ -126,14 +135,13 @@ def loop_rate(model, optimizer, criterion, rt: Runtime, data, batch: int, epochs
               seconds: float = 0.0) -> float:
     """img/s of run_trial's training loop (epoch batches + train_epoch + scheduler step): ``epochs`` epochs
     timed by ``clock``, or as many as fit in ``seconds`` of wall time (a packed worker: wall-time rate)."""
-    cfg = load_config(None)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    scheduler = make_scheduler(DEFAULTS, optimizer, DEFAULTS.space.epochs)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     sync(rt)
     timer = time.perf_counter if seconds else clock(rt)
     start, seen, epoch = timer(), 0, 0
     while epoch < epochs or timer() - start < seconds:
-        batches = epoch_batches(data, batch, rt, cfg, seed=epoch)
+        batches = epoch_batches(data, batch, rt, DEFAULTS, seed=epoch)
         train_epoch(model, batches, criterion, optimizer, scaler, rt)  # synchronises once, at its end
         scheduler.step()
         seen, epoch = seen + len(batches) * batch, epoch + 1
@@ -143,7 +151,7 @@ def loop_rate(model, optimizer, criterion, rt: Runtime, data, batch: int, epochs
 def pipeline(s: dict, rt: Runtime) -> tuple[float, float, float]:
     """(model step img/s, resident loop img/s, DataLoader loop img/s), best of interleaved rounds (``clock``)."""
     host = synthetic_set(s["images"], s["size"])
-    (resident,) = place_data(rt, load_config(None), host)
+    (resident,) = place_data(rt, DEFAULTS, host)
     model, optimizer, criterion = fresh_model(s["backbone"], rt)
     steps = len(resident) // TRIAL_BATCH
     loop_rate(model, optimizer, criterion, rt, resident, TRIAL_BATCH, 1)  # warm-up (allocator, kernels)
@@ -171,7 +179,7 @@ def compile_rates(s: dict, rt: Runtime, steps: int) -> tuple[float, float, float
     """(compile seconds, eager img/s, compiled img/s) of the batch-4 model step."""
     model, optimizer, criterion = fresh_model(s["backbone"], rt)
     eager = model_step_rate(model, optimizer, criterion, rt, s["size"], TRIAL_BATCH, steps)
-    compiled = torch.compile(model)
+    compiled = compile_model(model, True)
     start = time.perf_counter()
     model_step_rate(compiled, optimizer, criterion, rt, s["size"], TRIAL_BATCH, 0)  # the first step compiles
     seconds = time.perf_counter() - start
@@ -181,7 +189,7 @@ def compile_rates(s: dict, rt: Runtime, steps: int) -> tuple[float, float, float
 def worker(s: dict, seconds: float) -> None:
     """One packed 'trial': build, warm up, print READY; per GO line on stdin run the loop ``seconds``, print img/s."""
     rt = trial_runtime(None, None)
-    (data,) = place_data(rt, load_config(None), synthetic_set(s["images"], s["size"]))
+    (data,) = place_data(rt, DEFAULTS, synthetic_set(s["images"], s["size"]))
     model, optimizer, criterion = fresh_model(s["backbone"], rt)
     loop_rate(model, optimizer, criterion, rt, data, TRIAL_BATCH, 1)
     print("READY", flush=True)
@@ -307,14 +315,13 @@ def main() -> None:
         print(f"CPU: {os.cpu_count()} cores shared by the packed processes, so packing cannot exceed what the "
               "cores allow; the GPU figure is not measured here")
 
-    big_rt = trial_runtime(None, None)  # the paper trial's own runtime on this device
-    if s["big_steps"]:
-        model, optimizer, criterion = fresh_model("resnet50", big_rt)
-        r50 = model_step_rate(model, optimizer, criterion, big_rt, 512, TRIAL_BATCH, s["big_steps"])
+    if s["big_steps"]:  # with the paper trial's own runtime on this device
+        model, optimizer, criterion = fresh_model("resnet50", rt)
+        r50 = model_step_rate(model, optimizer, criterion, rt, 512, TRIAL_BATCH, s["big_steps"])
     else:  # --quick on the CPU: the tiny model's rate scaled by the pixel count (a rough stand-in, said so)
         r50 = step * (s["size"] / 512) ** 2 / RESNET50_OVER_TINY
         print(f"--quick: no ResNet50 step; its rate is the tiny model's / {RESNET50_OVER_TINY} / (512 / {s['size']})^2")
-    eval_slowdown = max(1.0, amp_x) if big_rt.amp_dtype is not None else 1.0  # fp32 validation vs AMP training
+    eval_slowdown = max(1.0, amp_x) if rt.amp_dtype is not None else 1.0  # fp32 validation vs AMP training
     hours = projected_hours(r50, min(efficiency, 1.0), pack_x, eval_slowdown)
     label = "GPU" if cuda else "CPU projection (not a GPU figure)"
     print(f"resnet50 512px batch 4 model step: {r50:.2f} img/s; paper Tables 3-6 ({PAPER_TRIALS} trials x "

@@ -80,12 +80,11 @@ def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float
     wall = time.perf_counter() - start
     if results.errors or len(results) != TRIALS:
         raise RuntimeError(f"{nodes} nodes: {len(results.errors)} of {len(results)} trials failed")
-    used = {r.metrics["node"] for r in results}
     first = {}  # node -> (when its first trial began running, its process's CPU seconds by then)
     for r in results:
         first[r.metrics["node"]] = min(first.get(r.metrics["node"], (math.inf, 0.0)),
                                        (r.metrics["started"] - clock, r.metrics["process_cpu"]))
-    return wall, len(used), max(t for t, _ in first.values()), sum(c for _, c in first.values()) / len(first)
+    return wall, len(first), max(t for t, _ in first.values()), sum(c for _, c in first.values()) / len(first)
 
 
 def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from preprocessing.ingest import ingest  # noqa: E402
 from preprocessing.loader import train_set  # noqa: E402
 from preprocessing.phantom import write_phantom  # noqa: E402
+from preprocessing.recipe import VariantSpec, preprocess_image, read_dataset  # noqa: E402
 from preprocessing.roi import RoiDetector, train_detector  # noqa: E402
-from preprocessing.recipe import preprocess_image, read_dataset, VariantSpec
 from preprocessing.store import build_variant  # noqa: E402
 
 

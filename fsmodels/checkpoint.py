@@ -185,6 +185,12 @@ def load_best_weights(checkpoint_dir: str | Path) -> dict:
     return _load(checkpoint_dir, BEST_FILE, f"{BEST_FILE} missing")
 
 
+def recorded_variant(state: dict) -> dict:
+    """The handle ({key, manifest}) of the variant a checkpoint's trial trained on; checkpoints from before
+    handles were recorded carry only the key (manifest None: the cheap check alone)."""
+    return state.get("artifacts", {}).get("variant") or {"key": state["variant"], "manifest": None}
+
+
 def checkpoint_config(state: dict) -> Config:
     """The trial's resolved config stored in a checkpoint state."""
     return config_from_dict(state["config"])

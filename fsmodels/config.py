@@ -236,14 +236,12 @@ def space_entry(key: str, value: Any) -> Any:
 
 def entry_values(key: str, value: Any) -> list | None:
     """The finite set of values a space entry can take, or None for a numeric distribution."""
-    if isinstance(value, dict):
-        name, args = distribution(key, value)
-        return [space_value(key, v) for v in args] if name in ("choice", "grid") else None
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ConfigError(f"space.{key}: empty list")
-        return [space_value(key, v) for v in value]
-    return [space_value(key, value)]
+    if isinstance(value, dict) and distribution(key, value)[0] not in ("choice", "grid"):
+        return None  # a numeric distribution: its bounds are not values (validate types them)
+    typed = space_entry(key, value)
+    if isinstance(typed, dict):  # {choice|grid: [values]}
+        return next(iter(typed.values()))
+    return typed if isinstance(typed, list) else [typed]
 
 
 def _point(i: int, point: Any) -> dict:

@@ -18,6 +18,7 @@ CI_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity")  # metrics 
 SPLIT_METRICS = (*CI_METRICS, "loss")  # what every scored split reports (metrics.json `val` / `test` keys)
 # the per-epoch validation metrics that may select epochs and trials (never a test metric)
 SELECTABLE_METRICS = tuple(f"val_{name}" for name in SPLIT_METRICS)
+BINARY_KEYS = (*CI_METRICS, "youden_threshold", "tp", "fp", "tn", "fn")  # binary_metrics' keys, in its order
 
 
 def _ratio(num: float, den: float) -> float:
@@ -111,7 +112,7 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     """auc, accuracy, f1, sensitivity, specificity, youden_threshold, tp, fp, tn, fn (all nan if a score is not)."""
     if not all_finite(scores):
         _arrays(y_true, scores)
-        return dict.fromkeys(("auc", *rates(0, 0, 0, 0), "youden_threshold", "tp", "fp", "tn", "fn"), NAN)
+        return dict.fromkeys(BINARY_KEYS, NAN)
     counts = confusion(y_true, scores, threshold)
     return dict(
         auc=auc_score(y_true, scores),
@@ -148,11 +149,12 @@ def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float 
     y, s = _arrays(y_true, scores)
     if not all_finite(s):
         return {f"{name}_ci": [NAN, NAN] for name in CI_METRICS}
-    rng = np.random.default_rng(seed)
     if patients is not None:
         draws = patient_draws(patients, n, seed)
+    elif y.size:
+        draws = np.random.default_rng(seed).integers(0, y.size, size=(n, y.size))
     else:
-        draws = rng.integers(0, y.size, size=(n, y.size)) if y.size else np.zeros((n, 0), dtype=np.int64)
+        draws = np.zeros((n, 0), dtype=np.int64)
     values = {name: np.empty(n) for name in CI_METRICS}
     for i, idx in enumerate(draws):
         yi, si = y[idx], s[idx]

@@ -1,10 +1,10 @@
-"""The one value per ``space`` key a single trial runs with, checked, and its store variant."""
+"""The one value per ``space`` key a single trial runs with, checked, and its store variants."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from cluster.errors import FsweepError
-from fsmodels.config import Config, space_value
+from fsmodels.config import Config, key_values, space_value
 from preprocessing.vocab import is_off
 
 
@@ -46,6 +46,7 @@ def resolve_variant(cfg: Config, he: str):
     the key it returns (``open_artifacts`` with recorded handles), never by recomputing it.
     """
     from cluster.storage import exists, join
+    from preprocessing.artifact import MANIFEST
     from preprocessing.recipe import VariantSpec, variant_key
     from preprocessing.variant import open_variant
 
@@ -53,7 +54,7 @@ def resolve_variant(cfg: Config, he: str):
     roi_dir = None if is_off(detector) else detector
     spec = VariantSpec(he=he, size=cfg.data.size, aspect=cfg.data.aspect, roi_dir=roi_dir, margin=cfg.roi.margin)
     key = variant_key(cfg.data.dataset, spec)
-    if not exists(join(cfg.data.store, key, "manifest.json")):  # a path or an s3:// / gs:// URI
+    if not exists(join(cfg.data.store, key, MANIFEST)):  # a path or an s3:// / gs:// URI
         raise FsweepError(
             f"{cfg.data.store}: no store variant {key} (he={he}, size={cfg.data.size}, roi={detector}); "
             f"build it with `fsweep store build {cfg.data.dataset} --store {cfg.data.store} --size {cfg.data.size} "
@@ -91,3 +92,15 @@ def open_artifacts(cfg: Config, handles: dict):
     stn = handles.get("stn")
     weights = open_stn(cfg.data.store, stn["key"], expected=stn["manifest"]).weights if stn else None
     return variant, weights
+
+
+def build_variants(cfg: Config, address: str | None = None) -> dict:
+    """Build or reuse the store variant of every HE mode the space can draw (the only variants a sweep builds;
+    thumbnails come from what exists): ``{he: Variant}``. ``address``: the Ray the build runs on."""
+    from preprocessing.store import build_store
+
+    modes = key_values(cfg, "he")
+    return dict(zip(modes, build_store(
+        cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size, he_modes=modes,
+        margin=cfg.roi.margin, aspect=cfg.data.aspect, address=address,
+    )))

@@ -37,7 +37,9 @@ class ResidentSet:
         stacked = np.concatenate(arrays) if arrays else np.zeros((0, *size), np.uint8)
         self.images = torch.from_numpy(stacked).to(device).unsqueeze(1)  # (M, 1, S, S) uint8
         self.rows = torch.from_numpy(np.concatenate(rows or [np.zeros(0, np.int64)])).to(device)
-        self.mirrored = torch.from_numpy(np.concatenate(mirrored or [np.zeros(0, bool)])).to(device)
+        flags = np.concatenate(mirrored or [np.zeros(0, bool)])
+        self.mirrored = torch.from_numpy(flags).to(device)
+        self.any_mirrored = bool(flags.any())  # from numpy: no device sync; val/test sets mirror nothing
         self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.float32)).to(device)
         self.device = device
 
@@ -47,6 +49,8 @@ class ResidentSet:
     def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``index`` (a device tensor): uint8 images with the mirrored ones flipped, and their labels."""
         images = self.images[self.rows[index]]
+        if not self.any_mirrored:  # the flip would select every row unflipped: skip it on the hot path
+            return images, self.labels[index]
         flip = self.mirrored[index].view(-1, 1, 1, 1)
         return torch.where(flip, images.flip(-1), images), self.labels[index]
 
@@ -54,12 +58,9 @@ class ResidentSet:
         """One epoch's batches: shuffled with ``seed`` and the last partial batch dropped, or in order (None)."""
         n = len(self)
         if seed is None:
-            order = torch.arange(n)
-            drop_last = False
-        else:
-            order = shuffled_order(n, seed)
-            drop_last = n > batch_size  # as make_loader: no size-1 last batch for BatchNorm
-        return ResidentBatches(self, order.to(self.device), batch_size, drop_last)
+            return ResidentBatches(self, torch.arange(n, device=self.device), batch_size, drop_last=False)
+        # as make_loader: no size-1 last batch for BatchNorm
+        return ResidentBatches(self, shuffled_order(n, seed).to(self.device), batch_size, drop_last=n > batch_size)
 
 
 class ResidentBatches:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from cluster.errors import FsweepError
 from cluster.storage import is_uri, join, resolve_storage
 from fsmodels.metrics import json_safe
-from preprocessing.artifact import LOCKS, build_lock, content_key, local_dir, manifest_sha256, write_manifest
+from preprocessing.artifact import LOCKS, MANIFEST, build_lock, content_key, local_dir, write_manifest
 from preprocessing.files import atomic_write, atomic_write_text
 from preprocessing.remote import publish, staging_dir
 from preprocessing.vocab import VIEWS
@@ -129,8 +129,12 @@ def view_accuracy(model: ViewClassifier, images: np.ndarray, labels: np.ndarray,
     return correct / max(len(images), 1)
 
 
-def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16) -> tuple[STN, dict]:
-    """Train STN + tiny classifier on left vs right; return the STN and its loss/accuracy."""
+def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16,
+                 val: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[STN, dict]:
+    """Train STN + tiny classifier on left vs right; return the STN and its loss/accuracy.
+
+    ``val``: the variant's ``view_task(variant, "val")`` when the caller has read it already.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     images, labels = view_task(variant, "train")
@@ -150,7 +154,7 @@ def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16) -> tuple[STN,
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
-    val_images, val_labels = view_task(variant, "val")
+    val_images, val_labels = view_task(variant, "val") if val is None else val
     stats = dict(
         epochs=epochs, seed=seed, train_loss=float(loss_sum) / len(images),
         train_accuracy=view_accuracy(model, images, labels, device),
@@ -160,16 +164,13 @@ def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16) -> tuple[STN,
     return model.stn.cpu().eval(), stats
 
 
-def save_stn_figure(stn: STN, variant, path: Path, count: int = 6) -> None:
-    """Validation images (both views) before (top row) and after (bottom row) the STN."""
+def save_stn_figure(stn: STN, images: np.ndarray, path: Path, count: int = 6) -> None:
+    """``images`` (the validation ones, both views: ``shown_images``) before (top row) and after (bottom row) the STN."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images, _ = view_task(variant, "val")
-    if len(images) == 0:
-        images, _ = view_task(variant, "train")
     pick = np.linspace(0, len(images) - 1, min(count, len(images))).astype(int)
     with torch.no_grad():
         after = stn(torch.from_numpy(images[pick]).unsqueeze(1).float() / 255.0).squeeze(1).numpy()
@@ -183,6 +184,11 @@ def save_stn_figure(stn: STN, variant, path: Path, count: int = 6) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
+
+
+def shown_images(variant, val_images: np.ndarray) -> np.ndarray:
+    """The images theta stats and the figure use: the validation ones, or the train ones when there are none."""
+    return val_images if len(val_images) else view_task(variant, "train")[0]
 
 
 def theta_stats(stn: STN, images: np.ndarray) -> dict:
@@ -217,8 +223,8 @@ class FrozenStn:
 
 def open_stn(store, key: str, expected: str | None = None) -> FrozenStn:
     """Open the pretrained STN ``key`` of ``store`` (cheap check; ``expected``: its recorded manifest sha256)."""
-    path = local_dir(resolve_storage(store), f"{STN_DIR}/{key}", "frozen STN", expected)
-    return FrozenStn(key=key, manifest=manifest_sha256(path), path=path)
+    path, manifest = local_dir(resolve_storage(store), f"{STN_DIR}/{key}", "frozen STN", expected)
+    return FrozenStn(key=key, manifest=manifest, path=path)
 
 
 def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, store=None) -> FrozenStn:
@@ -245,11 +251,12 @@ def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, stor
 def _train_into(stn_dir: Path, variant, epochs: int, seed: int, key: str) -> None:
     """Pretrain, then write weights, stats and figure, then the manifest (last: the STN is complete)."""
     stn_dir.mkdir(parents=True, exist_ok=True)
-    (stn_dir / "manifest.json").unlink(missing_ok=True)  # a killed retraining leaves nothing that verifies
-    stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed)
-    images, _ = view_task(variant, "val")
-    stats["variant"], stats["theta"] = variant.key, theta_stats(stn, images if len(images) else view_task(variant, "train")[0])
-    save_stn_figure(stn, variant, stn_dir / STN_FIGURE)
+    (stn_dir / MANIFEST).unlink(missing_ok=True)  # a killed retraining leaves nothing that verifies
+    val = view_task(variant, "val")  # read once: validation accuracy, theta stats and the figure
+    stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed, val=val)
+    images = shown_images(variant, val[0])
+    stats["variant"], stats["theta"] = variant.key, theta_stats(stn, images)
+    save_stn_figure(stn, images, stn_dir / STN_FIGURE)
     atomic_write_text(stn_dir / STN_STATS, json.dumps(json_safe(stats), indent=2))
     atomic_write(stn_dir / STN_WEIGHTS, lambda tmp: save_file(stn.state_dict(), str(tmp)))
     write_manifest(stn_dir, key, [STN_WEIGHTS, STN_STATS, STN_FIGURE])

@@ -31,11 +31,13 @@ from fsmodels.checkpoint import (
     CheckpointWriter,
     checkpoint_config,
     checkpoint_epochs,
+    cpu_copy,
     load_best_weights,
     load_resumable_state,
     load_state,
     plain,
     prune_checkpoints,
+    recorded_variant,
 )
 from fsmodels.config import Config, asha_settings, config_from_dict, save_config
 from fsmodels.engine import (
@@ -114,6 +116,11 @@ def split_metrics(labels: np.ndarray, scores: np.ndarray, loss: float) -> dict:
     return {**binary_metrics(labels, scores), "loss": loss}
 
 
+def best_entry(history: list, best_epoch) -> dict:
+    """The history entry of epoch ``best_epoch`` ({} when there is none, e.g. before the first best epoch)."""
+    return next((h for h in history if h.get("epoch") == best_epoch), {})
+
+
 def epoch_report(epoch: int, train_loss: float, val: dict, run: TrainingState, metric: str, diverged: bool) -> dict:
     """The dict ``on_epoch`` receives; Ray Tune reports it as is, so its keys are the sweep's result columns.
 
@@ -123,7 +130,7 @@ def epoch_report(epoch: int, train_loss: float, val: dict, run: TrainingState, m
     report = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
     for key in ("auc", "accuracy", "f1", "sensitivity", "specificity", "youden_threshold"):
         report[f"val_{key}"] = val[key]
-    best = next((h for h in run.history if h["epoch"] == run.best_epoch), {})
+    best = best_entry(run.history, run.best_epoch)
     for name in SELECTABLE_METRICS:
         report[f"best_{name}"] = best.get(name, math.nan)
     report["best_epoch"] = run.best_epoch
@@ -141,8 +148,7 @@ def _is_new_best(val: dict, metric: str, mode: str, run: TrainingState) -> bool:
     best = run.best_value
     if math.isnan(best) or (value > best if mode == "max" else value < best):
         return True
-    best_loss = next(h["val_loss"] for h in run.history if h["epoch"] == run.best_epoch)
-    return value == best and val["loss"] < best_loss
+    return value == best and val["loss"] < best_entry(run.history, run.best_epoch)["val_loss"]
 
 
 def _datasets(variant, params: TrialParams):
@@ -154,9 +160,16 @@ def _datasets(variant, params: TrialParams):
             eval_set(variant, params.view, "test", splits))
 
 
-def write_best_scores(path: Path, epoch: int, variant, scored: dict) -> None:
-    """``best_scores.parquet``: per image of each scored split (``{split: (dataset, labels, scores)}``) its patient."""
-    patient_of = dict(zip(variant.index["image_id"], variant.index["patient"]))
+def patient_map(variant) -> dict:
+    """image_id -> patient over the variant's whole index."""
+    return dict(zip(variant.index["image_id"], variant.index["patient"]))
+
+
+def write_best_scores(path: Path, epoch: int, patient_of: dict, scored: dict) -> None:
+    """``best_scores.parquet``: per image of each scored split (``{split: (dataset, labels, scores)}``) its patient.
+
+    ``patient_of``: ``patient_map`` of the variant.
+    """
     frames = [
         pd.DataFrame({"split": split, "epoch": epoch, "image_id": list(data.image_ids),
                       "patient": [patient_of[i] for i in data.image_ids], "label": labels, "score": scores})
@@ -249,7 +262,10 @@ def run_trial(
     if resume_from is not None:
         run = _restore(resume_from, model, optimizer, scheduler, scaler)
     test_loader = make_loader(test_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None) if cfg.train.best_scores else None
+    patient_of = patient_map(variant) if test_loader is not None else None  # for best_scores.parquet
     train_src, val_src = place_data(rt, cfg, train_data, val_data)  # on the device once when they fit (the DataLoader's order)
+    # in order and re-iterable: built once (a DataLoader draws its base seed per iteration, as before)
+    val_batches = epoch_batches(val_src, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
     step_model = compile_model(model, cfg.train.compile)  # ``model`` keeps the plain state-dict keys
     ckpt_root, writer = out / "checkpoints", CheckpointWriter()
     asha = asha_settings(cfg)
@@ -263,17 +279,15 @@ def run_trial(
         train_loss = _step(cfg, train_epoch, step_model, loader, criterion, optimizer, scaler, rt)
         account.trained(len(loader) * params.batch_size, time.perf_counter() - tick)
         scheduler.step()
-        val_batches = epoch_batches(val_src, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
         val_labels, val_scores, val_loss = _step(cfg, predict, step_model, val_batches, criterion, rt)
         diverged = not (math.isfinite(train_loss) and all_finite(val_scores))
         val = split_metrics(val_labels, val_scores, val_loss if not diverged else math.nan)
         if _is_new_best(val, metric, mode, run):
             run.best_epoch, run.best_value = epoch, val[metric[len("val_"):]]
-            # one copy (.cpu().clone() copies twice from CUDA)
-            run.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            run.best_model = cpu_copy(model.state_dict())  # one copy (.cpu().clone() copies twice from CUDA)
             if test_loader is not None:  # kept for the report's test-scored tables; never read by selection
                 test_labels, test_scores, _ = predict(model, test_loader, criterion, rt)
-                write_best_scores(out / BEST_SCORES, epoch, variant, {
+                write_best_scores(out / BEST_SCORES, epoch, patient_of, {
                     "val": (val_data, val_labels, val_scores), "test": (test_data, test_labels, test_scores)})
             if on_best is not None:
                 on_best(epoch, val_labels, val_scores)
@@ -362,7 +376,7 @@ def _progress_line(report: dict, epochs: int, metric: str) -> str:
 
 def _final_metrics(run: TrainingState, metric: str, key: str, seconds: float) -> dict:
     """metrics.json: the best epoch's validation metrics; a trial without one (diverged) has all nan."""
-    best = next((h for h in run.history if h["epoch"] == run.best_epoch), {})
+    best = best_entry(run.history, run.best_epoch)
     val = {k: best.get(f"val_{k}", math.nan) for k in (*REPORTED, "youden_threshold")}
     diverged = any(not math.isfinite(h["train_loss"]) or math.isnan(h["val_loss"]) for h in run.history)
     return dict(
@@ -383,12 +397,8 @@ def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
 
 def validation_threshold(state: dict) -> float:
     """The decision threshold: Youden's J on the best epoch's validation ROC (0.5 when undefined, e.g. one class)."""
-    for entry in state.get("history", []):
-        if entry.get("epoch") == state.get("best_epoch"):
-            value = entry.get("val_youden_threshold")
-            if value is not None and math.isfinite(value):
-                return float(value)
-    return 0.5
+    value = best_entry(state.get("history", []), state.get("best_epoch")).get("val_youden_threshold")
+    return float(value) if value is not None and math.isfinite(value) else 0.5
 
 
 def evaluate_checkpoint(checkpoint_dir, split: str = "test", n_boot: int = 1000, with_scores: bool = True) -> dict:
@@ -402,9 +412,7 @@ def evaluate_checkpoint(checkpoint_dir, split: str = "test", n_boot: int = 1000,
     model, cfg = load_trial_model(checkpoint_dir)
     params = trial_params(cfg)
     state = load_state(checkpoint_dir)
-    # the variant the trial trained on, by its recorded key (checkpoints before handles recorded only the key)
-    variant, _ = open_artifacts(cfg, {"variant": state.get("artifacts", {}).get("variant")
-                                      or {"key": state["variant"], "manifest": None}})
+    variant, _ = open_artifacts(cfg, {"variant": recorded_variant(state)})  # by its recorded key, never recomputed
     rt = runtime(cfg)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     dataset = eval_set(variant, params.view, split, fold_splits(variant, params.fold))
@@ -412,7 +420,7 @@ def evaluate_checkpoint(checkpoint_dir, split: str = "test", n_boot: int = 1000,
     loader = make_loader(dataset, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
     labels, scores, loss = predict(model, loader, criterion, rt)
     threshold = validation_threshold(state)
-    patient_of = dict(zip(variant.index["image_id"], variant.index["patient"]))
+    patient_of = patient_map(variant)
     patients = [patient_of[i] for i in dataset.image_ids]
     result = {**binary_metrics(labels, scores, threshold), "loss": loss,
               **bootstrap_ci(labels, scores, n=n_boot, seed=params.seed, threshold=threshold, patients=patients)}

@@ -139,14 +139,9 @@ def _cmd_roi_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_store_build(args: argparse.Namespace) -> None:
-    from fsmodels.config import key_values
-    from preprocessing.store import build_store
+    from fsmodels.params import build_variants
 
-    cfg = _config(args, **{"data.dataset": args.dataset, "data.store": args.store})
-    build_store(
-        cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size,
-        he_modes=key_values(cfg, "he"), margin=cfg.roi.margin, aspect=cfg.data.aspect, address=args.address,
-    )
+    build_variants(_config(args, **{"data.dataset": args.dataset, "data.store": args.store}), args.address)
 
 
 # --- model commands (fsmodels) ----------------------------------------------------------
@@ -206,13 +201,11 @@ def _cmd_resume(args: argparse.Namespace) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
-    from cluster.storage import exists, join, resolve_storage
+    from cluster.storage import resolve_storage
     from search.progress import format_block, read_progress
-    from search.sweep import SWEEP_CONFIG, load_sweep_config
+    from search.sweep import load_sweep_config
 
     experiment = resolve_storage(args.experiment)
-    if not exists(join(experiment, SWEEP_CONFIG)):
-        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
     print("\n".join(format_block(read_progress(experiment, load_sweep_config(experiment)))))
 
 

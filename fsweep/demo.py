@@ -29,27 +29,24 @@ def score_new_patients(model_dir: Path, out: Path, patients: int, seed: int) -> 
     """AUC of an exported model on phantom patients generated anew (``seed`` unseen by any split), per its views.
 
     The phantom's labels are known, so this checks that a winner generalizes beyond the
-    patients its data set was drawn from: ``{"auc", "n", "views", "preds"}``.
+    patients its data set was drawn from: ``{"auc", "n", "views"}``.
     """
-    import json
-
     import pandas as pd
 
     from fsmodels.metrics import auc_score
     from fsweep.modelcard import CARD
     from fsweep.predict import predict
     from preprocessing.phantom import write_phantom
-    from preprocessing.vocab import LABEL_ALIASES
+    from preprocessing.vocab import parse_label
 
     write_phantom(out, patients=patients, seed=seed)  # the default, calibrated phantom
-    views = sorted({view for entry in json.loads((model_dir / CARD).read_text())["models"].values()
-                    for view in entry["views"]})
+    views = json.loads((model_dir / CARD).read_text())["views"]
     manifest = pd.read_csv(out / "manifest.csv")
     manifest = manifest[manifest["view"].isin(views)]
     manifest.to_csv(out / "manifest_scored.csv", index=False)
     preds = predict(model_dir, [out / "manifest_scored.csv"], out=out / "preds.csv")
-    labels = manifest["label"].astype(str).str.lower().map(LABEL_ALIASES).to_numpy()
-    return {"auc": auc_score(labels, preds["probability"].to_numpy()), "n": len(preds), "views": views, "preds": preds}
+    labels = manifest["label"].map(parse_label).to_numpy()
+    return {"auc": auc_score(labels, preds["probability"].to_numpy()), "n": len(preds), "views": views}
 
 
 def demo_paths(out: Path) -> dict[str, str]:
@@ -60,40 +57,38 @@ def demo_paths(out: Path) -> dict[str, str]:
 def run_demo(out: str | Path, cfg: Config, patients: int = 100, verbose: bool = False) -> Path:
     """Run every stage on a fresh phantom under ``out`` with ``cfg`` (configs/demo.yaml); returns the experiment.
 
-    Quiet unless ``verbose``: YOLO's log goes to ``out/roi/train.log``, Ray's to the experiment's ``logs/``.
+    Quiet unless ``verbose``: YOLO's log goes to ``train.log`` in the detector directory, Ray's to the experiment's ``logs/``.
     """
-    from fsweep.export import export_experiment
+    from fsmodels.params import build_variants
+    from fsweep.export import export_experiment, read_winners
     from fsweep.predict import predict
     from preprocessing.ingest import ingest
     from preprocessing.phantom import write_phantom
     from preprocessing.roi import train_detector
-    from preprocessing.store import build_store
     from search.progress import logs_to_file
     from search.report import write_report
-    from search.sweep import run_sweep, sweep_he_modes
+    from search.sweep import run_sweep
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    dataset, store, roi = cfg.data.dataset, cfg.data.store, cfg.roi  # demo_paths: under ``out`` unless --set moves them
 
     _step(f"fsweep synth --out {out / 'phantom'} --patients {patients}")  # the calibrated default phantom
     write_phantom(out / "phantom", patients=patients, seed=0)
 
-    _step(f"fsweep ingest {out / 'phantom' / 'manifest.csv'} --out {out / 'dataset'}")
-    ingest(out / "phantom" / "manifest.csv", out / "dataset", seed=0)
+    _step(f"fsweep ingest {out / 'phantom' / 'manifest.csv'} --out {dataset}")
+    ingest(out / "phantom" / "manifest.csv", dataset, seed=0)
 
-    roi = cfg.roi
-    _step(f"fsweep roi train {out / 'dataset'} --out {out / 'roi'} --config {DEMO_CONFIG.name}")
-    with nullcontext() if verbose else logs_to_file(out / "roi" / "train.log", ("ultralytics",), streams=True):
-        metrics = train_detector(out / "dataset", out / "roi", annotated=roi.annotated, epochs=roi.epochs,
+    _step(f"fsweep roi train {dataset} --out {roi.detector} --config {DEMO_CONFIG.name}")
+    with nullcontext() if verbose else logs_to_file(Path(roi.detector) / "train.log", ("ultralytics",), streams=True):
+        metrics = train_detector(dataset, roi.detector, annotated=roi.annotated, epochs=roi.epochs,
                                  imgsz=roi.imgsz, model=roi.model, batch=roi.batch)
     print(f"ROI detector mAP50={metrics['map50']:.3f} (paper: 0.97)")
 
-    modes = sweep_he_modes(cfg)
-    _step(f"fsweep store build {out / 'dataset'} --store {out / 'store'} --config {DEMO_CONFIG.name} --roi {out / 'roi'}")
+    _step(f"fsweep store build {dataset} --store {store} --config {DEMO_CONFIG.name} --roi {roi.detector}")
     with nullcontext() if verbose else logs_to_file(out / "logs" / "store.log", ("ray",)):  # Ray's start-up notices
-        build_store(out / "dataset", out / "store", roi=str(out / "roi"), size=cfg.data.size, he_modes=modes,
-                    margin=roi.margin, aspect=cfg.data.aspect)
+        build_variants(cfg)
 
     _step(f"fsweep sweep {DEMO_CONFIG} --storage {out / 'runs'} --name demo")
     experiment = run_sweep(cfg, address=None, name="demo", storage=str(out / "runs"), verbose=verbose)
@@ -116,8 +111,7 @@ def run_demo(out: str | Path, cfg: Config, patients: int = 100, verbose: bool = 
     fresh = out / "new_patients"
     _step(f"generalization: the exported winner on {NEW_PATIENTS} newly generated patients (seed {NEW_SEED})")
     check = score_new_patients(model, fresh, NEW_PATIENTS, NEW_SEED)
-    winners = json.loads((Path(experiment) / "winners.json").read_text())
-    test_auc = {view: win["test"]["auc"] for view, win in winners.items()}
+    test_auc = {view: win["test"]["auc"] for view, win in read_winners(experiment).items()}
     shown = ", ".join(f"{view} {auc:.3f}" for view, auc in test_auc.items())
     print(f"test AUC (held-out split): {shown}; AUC on new patients: {check['auc']:.3f} "
           f"(n={check['n']} images, {'/'.join(check['views'])} view; chance 0.5)")

@@ -83,8 +83,9 @@ def read_winners(experiment: str) -> dict:
     """``winners.json`` of a finished sweep, or a one-line FsweepError."""
     from cluster.storage import exists, join
     from search.expdir import get_text
+    from search.select import WINNERS
 
-    location = join(experiment, "winners.json")
+    location = join(experiment, WINNERS)
     if not exists(location):
         raise FsweepError(f"{experiment}: no winners.json (not a finished fsweep sweep; run `fsweep resume` first)")
     winners = json.loads(get_text(location))
@@ -150,17 +151,16 @@ def copy_detector(roi: str, model_dir: Path) -> dict | None:
 
 def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None) -> dict:
     """Write one view's weights, TorchScript and ONNX; check parity; return its card entry."""
-    from fsmodels.checkpoint import load_state
+    from fsmodels.checkpoint import load_state, recorded_variant
     from fsmodels.train import trial_params
     from preprocessing.recipe import CODE_VERSION
     from preprocessing.variant import open_variant
 
     params = trial_params(cfg)
     state = load_state(checkpoint)
-    recorded = state.get("artifacts", {}).get("variant") or {"key": state["variant"], "manifest": None}
+    recorded = recorded_variant(state)
     variant = open_variant(cfg.data.store, recorded["key"], expected=recorded["manifest"])  # never a recomputed key
-    meta = json.loads((variant.path / "variant.json").read_text())
-    trained_on = meta.get("detector_sha256")
+    trained_on = variant.meta.get("detector_sha256")
     if detector is not None and trained_on != detector["sha256"]:
         raise FsweepError(f"{cfg.roi.detector}/best.pt: changed since the store variant was built "
                           f"(sha256 {detector['sha256'][:12]} != {str(trained_on)[:12]}); rebuild and re-run the sweep")
@@ -198,7 +198,7 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "files": {"onnx": f"{view}/{ONNX_FILE}", "torchscript": f"{view}/{TORCHSCRIPT_FILE}",
                   "weights": f"{view}/{WEIGHTS_FILE}"},
         "parity": parity,
-        "data": {**(meta.get("dataset") or {}), "variant": variant.key},
+        "data": {**(variant.meta.get("dataset") or {}), "variant": variant.key},
     }
 
 
@@ -294,8 +294,7 @@ def package_versions() -> dict:
 
 def _youden(state: dict, best_epoch) -> float | None:
     """The validation Youden threshold of the selected epoch (the card's threshold when the winner recorded one)."""
-    for entry in state.get("history", []):
-        if entry.get("epoch") == best_epoch:
-            return entry.get("val_youden_threshold")
-    return None
+    from fsmodels.train import best_entry
+
+    return best_entry(state.get("history", []), best_epoch).get("val_youden_threshold")
 

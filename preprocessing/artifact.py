@@ -43,11 +43,6 @@ def write_manifest(path: Path, key: str, names: list[str], checksums: dict[str, 
     return digest
 
 
-def manifest_sha256(path: Path) -> str:
-    """sha256 of ``path``'s manifest.json (the artifact's recorded handle)."""
-    return file_sha256(path / MANIFEST)
-
-
 def check(path: Path, what: str, expected: str | None = None, full: bool = False) -> str:
     """Cheap (or ``full``) check of the artifact in ``path``; its manifest's sha256, or a one-line FsweepError."""
     manifest = path / MANIFEST
@@ -79,26 +74,26 @@ def check(path: Path, what: str, expected: str | None = None, full: bool = False
     return digest
 
 
-def local_dir(store: str, relpath: str, what: str, expected: str | None = None, full: bool = False) -> Path:
-    """The checked local directory of ``store/relpath``: in place, or this node's copy of a URI artifact.
+def local_dir(store: str, relpath: str, what: str, expected: str | None = None,
+              full: bool = False) -> tuple[Path, str]:
+    """The checked local directory of ``store/relpath`` (in place, or this node's copy of a URI artifact)
+    and its manifest's sha256.
 
     A URI artifact is downloaded once per node and fully checked then; a copy that fails its
     check (damaged, or of an artifact since rebuilt remotely) is downloaded again once.
     """
     if not is_uri(store):
         path = Path(store) / relpath
-        check(path, what, expected, full)
-        return path
+        return path, check(path, what, expected, full)
     remote = join(store, relpath)
     if not exists(join(remote, MANIFEST)):  # uploaded last: without it the artifact is not (fully) there
         raise FsweepError(f"{remote}: {what} not built; run `fsweep store build`")
     path = cached_copy(remote)
     try:
-        check(path, what, expected, full)
+        return path, check(path, what, expected, full)
     except FsweepError:
         path = cached_copy(remote, refresh=True)
-        check(path, what, expected, full=True)
-    return path
+        return path, check(path, what, expected, full=True)
 
 
 def build_lock(lock_dir: Path, key: str) -> FileLock:

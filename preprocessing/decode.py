@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 
 from cluster.errors import FsweepError
+from preprocessing.vocab import VIEW_ALIASES
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 DICOM_MAGIC_OFFSET = 128  # DICOM Part 10 files carry b"DICM" after a 128-byte preamble
@@ -54,7 +55,6 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DICOM_MARKERS = ("SOPClassUID", "Modality", "PatientID", "StudyInstanceUID", "Rows", *PIXEL_KEYWORDS)
 PIXEL_MODULE = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PhotometricInterpretation",
                 "PixelRepresentation")
-SIDE_CODES = {"L": "left", "R": "right"}  # ImageLaterality / Laterality code values
 
 
 class DecodeError(FsweepError):
@@ -183,7 +183,7 @@ def _read_dicom(path: Path, caught: list):
     magic = _has_magic(path)
     # pydicom makes some data set of any bytes: without the DICM marker, only known elements make it DICOM
     plausible = dataset is not None and (_has_elements(dataset) if magic else
-                                         any(keyword in dataset for keyword in DICOM_MARKERS))
+                                         _names_dicom(dataset))
     if not (plausible or magic):
         return None
     if _truncated(path, dataset, caught):
@@ -191,6 +191,11 @@ def _read_dicom(path: Path, caught: list):
     if not plausible:  # the DICM marker says DICOM, but nothing after it can be read
         raise DecodeError(path, "undecodable image", "not a decodable DICOM image (no readable header after DICM)")
     return dataset
+
+
+def _names_dicom(dataset) -> bool:
+    """True when a parsed data set holds an element only DICOM has (pydicom parses any bytes into something)."""
+    return any(keyword in dataset for keyword in DICOM_MARKERS)
 
 
 def _has_elements(dataset) -> bool:
@@ -220,7 +225,7 @@ def _truncated(path: Path, dataset, caught: list) -> bool:
 
 def _decode_dicom(path: Path, dataset) -> np.ndarray:
     """One grey radiograph from a parsed data set, or a DecodeError in plain words."""
-    if not any(keyword in dataset for keyword in PIXEL_KEYWORDS):
+    if not header_has_pixels(dataset):
         raise DecodeError(path, "no pixel data", describe_object(dataset))
     frames = _frames(path, dataset)
     if frames > 1:
@@ -354,7 +359,7 @@ def read_dicom_header(path: str | Path):
             dataset = pydicom.dcmread(path, force=True, defer_size="64 KB")  # big values (pixels) stay on disk
     except Exception:  # unreadable or unparsable: the caller reports "not a DICOM file"
         return None, heard
-    if not any(keyword in dataset for keyword in DICOM_MARKERS):
+    if not _names_dicom(dataset):
         return None, heard
     return dataset, heard
 
@@ -368,8 +373,8 @@ def header_laterality(dataset) -> str | None:
     """'left' / 'right' from the ImageLaterality or Laterality tag of a parsed header, else None."""
     for keyword in ("ImageLaterality", "Laterality"):
         value = str(dataset.get(keyword, "") or "").strip().upper()
-        if value in SIDE_CODES:
-            return SIDE_CODES[value]
+        if value in ("L", "R"):  # the tags' code values; "LEFT" is not one
+            return VIEW_ALIASES[value.lower()]
     return None
 
 

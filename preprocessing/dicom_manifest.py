@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +37,7 @@ from preprocessing.decode import (
     read_dicom_header,
 )
 from preprocessing.files import atomic_write_text
-from preprocessing.vocab import LABEL_ALIASES, LABEL_NAMES, VIEWS, parse_view
+from preprocessing.vocab import LABEL_NAMES, VIEWS, parse_label, parse_view
 
 LABEL_COLUMNS = ("patient_id", "view", "label")
 VIEW_TEXT_TAGS = ("ViewPosition", "SeriesDescription", "ProtocolName")
@@ -113,7 +114,7 @@ def _label_row(path: Path, number: int, record: dict) -> tuple[tuple[str, str], 
     view = parse_view(record["view"])
     if view is None:
         raise FsweepError(f"{path}: row {number}: unknown view {record['view']!r} (use left/right or L/R)")
-    label = LABEL_ALIASES.get(str(record["label"]).strip().lower())
+    label = parse_label(record["label"])
     if label is None:
         raise FsweepError(f"{path}: row {number}: unknown label {record['label']!r} (use abnormal/normal or 1/0)")
     return (patient, view), LABEL_NAMES[label]
@@ -151,10 +152,8 @@ def view_from_words(header) -> str | None:
 
 
 def _summary(out: Path, unplaced_csv: Path, files: int, placed: list, unplaced: list, warnings: int) -> dict:
-    by_reason: dict[str, int] = {}
-    for row in unplaced:
-        kind = row["reason"].split(":")[0]  # "no pixel data: RT Plan" counts as "no pixel data"
-        by_reason[kind] = by_reason.get(kind, 0) + 1
+    # "no pixel data: RT Plan" counts as "no pixel data"
+    by_reason = Counter(row["reason"].split(":")[0] for row in unplaced)
     return {
         "manifest": str(out), "unplaced_csv": str(unplaced_csv), "files": files,
         "placed": len(placed), "unplaced": len(unplaced), "unplaced_by_reason": dict(sorted(by_reason.items())),

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from cluster.errors import FsweepError
 from preprocessing.decode import DecodeError, decode_with_warnings
 from preprocessing.files import atomic_write_parquet, atomic_write_text
 from preprocessing.splits import fold_column, patient_folds, patient_splits
-from preprocessing.vocab import LABEL_ALIASES, LABEL_NAMES, SPLITS, VIEWS, parse_view
+from preprocessing.vocab import LABEL_NAMES, SPLITS, VIEWS, parse_label, parse_view
 
 REQUIRED = ("image", "patient_id", "view", "label")
 BOX = ("x0", "y0", "x1", "y1")
@@ -194,7 +195,7 @@ def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: d
     view = parse_view(record["view"])
     if view is None:
         raise _Rejected("unknown view", f"{record['view']!r} (use left/right or L/R)")
-    label = LABEL_ALIASES.get(str(record["label"]).strip().lower())
+    label = parse_label(record["label"])
     if label is None:
         raise _Rejected("unknown label", f"{record['label']!r} (use abnormal/normal or 1/0)")
     patient = str(record["patient_id"]).strip()
@@ -333,19 +334,14 @@ def warning_kind(text: str) -> str:
 def _count_warnings(heard: list[dict]) -> dict[str, int]:
     """Rows per warning kind (a row that says the same thing twice counts once)."""
     kinds = {(note["row"], warning_kind(note["warning"])) for note in heard}
-    counts: dict[str, int] = {}
-    for _, kind in kinds:
-        counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(kind for _, kind in kinds).items()))
 
 
 def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict], heard: list[dict]) -> IngestResult:
     counts = {split: {view: {name: 0 for name in reversed(LABEL_NAMES)} for view in VIEWS} for split in SPLITS}
     for (split, view, label), n in table.groupby(["split", "view", "label"]).size().items():
         counts[split][view][LABEL_NAMES[label]] = int(n)
-    by_reason: dict[str, int] = {}
-    for row in rejected:
-        by_reason[row["kind"]] = by_reason.get(row["kind"], 0) + 1
+    by_reason = dict(Counter(row["kind"] for row in rejected))
     return IngestResult(dataset=out, accepted=len(table), rejected=len(rejected),
                         patients=table["patient"].nunique(), counts=counts,
                         rejected_by_reason=by_reason, fingerprint=fingerprint(table),

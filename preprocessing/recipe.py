@@ -9,7 +9,6 @@ same recipe to a new radiograph, so training and deployment crop alike.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cluster.errors import FsweepError
+from preprocessing.artifact import content_key
 from preprocessing.contrast import equalize
 from preprocessing.decode import decode_image
 from preprocessing.ingest import load_dataset
@@ -56,19 +56,23 @@ class VariantSpec:
 def variant_key(dataset_dir: str | Path, spec: VariantSpec) -> str:
     """Content key of ``spec`` applied to DATASET (no decoding: uses dataset.parquet's pixel hashes)."""
     spec.check()
-    rows = read_dataset(dataset_dir)
+    return spec_key(read_dataset(dataset_dir), spec, detector_sha256(spec.roi_dir) if spec.roi_dir else None)
+
+
+def spec_key(rows: pd.DataFrame, spec: VariantSpec, detector: str | None) -> str:
+    """Content key of ``spec`` applied to ``read_dataset``'s rows, with detector weights of sha256 ``detector``."""
     folds = [fold_column(k) for k in range(dataset_folds(rows.columns))]  # folds live in the variant's index
     images = hashlib.sha256(rows[KEY_COLUMNS + folds].to_csv(index=False).encode()).hexdigest()
     payload = {
         "code": CODE_VERSION,
         "images": images,
-        "detector": detector_sha256(spec.roi_dir) if spec.roi_dir else None,
+        "detector": detector,
         "margin": spec.margin if spec.roi_dir else None,  # no detector: no crop, so the margin changes nothing
         "he": spec.he,
         "size": spec.size,
         "aspect": spec.aspect,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(payload)
 
 
 def read_dataset(dataset_dir: str | Path) -> pd.DataFrame:

@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 
 from cluster.storage import cache_root, open_filesystem
+from preprocessing.artifact import MANIFEST
 
 
 def staging_dir(store: str) -> Path:
@@ -21,7 +22,7 @@ def publish(local: Path, remote: str) -> None:
 
     fs, path = open_filesystem(remote)
     fs.create_dir(path, recursive=True)
-    names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
-    for name in [*names, "manifest.json"]:
+    names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    for name in [*names, MANIFEST]:
         pyarrow.fs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
                               destination_filesystem=fs)

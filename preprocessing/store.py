@@ -40,7 +40,7 @@ from preprocessing.recipe import (
     finish_crop,
     locate_roi,
     read_dataset,
-    variant_key,
+    spec_key,
 )
 from preprocessing.remote import publish, staging_dir
 from preprocessing.roi import BOX_COLUMNS, RoiDetector, crop_box, detector_sha256
@@ -86,7 +86,9 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
     a second builder waits, then finds the variant complete and reuses it.
     """
     rows = read_dataset(dataset_dir)
-    keys = [variant_key(dataset_dir, spec) for spec in specs]
+    roi_dir = specs[0].roi_dir
+    detector = detector_sha256(roi_dir) if roi_dir else None  # hashed once: keys, tasks and variant.json
+    keys = [spec_key(rows, spec, detector) for spec in specs]
     workdir = staging_dir(store) if is_uri(store) else Path(store)
     unique = dict(zip(keys, specs))  # a mode given twice (--he off,off) is built once
     with contextlib.ExitStack() as locks:
@@ -102,19 +104,21 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
                     print(f"variant {key}: {reason}; rebuilding")
                 todo.append((key, spec))
         if todo:
-            built = _build_missing(dataset_dir, rows, workdir, todo, address)
+            built = _build_missing(dataset_dir, rows, detector, workdir, todo, address)
             for key in built if is_uri(store) else ():
                 publish(workdir / key, join(store, key))
             done.update(built)
     return [done[key] for key in keys]
 
 
-def _build_missing(dataset_dir: Path, rows: pd.DataFrame, store: Path, todo, address) -> dict[str, Variant]:
+def _build_missing(dataset_dir: Path, rows: pd.DataFrame, detector: str | None, store: Path, todo,
+                   address) -> dict[str, Variant]:
     rows = rows.assign(pos=rows.groupby(["split", "view"]).cumcount())
     specs = [spec for _, spec in todo]
     outputs = {key: _open_outputs(store / key, rows, spec.size) for key, spec in todo}
     try:
-        meta = _run_tasks(rows, specs, [outputs[key] for key, _ in todo], f"store {dataset_dir.name}", address)
+        meta = _run_tasks(rows, specs, detector, [outputs[key] for key, _ in todo], f"store {dataset_dir.name}",
+                          address)
     except BaseException:
         for tmp, _ in (entry for out in outputs.values() for entry in out.values()):
             tmp.unlink(missing_ok=True)  # a failed build leaves nothing behind (a killed one: see _remove_dead_temps)
@@ -123,9 +127,11 @@ def _build_missing(dataset_dir: Path, rows: pd.DataFrame, store: Path, todo, add
     built_on = {str(node): int(count) for node, count in meta["node"].value_counts().items()}
     folds = [fold_column(k) for k in range(dataset_folds(rows.columns))]  # each fold's split, for the loader
     index = rows.drop(columns=BOX_COLUMNS).merge(located, on=["split", "view", "pos"])[INDEX_COLUMNS + folds]
+    summary = dataset_dir / "summary.json"
+    dataset = json.loads(summary.read_text()) if summary.is_file() else {}
     built = {}
     for key, spec in todo:
-        _commit(store / key, outputs[key], index, _variant_meta(index, spec, key, dataset_dir))
+        _commit(store / key, outputs[key], index, _variant_meta(index, spec, key, detector, dataset))
         atomic_write_text(store / key / BUILD_FILE, json.dumps({"built_on": built_on}, indent=2))
         variant = open_variant(store, key)
         variant.preprocessed = len(index)
@@ -156,15 +162,14 @@ def _open_outputs(path: Path, rows: pd.DataFrame, size: int) -> dict[str, tuple[
     return outputs
 
 
-def _run_tasks(rows: pd.DataFrame, specs: list[VariantSpec], outputs: list[dict], title: str, address) -> pd.DataFrame:
+def _run_tasks(rows: pd.DataFrame, specs: list[VariantSpec], roi_sha256: str | None, outputs: list[dict], title: str,
+               address) -> pd.DataFrame:
     """Ray tasks over chunks of images; results written into the temp arrays as they arrive."""
     import ray
     from tqdm import tqdm
 
     items = list(rows[["image", "split", "view", "pos", "image_id"]].itertuples(index=False, name=None))
     chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
-    roi_dir = specs[0].roi_dir
-    roi_sha256 = detector_sha256(roi_dir) if roi_dir else None  # hashed once here, not once per chunk
     records = []
     with _ray_session(address):
         # tasks are pure functions of their chunk: a chunk whose worker or node died simply runs again
@@ -244,16 +249,17 @@ def _commit(path: Path, outputs: dict, index: pd.DataFrame, meta: dict) -> None:
     write_manifest(path, meta["key"], list(checksums), checksums)
 
 
-def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, dataset_dir: Path) -> dict:
-    """variant.json: a function of the inputs only (no node ids, no times), so every builder writes the same bytes."""
+def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, detector: str | None, data: dict) -> dict:
+    """variant.json: a function of the inputs only (no node ids, no times), so every builder writes the same bytes.
+
+    ``data``: the dataset's summary.json (empty when it has none).
+    """
     counts = index.groupby(["split", "view"]).size()
-    summary = dataset_dir / "summary.json"
-    data = json.loads(summary.read_text()) if summary.is_file() else {}
     return {
         "key": key,
         "code_version": CODE_VERSION,
         "spec": dataclasses.asdict(spec),
-        "detector_sha256": detector_sha256(spec.roi_dir) if spec.roi_dir else None,
+        "detector_sha256": detector,
         # the data set this variant was built from: export records it without reading DATASET again
         "dataset": {"fingerprint": data.get("fingerprint"), "split_seed": data.get("seed"),
                     "counts": data.get("counts")},

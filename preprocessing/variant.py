@@ -18,7 +18,7 @@ accepts. A ``s3://``/``gs://`` variant is downloaded once per node
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import pandas as pd
 
 from cluster.errors import FsweepError
 from cluster.storage import exists, join, open_filesystem, resolve_storage
-from preprocessing.artifact import local_dir, manifest_sha256
+from preprocessing.artifact import MANIFEST, local_dir
 from preprocessing.recipe import VariantSpec
 from preprocessing.roi import BOX_COLUMNS
 from preprocessing.vocab import SPLITS, VIEWS
@@ -44,6 +44,7 @@ class Variant:
     index: pd.DataFrame  # one row per image: INDEX_COLUMNS
     manifest: str = ""  # sha256 of its manifest.json: with the key, the handle an experiment records
     preprocessed: int = 0  # images preprocessed by the call that returned this object (0: reused)
+    meta: dict = field(default_factory=dict)  # its variant.json: detector hash, data set fingerprint, counts
 
     def images(self, split: str, view: str) -> np.ndarray:
         """The (N, S, S) uint8 array of ``split`` x ``view``, memory-mapped read-only."""
@@ -70,11 +71,11 @@ def open_variant(store: str | Path, key: str, expected: str | None = None, full:
     Each open does the cheap check of ``preprocessing.artifact`` (sizes, the manifest's hash, and
     ``expected``: the manifest sha256 an experiment recorded); ``full`` re-hashes every file.
     """
-    path = local_dir(resolve_storage(store), key, "variant", expected, full)
+    path, manifest = local_dir(resolve_storage(store), key, "variant", expected, full)
     meta = json.loads((path / "variant.json").read_text())
     index = pd.read_parquet(path / "index.parquet")
     return Variant(key=key, path=path, spec=VariantSpec(**meta["spec"]), index=index,
-                   manifest=manifest_sha256(path))
+                   manifest=manifest, meta=meta)
 
 
 def list_variants(store: str) -> list[str]:
@@ -86,7 +87,7 @@ def list_variants(store: str) -> list[str]:
         raise FsweepError(f"{store}: store directory not found")
     dirs = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
             if info.type == pyarrow.fs.FileType.Directory and not info.base_name.startswith(".")]
-    return sorted(key for key in dirs if key != "stn" and exists(join(store, key, "manifest.json")))
+    return sorted(key for key in dirs if key != "stn" and exists(join(store, key, MANIFEST)))
 
 
 def _check_group(split: str, view: str) -> None:

@@ -57,3 +57,8 @@ def normalise_choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
 def parse_view(value: Any) -> str | None:
     """'left' / 'right' from any manifest spelling (L, R, any case); None when it is not a view."""
     return VIEW_ALIASES.get(str(value).strip().lower())
+
+
+def parse_label(value: Any) -> int | None:
+    """1 (abnormal) / 0 (normal) from any manifest spelling; None when it is not a label."""
+    return LABEL_ALIASES.get(str(value).strip().lower())

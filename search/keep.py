@@ -14,12 +14,23 @@ full checkpoints only for running trials and (``winners``) the best so far.
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 from ray import tune
 
 from cluster.storage import exists, is_uri, join, open_filesystem
-from search.expdir import checkpoint_location, local_dir, put_bytes
+from search.expdir import checkpoint_location, put_bytes
+
+
+def _read_bytes(location: str) -> bytes | None:
+    """The bytes of the file at ``location`` (path or URI), None when there is none."""
+    if not exists(location):
+        return None
+    fs, path = open_filesystem(location)
+    with fs.open_input_stream(path) as src:
+        return src.read()
 
 
 def thin_location(location: str, keep_best: bool) -> None:
@@ -29,9 +40,15 @@ def thin_location(location: str, keep_best: bool) -> None:
     if not is_uri(location):
         thin_checkpoint(location, keep_best)
         return
-    local = local_dir(location)
-    thin_checkpoint(local, keep_best)
-    put_bytes(join(location, STATE_FILE), (local / STATE_FILE).read_bytes())
+    with tempfile.TemporaryDirectory(prefix="fsweep-") as tmp:  # only the state file: best.pt is not rewritten
+        local = Path(tmp)
+        before = _read_bytes(join(location, STATE_FILE))
+        if before is not None:  # without it thin_checkpoint says "not a trial checkpoint"
+            (local / STATE_FILE).write_bytes(before)
+        thin_checkpoint(local, keep_best)
+        after = (local / STATE_FILE).read_bytes()
+    if after != before:  # rewritten: it held resume-only state; an already thin one is not uploaded again
+        put_bytes(join(location, STATE_FILE), after)
     if not keep_best and exists(join(location, BEST_FILE)):
         fs, path = open_filesystem(join(location, BEST_FILE))
         fs.delete_file(path)

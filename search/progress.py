@@ -285,14 +285,16 @@ class ProgressView(tune.Callback):
     def show(self, final: bool = False) -> None:
         """Redraw the block (terminal) or print a line when the status changed (throttled)."""
         now = time.monotonic()
+        interval = REDRAW_INTERVAL_S if self.tty else self.line_interval_s
+        if not final and now - self.last_draw < interval:  # throttled: not even the summary is computed
+            return
         p = self.progress()
         if self.tty:
-            if final or now - self.last_draw >= REDRAW_INTERVAL_S:
-                self._redraw(format_block(p))
-                self.last_draw = now
+            self._redraw(format_block(p))
+            self.last_draw = now
             return
         key = _counts_text(p), _best_text(p)
-        if key != self.last_key and (final or now - self.last_draw >= self.line_interval_s):
+        if key != self.last_key:
             print(format_line(p), file=self.stream, flush=True)
             self.last_key, self.last_draw = key, now
 
@@ -351,10 +353,10 @@ def read_progress(experiment: str | Path, cfg: Config, now: float | None = None)
     trials = _state_trials(state, metric)
     for name in (n for n in entries if n.startswith("trial_")):
         trial_id = name.removeprefix("trial_")
-        result = _last_json_line(_read(join(experiment, name, "result.json")))
         known = trials.get(trial_id)
-        if known is not None and known.status in FINISHED:
+        if known is not None and known.status in FINISHED:  # the snapshot has its final state: no read
             continue
+        result = _last_json_line(_read(join(experiment, name, "result.json")))
         # a trial directory means the trial started, maybe after the snapshot; its result.json is fresher
         status = "RUNNING" if known is None or known.status == "PENDING" else known.status
         if result or known is None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cluster.errors import FsweepError
 from cluster.storage import exists, is_uri, join, resolve_storage
 from fsmodels.metrics import SELECTABLE_METRICS
 from preprocessing.vocab import LABEL_NAMES
@@ -23,11 +22,15 @@ from search.expdir import get_text, upload_dir
 from search.select import LEADERBOARD, WINNERS, finish_experiment
 from search.space import searched_keys
 from search.sweep import SWEEP_CONFIG, load_sweep_config
-from search.tables import comparison_sections, read_best_scores, section_markdown, write_tensorboard_text
+from search.tables import (
+    PAPER_ORDER,
+    comparison_sections,
+    read_best_scores,
+    section_markdown,
+    write_tensorboard_text,
+)
 
 REPORT = "report.md"
-TABLE_METRICS = ("val_accuracy", "val_f1", "val_specificity", "val_sensitivity", "val_auc")  # paper's column order
-TEST_METRICS = ("accuracy", "f1", "specificity", "sensitivity", "auc")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -49,7 +52,7 @@ def _winner_lines(winners: dict, metric: str) -> list[str]:
     for view, win in winners.items():
         test = win.get("test", {})
         cells = []
-        for m in TEST_METRICS:
+        for m in PAPER_ORDER:
             ci = test.get(f"{m}_ci")
             interval = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
             cells.append(f"{m} {_fmt(test.get(m))}{interval}")
@@ -116,8 +119,6 @@ def _working_copy(experiment: str) -> Path:
 def write_report(experiment: str | Path) -> Path | str:
     """Write EXPERIMENT/report.md and its PNGs (leaderboard and winners first if missing); returns its location."""
     experiment = resolve_storage(experiment)
-    if not exists(join(experiment, SWEEP_CONFIG)):
-        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
     cfg = load_sweep_config(experiment)
     if not exists(join(experiment, LEADERBOARD)) or not exists(join(experiment, WINNERS)):
         finish_experiment(experiment, cfg)
@@ -126,8 +127,9 @@ def write_report(experiment: str | Path) -> Path | str:
     board["best_epoch"] = board["best_epoch"].astype("Int64")
     winners = json.loads((work / WINNERS).read_text())
     write_plots(work, winners)
+    finished = board.loc[board["status"] == "TERMINATED", "trial_id"]  # the only trials the tables score
     sections = [section_markdown(s, markdown_table) for s in
-                comparison_sections(cfg, board, read_best_scores(experiment, board["trial_id"]))]
+                comparison_sections(cfg, board, read_best_scores(experiment, finished))]
     write_tensorboard_text(work, sections)
     (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners, sections))
     upload_dir(work, experiment)
@@ -177,11 +179,10 @@ def device_hours_lines(board: pd.DataFrame) -> list[str]:
     if "device_seconds" not in board or board["device_seconds"].isna().all():
         return lines + ["Not recorded (the trials predate GPU-hours accounting).", ""]
     ran = board[board["device_seconds"].notna()].assign(device=lambda b: b["device"].fillna("?").astype(str))
-    hours = ran.groupby(["device", ran["view"].astype(str)])["device_seconds"].sum() / 3600
+    groups = ran.groupby(["device", ran["view"].astype(str)])["device_seconds"].agg(["sum", "size"])
     total = ran["device_seconds"].sum() / 3600
-    rows = pd.DataFrame({"device": [d for d, _ in hours.index], "view": [v for _, v in hours.index],
-                         "trials": ran.groupby(["device", ran["view"].astype(str)]).size().to_numpy(),
-                         "device_hours": hours.to_numpy()})
+    rows = pd.DataFrame({"device": [d for d, _ in groups.index], "view": [v for _, v in groups.index],
+                         "trials": groups["size"].to_numpy(), "device_hours": (groups["sum"] / 3600).to_numpy()})
     rate = ran["img_per_s"].median() if "img_per_s" in ran else float("nan")
     return lines + [f"Total: **{total:.3f} device-hours** over {len(ran)} trials "
                     f"(median training rate {_fmt(float(rate), 1)} img/s per trial).", "",

@@ -116,15 +116,11 @@ def searched_keys(cfg: Config) -> list[str]:
 
 def max_epochs(cfg: Config) -> int:
     """The largest ``space.epochs`` any trial can get (ASHA's default max_t)."""
-    if cfg.space.points:
-        return int(max(key_values(cfg, "epochs")))  # points hold no distributions
-    value = cfg.space.epochs
-    if isinstance(value, dict):
-        name, args = distribution("epochs", value)
-        if name in ("choice", "grid"):
-            return int(max(args))
-        return int(args[1]) - (1 if name in ("randint", "lograndint") else 0)  # their upper bound is exclusive
-    return int(max(value)) if isinstance(value, list) else int(value)
+    values = key_values(cfg, "epochs")  # values, lists, choice, grid and explicit points
+    if values is not None:
+        return int(max(values))
+    name, args = distribution("epochs", cfg.space.epochs)  # a numeric distribution (points hold none)
+    return int(args[1]) - (1 if name in ("randint", "lograndint") else 0)  # their upper bound is exclusive
 
 
 def tune_metric(cfg: Config) -> str:

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -63,18 +62,15 @@ def check_data(cfg: Config) -> None:
 
 def _check_folds(cfg: Config) -> None:
     """space.fold values the dataset has (fold 0 is its `split`), before any trial starts."""
+    import pyarrow.parquet as pq
+
     from preprocessing.splits import dataset_folds
 
-    folds = dataset_folds(pd.read_parquet(Path(cfg.data.dataset) / "dataset.parquet").columns)
+    folds = dataset_folds(pq.read_schema(Path(cfg.data.dataset) / "dataset.parquet").names)  # the footer only
     missing = [f for f in key_values(cfg, "fold") or [] if f >= max(folds, 1)]
     if missing:
         raise ConfigError(f"space.fold: {cfg.data.dataset} has no fold {missing[0]} ({folds} folds; "
                           "run `fsweep ingest --folds K`)")
-
-
-def sweep_he_modes(cfg: Config) -> list[str]:
-    """HE modes the space can draw: the only variants a sweep builds (thumbnails come from what exists)."""
-    return key_values(cfg, "he")
 
 
 def frozen_stn_runs(cfg: Config) -> list[tuple[str, int]]:
@@ -96,15 +92,10 @@ def prepare_store(cfg: Config) -> dict:
     ``{"variants": {he: handle}, "stns": {he: {seed: handle}}}``, a handle being ``{key, manifest}``
     (``fsmodels.params.handle``): resolved here once, saved as ``fsweep_variants.yaml``.
     """
-    from fsmodels.params import handle
+    from fsmodels.params import build_variants, handle
     from fsmodels.stn import ensure_frozen_stn
-    from preprocessing.store import build_store
 
-    modes = sweep_he_modes(cfg)
-    variants = dict(zip(modes, build_store(
-        cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size, he_modes=modes,
-        margin=cfg.roi.margin, aspect=cfg.data.aspect,
-    )))
+    variants = build_variants(cfg)
     record = {"variants": {he: handle(variant) for he, variant in variants.items()}, "stns": {}}
     for he, seed in frozen_stn_runs(cfg):  # a trial's STN is pretrained with the trial's own seed
         stn = ensure_frozen_stn(variants[he], epochs=cfg.train.stn_epochs, seed=seed, store=cfg.data.store)
@@ -205,7 +196,9 @@ def write_sweep_files(experiment: str, cfg: Config, variants: dict, name: str) -
 
 
 def load_sweep_config(experiment: str) -> Config:
-    """The resolved sweep config saved in an experiment directory (path or URI)."""
+    """The resolved sweep config saved in an experiment directory (path or URI); a one-line error if it has none."""
+    if not exists(join(experiment, SWEEP_CONFIG)):
+        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / SWEEP_CONFIG
         local.write_text(get_text(join(experiment, SWEEP_CONFIG)))

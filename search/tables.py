@@ -26,7 +26,15 @@ import pandas as pd
 
 from cluster.storage import exists, join, open_filesystem
 from fsmodels.config import SPACE_KEYS, Config
-from fsmodels.metrics import binary_metrics, patient_draws, youden_threshold
+from fsmodels.metrics import (
+    NAN,
+    all_finite,
+    auc_score,
+    confusion,
+    patient_draws,
+    rates,
+    youden_threshold,
+)
 
 REPLICATES = ("seed", "fold")  # what a row averages over
 N_BOOT = 1000
@@ -69,7 +77,14 @@ def held_out_rows(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def _metrics(labels, scores, threshold) -> dict:
-    m = binary_metrics(labels, scores, threshold)
+    """The paper's metrics at ``threshold``, all nan when a score is not finite (as ``binary_metrics``).
+
+    Only ``binary_metrics``'s cheap part: the bootstrap calls this for every trial and resample
+    and needs no Youden threshold.
+    """
+    if not all_finite(scores):
+        return dict.fromkeys(PAPER_ORDER, NAN)
+    m = {"auc": auc_score(labels, scores), **rates(**confusion(labels, scores, threshold))}
     return {k: m[k] for k in PAPER_ORDER}
 
 
@@ -96,38 +111,77 @@ def _mean(values: list[float]) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def _fold_stats(trials: list[str], board: pd.DataFrame, scores: dict, idx=None) -> dict[int, dict]:
-    """fold -> mean over that fold's trials of each metric (``idx``: a bootstrap resample of test rows)."""
-    per_fold: dict[int, list[dict]] = {}
+def fold_map(board: pd.DataFrame, trials) -> dict[str, int]:
+    """trial id -> its fold (0 when the board has no fold column)."""
+    if "fold" not in board:
+        return dict.fromkeys(trials, 0)
+    return {t: int(board.loc[t, "fold"]) for t in trials}
+
+
+def _by_fold(trials: list[str], fold_of: dict[str, int]) -> dict[int, list[str]]:
+    """fold -> the trials of ``trials`` in it, in order."""
+    out: dict[int, list[str]] = {}
     for trial_id in trials:
-        fold = int(board.loc[trial_id, "fold"]) if "fold" in board else 0
+        out.setdefault(fold_of[trial_id], []).append(trial_id)
+    return out
+
+
+def _fold_mean(trials: list[str], scores: dict, idx=None) -> dict:
+    """Mean over one fold's trials of each metric (``idx``: a bootstrap resample of the fold's test rows)."""
+    per_trial = []
+    for trial_id in trials:
         test, threshold = scores[trial_id]
         y, s = test["label"].to_numpy(), test["score"].to_numpy()
         if idx is not None:
-            y, s = y[idx[fold]], s[idx[fold]]
-        per_fold.setdefault(fold, []).append(_metrics(y, s, threshold))
-    return {f: {k: _mean([m[k] for m in ms]) for k in PAPER_ORDER} for f, ms in per_fold.items()}
+            y, s = y[idx], s[idx]
+        per_trial.append(_metrics(y, s, threshold))
+    return {k: _mean([m[k] for m in per_trial]) for k in PAPER_ORDER}
+
+
+def _fold_curve(trials: list[str], scores: dict, draws) -> list[dict]:
+    """One fold's metric means: on its test images, then on each resample of ``draws``."""
+    return [_fold_mean(trials, scores)] + [_fold_mean(trials, scores, idx) for idx in draws]
+
+
+def _baseline_curve(trials: list[str], scores: dict, patients, n_boot: int, seed: int, cache: dict) -> tuple:
+    """(draws, ``_fold_curve``) of the baseline's trials of one fold, drawn and scored once per section.
+
+    Every row of a section pairs with the same baseline on the same test images of a fold (the
+    pairing applies one resample to both), so the baseline's resamples are the same for every row.
+    """
+    key = (tuple(trials), n_boot, seed)
+    if key not in cache:
+        draws = patient_draws(patients, n_boot, seed)
+        cache[key] = (draws, _fold_curve(trials, scores, draws))
+    return cache[key]
 
 
 def paired_difference(row: list[str], base: list[str], board: pd.DataFrame, scores: dict,
-                      n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """Row - baseline per metric with a paired patient-level bootstrap 95 % interval (folds both rows share)."""
-    folds = sorted(set(_fold_stats(row, board, scores)) & set(_fold_stats(base, board, scores)))
+                      n_boot: int = N_BOOT, seed: int = 0, fold_of: dict | None = None,
+                      cache: dict | None = None) -> dict:
+    """Row - baseline per metric with a paired patient-level bootstrap 95 % interval (folds both rows share).
+
+    ``fold_of``: trial id -> fold (else read from ``board``); ``cache``: one dict per baseline, so
+    the baseline's resamples are scored once for all rows it pairs with.
+    """
+    fold_of = fold_map(board, row + base) if fold_of is None else fold_of
+    rows, bases = _by_fold(row, fold_of), _by_fold(base, fold_of)
+    folds = sorted(set(rows) & set(bases))
     if not folds:
         return {}
-
-    def diff(idx=None) -> dict:
-        r, b = _fold_stats(row, board, scores, idx), _fold_stats(base, board, scores, idx)
-        return {k: _mean([r[f][k] - b[f][k] for f in folds]) for k in PAPER_ORDER}
-
+    cache = {} if cache is None else cache
     # one patient resample per fold, applied to every trial of both rows (all see the same test images)
-    fold_of = {t: int(board.loc[t, "fold"]) if "fold" in board else 0 for t in row + base}
-    patients = {f: scores[next(t for t in row if fold_of[t] == f)][0]["patient"].to_numpy() for f in folds}
-    draws = {f: patient_draws(patients[f], n_boot, seed + f) for f in folds}
-    boots = [diff({f: draws[f][b] for f in folds}) for b in range(n_boot)]
+    row_curves, base_curves = {}, {}
+    for f in folds:
+        patients = scores[rows[f][0]][0]["patient"].to_numpy()
+        draws, base_curves[f] = _baseline_curve(bases[f], scores, patients, n_boot, seed + f, cache)
+        row_curves[f] = _fold_curve(rows[f], scores, draws)
+    # entry 0: the test images themselves (the point estimate); entries 1..n_boot: the resamples
+    diffs = [{k: _mean([row_curves[f][i][k] - base_curves[f][i][k] for f in folds]) for k in PAPER_ORDER}
+             for i in range(n_boot + 1)]
     out = {}
-    for k, point in diff().items():
-        values = np.array([b[k] for b in boots])
+    for k, point in diffs[0].items():
+        values = np.array([d[k] for d in diffs[1:]])
         values = values[np.isfinite(values)]
         lo, hi = np.percentile(values, [2.5, 97.5]) if values.size else (np.nan, np.nan)
         out[k] = (point, float(lo), float(hi))
@@ -159,6 +213,7 @@ def comparison_sections(cfg: Config, board: pd.DataFrame, best_scores: dict[str,
         labels = [dict(zip(keys, values)) for values in groups]
         base_i = _baseline_index(labels, cfg.report.baseline)
         trials = list(groups.values())
+        fold_of, cache = fold_map(mine, mine.index), {}
         rows, diffs = [], []
         for i, (label, members) in enumerate(zip(labels, trials)):
             per_trial = [_metrics(scores[t][0]["label"], scores[t][0]["score"], scores[t][1]) for t in members]
@@ -170,7 +225,8 @@ def comparison_sections(cfg: Config, board: pd.DataFrame, best_scores: dict[str,
             row["baseline"] = "yes" if i == base_i else ""
             rows.append(row)
             if i != base_i:
-                d = paired_difference(members, trials[base_i], mine, scores, n_boot=n_boot, seed=cfg.search.seed)
+                d = paired_difference(members, trials[base_i], mine, scores, n_boot=n_boot, seed=cfg.search.seed,
+                                      fold_of=fold_of, cache=cache)
                 diffs.append({**label, **{f"Δ {k}": f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in d.items()}})
         sections.append(Section(title=f"{view} view", rows=pd.DataFrame(rows), diffs=pd.DataFrame(diffs)))
     return sections
