@@ -16,7 +16,6 @@ rung epochs, where a trial may be stopped).
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from cluster.errors import FsweepError
-from fsmodels.config import Config, config_from_dict, save_config
+from fsmodels.config import Config, config_from_dict, rung_epochs, save_config
 
 STATE_FILE = "state.pt"  # training state (see module docstring)
 BEST_FILE = "best.pt"  # best epoch's model weights
@@ -124,9 +123,7 @@ def checkpoint_epochs(every: int, epochs: int, asha: tuple[int, int, int] | None
     """
     chosen = set(range(every, epochs + 1, every)) | {epochs}
     if asha is not None:
-        grace, factor, max_t = asha
-        rungs = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
-        chosen |= {grace * factor**k for k in range(rungs)} | {max_t}
+        chosen |= {*rung_epochs(*asha), asha[2]}
     return {e for e in chosen if 1 <= e <= epochs}
 
 

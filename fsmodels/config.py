@@ -15,6 +15,7 @@ typed like any space entry and take values, lists or ``{grid: [...]}``, never a 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,12 @@ def asha_settings(cfg: Config) -> tuple[int, int, int] | None:
     """(grace_period, reduction_factor, max_t) when the sweep runs ASHA, else None; max_t 0 = the trial's epochs."""
     s = cfg.search
     return (s.grace_period, s.reduction_factor, s.max_t) if s.scheduler == "asha" else None
+
+
+def rung_epochs(grace: int, factor: int, max_t: int) -> list[int]:
+    """The epochs at which Ray's ASHA compares trials: grace x factor^k, as many rungs as Ray counts up to max_t."""
+    rungs = int(math.log(max_t / grace) / math.log(factor) + 1) if max_t >= grace else 0
+    return [grace * factor**k for k in range(rungs)]
 
 
 def validate(cfg: Config) -> Config:

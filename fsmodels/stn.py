@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from cluster.errors import FsweepError
 from cluster.storage import is_uri, join, resolve_storage
 from fsmodels.metrics import json_safe
-from preprocessing.artifact import LOCKS, MANIFEST, build_lock, content_key, local_dir, write_manifest
+from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, local_dir, write_manifest
 from preprocessing.files import atomic_write, atomic_write_text
 from preprocessing.remote import publish, staging_dir
 from preprocessing.vocab import VIEWS
@@ -240,7 +240,7 @@ def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, stor
             try:
                 return open_stn(store, key)
             except FsweepError as reason:
-                if "not built" not in str(reason):
+                if not isinstance(reason, NotBuilt):
                     print(f"frozen STN {key}: {reason}; training it again")
         _train_into(workdir / STN_DIR / key, variant, epochs, seed, key)
         if is_uri(store):

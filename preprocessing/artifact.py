@@ -33,6 +33,10 @@ VERIFIED = ".verified"  # the manifest's sha256 after a successful full check (n
 LOCKS = ".locks"  # per-key build locks of a path store
 
 
+class NotBuilt(FsweepError):
+    """The artifact does not exist yet (nothing to report when building it: any other failure is worth a line)."""
+
+
 def write_manifest(path: Path, key: str, names: list[str], checksums: dict[str, str] | None = None) -> str:
     """Hash ``names`` in ``path`` (unless given), write manifest.json and .verified; the manifest's sha256."""
     checksums = checksums or {name: file_sha256(path / name) for name in names}
@@ -46,9 +50,11 @@ def write_manifest(path: Path, key: str, names: list[str], checksums: dict[str, 
 def check(path: Path, what: str, expected: str | None = None, full: bool = False) -> str:
     """Cheap (or ``full``) check of the artifact in ``path``; its manifest's sha256, or a one-line FsweepError."""
     manifest = path / MANIFEST
+    if not path.exists():
+        raise NotBuilt(f"{path}: {what} not built; run `fsweep store build`")
     if not manifest.is_file():
-        state = "not built" if not path.exists() else "incomplete (no manifest.json: interrupted or in progress)"
-        raise FsweepError(f"{path}: {what} {state}; run `fsweep store build`")
+        raise FsweepError(f"{path}: {what} incomplete (no manifest.json: interrupted or in progress); "
+                          "run `fsweep store build`")
     digest = file_sha256(manifest)
     try:
         recorded = json.loads(manifest.read_text())
@@ -87,7 +93,7 @@ def local_dir(store: str, relpath: str, what: str, expected: str | None = None,
         return path, check(path, what, expected, full)
     remote = join(store, relpath)
     if not exists(join(remote, MANIFEST)):  # uploaded last: without it the artifact is not (fully) there
-        raise FsweepError(f"{remote}: {what} not built; run `fsweep store build`")
+        raise NotBuilt(f"{remote}: {what} not built; run `fsweep store build`")
     path = cached_copy(remote)
     try:
         return path, check(path, what, expected, full)

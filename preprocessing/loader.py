@@ -78,13 +78,19 @@ def train_set(variant: Variant, view: str, flip: bool, splits: dict[str, str] | 
 
     ``splits`` (``fold_splits``) picks another fold's train rows; None keeps the store's split.
     """
-    views = _views(view)
+    views, mirror_views = train_views(view, flip)
     parts = [p for v in views for p in _parts(variant, "train", v, False, splits)]
-    if flip:
-        # one view: mirror the other view in; both: mirror every train image
-        mirror_views = [v for v in VIEWS if v != view] if view in VIEWS else list(VIEWS)
-        parts += [p for v in mirror_views for p in _parts(variant, "train", v, True, splits)]
+    parts += [p for v in mirror_views for p in _parts(variant, "train", v, True, splits)]
     return ArraySet(parts)
+
+
+def train_views(view: str, flip: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(views a training set reads as stored, views it reads mirrored): with Flip one view mirrors the
+    other view in, and both mirrors every train image."""
+    views = _views(view)
+    if not flip:
+        return views, ()
+    return views, VIEWS if view == "both" else tuple(v for v in VIEWS if v != view)
 
 
 def eval_set(variant: Variant, view: str, split: str, splits: dict[str, str] | None = None) -> ArraySet:

@@ -32,7 +32,7 @@ from preprocessing.files import (
     temp_name,
     temp_owner,
 )
-from preprocessing.artifact import LOCKS, MANIFEST, VERIFIED, build_lock, write_manifest
+from preprocessing.artifact import LOCKS, MANIFEST, VERIFIED, NotBuilt, build_lock, write_manifest
 from preprocessing.recipe import (
     CODE_VERSION,
     VariantSpec,
@@ -100,7 +100,7 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
                 done[key] = open_variant(store, key, full=True)  # a build re-hashes what it reuses
                 print(f"variant {key} ({describe_spec(spec)}) up to date: no work")
             except FsweepError as reason:
-                if "not built" not in str(reason):
+                if not isinstance(reason, NotBuilt):  # damaged, incomplete or replaced: say why it is rebuilt
                     print(f"variant {key}: {reason}; rebuilding")
                 todo.append((key, spec))
         if todo:

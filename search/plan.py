@@ -21,8 +21,9 @@ from ray.tune.search.sample import Domain, _BackwardsCompatibleNumpyRng
 from ray.tune.search.variant_generator import generate_variants
 
 from fsmodels.config import SPACE_KEYS, Config, key_values
+from preprocessing.ingest import load_dataset
+from preprocessing.loader import train_views
 from preprocessing.splits import dataset_folds, fold_column
-from preprocessing.vocab import VIEWS
 from search import space
 
 
@@ -47,19 +48,17 @@ def _optuna_trials(cfg: Config, params: dict) -> list[dict]:
 
 
 def _dataset_rows(cfg: Config) -> pd.DataFrame | None:
-    path = Path(cfg.data.dataset) / "dataset.parquet" if cfg.data.dataset else None
-    return pd.read_parquet(path) if path is not None and path.is_file() else None
+    """DATASET's rows when it has been ingested (a plan may come before the data)."""
+    exists = cfg.data.dataset and (Path(cfg.data.dataset) / "dataset.parquet").is_file()
+    return load_dataset(cfg.data.dataset) if exists else None
 
 
 def train_images(rows: pd.DataFrame, view: str, flip: bool, fold: int) -> int:
     """Training images one epoch of a trial reads (its view(s) in its fold; Flip adds the mirrored other view)."""
     column = fold_column(fold) if fold else "split"
     train = rows[rows[column] == "train"] if column in rows else rows.iloc[:0]
-    views = list(VIEWS) if view == "both" else [view]
-    count = int(train["view"].isin(views).sum())
-    if flip:
-        count += int(train["view"].isin(list(VIEWS) if view == "both" else [v for v in VIEWS if v != view]).sum())
-    return count
+    views, mirrored = train_views(view, flip)
+    return int(train["view"].isin(views).sum()) + int(train["view"].isin(mirrored).sum())
 
 
 def plan_table(cfg: Config) -> tuple[pd.DataFrame, bool]:

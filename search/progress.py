@@ -26,7 +26,7 @@ from pathlib import Path
 from ray import tune
 
 from cluster.storage import is_uri, join, open_filesystem
-from fsmodels.config import Config, asha_settings
+from fsmodels.config import Config, asha_settings, rung_epochs
 from search import space
 from search.expdir import get_text, put_bytes, put_text
 
@@ -120,11 +120,10 @@ def expected_epochs(start: int, planned: int, asha: tuple[int, int] | None) -> f
     if asha is None:
         return max(0.0, planned - start)
     grace, factor = asha
-    left, alive, position, rung = 0.0, 1.0, start, grace
-    while rung < planned:
-        if rung > position:
+    left, alive, position = 0.0, 1.0, start
+    for rung in rung_epochs(grace, factor, planned):
+        if position < rung < planned:
             left, alive, position = left + (rung - position) * alive, alive / factor, rung
-        rung *= factor
     return left + max(0, planned - position) * alive
 
 
