@@ -156,7 +156,7 @@ def run_config(cfg: Config, storage: str, name: str, verbose: bool = False) -> t
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(),
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(space.searched_keys(cfg)),
                    *checkpoint_thinner(cfg, join(storage, name)),
                    *progress_view(cfg, join(storage, name), name, verbose)],
         verbose=1 if verbose else 0,  # 0: no Tune tables (the view replaces them)

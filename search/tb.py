@@ -31,6 +31,7 @@ from fsmodels.config import SPACE_KEYS, Config, entry_values, key_values
 from fsmodels.metrics import SELECTABLE_METRICS
 
 EPOCH_PREFIXES = ("val_", "train_")  # this epoch's values: the per-epoch curves, under epoch/<name> in Scalars
+BEST_EPOCH_TAG = "best_epoch"  # scalar and HParams metric: the epoch the best-epoch values come from
 
 
 def trial_label(config: dict, keys, sep: str = ",") -> str:
@@ -95,12 +96,13 @@ def _struct_value(value: Any) -> struct_pb2.Value:
     return struct_pb2.Value(string_value=str(value))
 
 
-def _hparam_info(key: str, raw: Any) -> api_pb2.HParamInfo:
+def _hparam_info(key: str, raw: Any, differs: bool = False) -> api_pb2.HParamInfo:
+    # differs: HParams sorts the keys that differ first and shows only the first few as columns by default
     finite = entry_values(key, raw)
     if finite is None:  # a numeric distribution: its bounds as the interval
         (_, args), = raw.items()
         interval = api_pb2.Interval(min_value=float(args[0]), max_value=float(args[1]))
-        return api_pb2.HParamInfo(name=key, type=api_pb2.DATA_TYPE_FLOAT64, domain_interval=interval)
+        return api_pb2.HParamInfo(name=key, type=api_pb2.DATA_TYPE_FLOAT64, domain_interval=interval, differs=differs)
     values = [hparam_value(v) for v in finite]
     if all(isinstance(v, bool) for v in values):
         kind = api_pb2.DATA_TYPE_BOOL
@@ -109,18 +111,31 @@ def _hparam_info(key: str, raw: Any) -> api_pb2.HParamInfo:
     else:
         kind, values = api_pb2.DATA_TYPE_STRING, [str(v) for v in values]
     domain = struct_pb2.ListValue(values=[_struct_value(v) for v in dict.fromkeys(values)])
-    return api_pb2.HParamInfo(name=key, type=kind, domain_discrete=domain)
+    return api_pb2.HParamInfo(name=key, type=kind, domain_discrete=domain, differs=differs)
 
 
 def experiment_summary(cfg: Config, description: str = "") -> Summary:
-    """The HParams experiment: every space key and the best epoch's validation metrics (the leaderboard's)."""
+    """The HParams experiment: every space key and the best epoch's validation metrics (the leaderboard's).
+
+    The searched keys (``search.space.searched_keys``: more than one value) are marked ``differs``,
+    so they are the dashboard's default columns. Metric columns read ``val_auc (best epoch)`` etc.:
+    the tags keep the leaderboard's names, the display names say which epoch they are.
+    """
+    from search.space import searched_keys
+
+    searched = set(searched_keys(cfg))
     # explicit points: a key's domain is every value it takes over the points
-    hparams = [_hparam_info(key, key_values(cfg, key) if cfg.space.points else getattr(cfg.space, key)) for key in SPACE_KEYS]
+    hparams = [_hparam_info(key, key_values(cfg, key) if cfg.space.points else getattr(cfg.space, key),
+                            differs=key in searched) for key in SPACE_KEYS]
     metrics = [
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), dataset_type=api_pb2.DATASET_VALIDATION,
-                           description="at the trial's best epoch (selection on validation)")
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=f"{tag} (best epoch)",
+                           dataset_type=api_pb2.DATASET_VALIDATION,
+                           description="at the trial's best epoch (selection on validation); "
+                                       f"each epoch's own value: epoch/{tag} in Scalars")
         for tag in SELECTABLE_METRICS
     ]
+    metrics.append(api_pb2.MetricInfo(name=api_pb2.MetricName(tag=BEST_EPOCH_TAG), display_name=BEST_EPOCH_TAG,
+                                      description="the epoch the best-epoch metrics come from (1-based)"))
     experiment = api_pb2.Experiment(
         description=description, time_created_secs=time.time(), hparam_infos=hparams, metric_infos=metrics
     )
@@ -128,7 +143,10 @@ def experiment_summary(cfg: Config, description: str = "") -> Summary:
 
 
 def session_start_summary(config: dict, group: str = "") -> Summary:
-    """One trial's hyperparameters (every space key), written when it starts."""
+    """One trial's hyperparameters (every space key), written when it starts.
+
+    ``group``: the name the HParams table shows for the trial (:func:`session_group`); empty: the run's directory.
+    """
     info = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
     for key in SPACE_KEYS:
         if key in config:
@@ -158,14 +176,30 @@ def trial_log_dir(trial) -> str:
     return trial.path if local else trial.local_path
 
 
-class TensorBoardCallback(Callback):
-    """Driver-side Tune callback: HParams session + scalars for every trial, live."""
+def session_group(trial_id: str, label: str) -> str:
+    """The HParams table's name for a trial: its config label first (the column is narrow), then its id.
 
-    def __init__(self):
+    The id keeps it unique: HParams merges sessions of one group name into one row.
+    """
+    return f"{label} [{trial_id}]" if label else ""
+
+
+class TensorBoardCallback(Callback):
+    """Driver-side Tune callback: HParams session + scalars for every trial, live.
+
+    ``keys``: the sweep's searched keys (``search.space.searched_keys``), which name each trial's
+    HParams row (:func:`trial_label`).
+    """
+
+    def __init__(self, keys=()):
         self._writers: dict[str, SummaryWriter] = {}
+        self.keys = list(keys)
 
     def __getstate__(self) -> dict:
-        return {"_writers": {}}  # open writers never travel into Tune's experiment state
+        return {"_writers": {}, "keys": self.keys}  # open writers never travel into Tune's experiment state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"keys": [], **state})  # an older sweep's pickled callback has no keys
 
     def _writer(self, trial) -> SummaryWriter:
         if trial.trial_id not in self._writers:
@@ -175,7 +209,8 @@ class TensorBoardCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         """Session start: the trial shows up in the HParams table while it runs."""
         writer = self._writer(trial)
-        writer.file_writer.add_summary(session_start_summary(trial.config))
+        group = session_group(trial.trial_id, trial_label(trial.config, self.keys))
+        writer.file_writer.add_summary(session_start_summary(trial.config, group))
         writer.flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -188,6 +223,8 @@ class TensorBoardCallback(Callback):
         for name in SELECTABLE_METRICS:
             if f"best_{name}" in result:
                 writer.add_scalar(name, float(result[f"best_{name}"]), step)
+        if result.get("best_epoch"):  # which epoch those values come from (0: no finite epoch yet)
+            writer.add_scalar(BEST_EPOCH_TAG, float(result["best_epoch"]), step)
         writer.flush()
 
     def _end(self, trial, status: int) -> None:
