@@ -29,48 +29,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fsmodels.config import SPACE_KEYS, Config, entry_values, key_values
 from fsmodels.metrics import SELECTABLE_METRICS
+from search.names import trial_label
 
 EPOCH_PREFIXES = ("val_", "train_")  # this epoch's values: the per-epoch curves, under epoch/<name> in Scalars
 BEST_EPOCH_TAG = "best_epoch"  # scalar and HParams metric: the epoch the best-epoch values come from
-
-
-def trial_label(config: dict, keys, sep: str = ",") -> str:
-    """A trial's short config label from its searched ``keys``, e.g. ``he=global,flip=on``.
-
-    Booleans read on/off, floats 3 significant digits; characters a directory name or URI
-    cannot carry become ``-``. Self-contained (builtins only, no module globals), so a
-    trial-dirname creator built on it pickles by value and plain Ray can load it.
-    """
-    import re
-
-    def text(value) -> str:
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        return re.sub(r"[^A-Za-z0-9._+-]", "-", "none" if value is None else str(value))
-
-    return sep.join(f"{key}={text(config.get(key))}" for key in keys if key in config)
-
-
-def trial_dirname_text(trial_id: str, label: str = "") -> str:
-    """A trial's directory (TensorBoard run) name: ``trial_<id>`` and its label, ``trial_<id>_he=global_flip=on``.
-
-    ``label``: :func:`trial_label` with ``sep="_"``; cut at 100 characters (directory names stay short).
-    Self-contained like :func:`trial_label`.
-    """
-    return f"trial_{trial_id}_{label}"[:106].rstrip("_") if label else f"trial_{trial_id}"
-
-
-def dirname_trial_id(name: str) -> str | None:
-    """The trial id in a trial directory's name (``trial_<id>`` or ``trial_<id>_<label>``); None for other names.
-
-    Ray's ids are ``<hex>_<counter>`` (grid/random) or ``<hex>`` (searchers); a label starts with a key name.
-    """
-    import re
-
-    match = re.match(r"trial_([0-9a-f]+(?:_\d+)?)(?:_[a-z]|$)", name)
-    return match.group(1) if match else None
 
 
 def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:

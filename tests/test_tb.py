@@ -10,13 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import backend_context, metadata
 
 from fsmodels.config import SPACE_KEYS, validate
-from search.tb import (
-    TensorBoardCallback,
-    dirname_trial_id,
-    trial_dirname_text,
-    trial_label,
-    write_experiment_summary,
-)
+from search.names import dirname_trial_id, trial_dirname_text, trial_label
+from search.tb import TensorBoardCallback, write_experiment_summary
 
 HPARAMS_DEFAULT_COLUMNS = 5  # the HParams table shows the first five hparams (after sorting) until asked for more
 
