@@ -44,7 +44,8 @@ NUISANCES = {  # the phantom's nuisances, each on by default (preprocessing.phan
 def _cmd_synth(args: argparse.Namespace) -> None:
     from preprocessing.phantom import write_phantom
 
-    given = {key: getattr(args, key) for key in ("patients", "seed", "difficulty", "size", "label_noise", *NUISANCES)}
+    given = {key: getattr(args, key) for key in ("patients", "seed", "difficulty", "size", "label_noise", "family",
+                                                 *NUISANCES)}
     # flags left out take write_phantom's own (calibrated) defaults: they are set in one place
     summary = write_phantom(args.out, **{key: value for key, value in given.items() if value is not None})
     print(
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic phantom data set (manifest + images)")
     p.add_argument("--out", required=True, help="output directory (manifest.csv, images/)")
+    # checked by write_phantom against preprocessing.phantom.FAMILIES (one list; --help stays free of cv2)
+    p.add_argument("--family", default=None,
+                   help="phantom family: v2 (default; the label in a foramen's orientation) or height (the label in "
+                        "its height along the spine, built differently)")
     p.add_argument("--patients", type=int, default=None, help="number of patients, 2 views each (default 200)")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same files; default 0)")
     p.add_argument("--difficulty", type=float, default=None,

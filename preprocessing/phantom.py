@@ -1,8 +1,11 @@
-"""Phantom v2: a synthetic oblique cervical-spine data set in the manifest format (DESIGN §4.1).
+"""Phantom family v2 (the default): a synthetic oblique cervical-spine data set in the manifest format (DESIGN §4.1).
 
 The paper's radiographs are private, so fsweep ships this phantom. It is built so that the
 label lives only in local anatomy, and so that each nuisance the paper's methods address is
 present (each on by default, each switchable by a keyword argument of ``write_phantom``).
+A second family, built differently (``family="height"``: the label in the foramen's height along
+the spine), lives in ``preprocessing.phantom_height``; both share this module's writer, labels,
+label noise, manifest and contact sheet.
 
 Anatomy. Along a curved spine axis sit six vertebral bodies (C2-C7) and, beside them, a
 bright posterior column with five dark elliptical foramina between the levels. Every foramen
@@ -53,11 +56,14 @@ import cv2
 import numpy as np
 
 from cluster.errors import FsweepError
+from preprocessing import phantom_height
 from preprocessing.vocab import LABEL_NAMES, VIEWS
 
 ABNORMAL_FRACTION = 0.64  # the paper's share of abnormal views
 BOTH_ABNORMAL_FRACTION = 0.52  # paired labels: patients abnormal on both sides (independent sides: 0.41)
-DEFAULT_DIFFICULTY = 0.5  # calibrated: see the module docstring
+DEFAULT_DIFFICULTY = 0.5  # calibrated: see the module docstring (and phantom_height's, whose scale is its own)
+FAMILIES = ("v2", "height")  # phantom families, built differently (DESIGN §3): a data default must hold on both
+DEFAULT_FAMILY = "v2"
 DEFAULT_LABEL_NOISE = 0.04
 LEVELS = 6  # vertebral bodies C2..C7
 FORAMINA = LEVELS - 1  # one foramen between each pair of neighbouring levels
@@ -128,6 +134,7 @@ def write_phantom(
     difficulty: float = DEFAULT_DIFFICULTY,
     size: tuple[int, int] = (590, 1006),
     *,
+    family: str = DEFAULT_FAMILY,
     overlap: bool = True,
     exposure: bool = True,
     pose: bool = True,
@@ -137,26 +144,27 @@ def write_phantom(
 ) -> dict:
     """Write ``patients`` x 2 PNG images, ``manifest.csv`` and ``contact_sheet.png`` under ``out``.
 
-    ``size`` is (width, height) in pixels. The keyword switches turn single nuisances off (see the
-    module docstring). Same arguments, same bytes. Returns a dict with ``images``, ``patients``,
+    ``size`` is (width, height) in pixels. ``family`` is one of ``FAMILIES``: ``v2`` (this module) or
+    ``height`` (``preprocessing.phantom_height``). The keyword switches turn single nuisances off (see the
+    family's module docstring). Same arguments, same bytes. Returns a dict with ``images``, ``patients``,
     ``abnormal_fraction``, ``noisy_labels`` (views whose label contradicts their anatomy),
     ``manifest`` and ``contact_sheet`` (paths).
     """
     out = Path(out)
-    _check_arguments(out, patients, seed, difficulty, size, label_noise)
+    _check_arguments(out, patients, seed, difficulty, size, label_noise, family)
     nuisances = Nuisances(overlap, exposure, pose, view_gap, paired_labels, float(label_noise))
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels = view_labels(patients, seed, nuisances.paired_labels)
     anatomy = _noisy_anatomy(labels, seed, nuisances.label_noise)
     rows, samples = [], []
+    render = _family_renderer(family)
     for index in range(patients):
         rng = np.random.default_rng([seed, index])
-        patient = _sample_patient(rng, size, nuisances.pose)
         patient_id = f"P{index + 1:04d}"
+        views = render(rng, {view: bool(anatomy[view][index]) for view in VIEWS}, difficulty, size, nuisances)
         for view in VIEWS:
             label = LABEL_NAMES[int(labels[view][index])]
-            projection = _view_projection(patient, view, nuisances, rng)
-            image, box = render_view(projection, view, bool(anatomy[view][index]), difficulty, size, nuisances, rng)
+            image, box = views[view]
             name = f"images/{patient_id}_{view}.png"
             if not cv2.imwrite(str(out / name), image):
                 raise FsweepError(f"{out / name}: could not write the image")
@@ -183,7 +191,9 @@ def write_phantom(
 
 
 def _check_arguments(out: Path, patients: int, seed: int, difficulty: float, size: tuple[int, int],
-                     label_noise: float) -> None:
+                     label_noise: float, family: str) -> None:
+    if family not in FAMILIES:
+        raise FsweepError(f"--family {family!r}: unknown phantom family (valid: {', '.join(FAMILIES)})")
     if patients < 1:
         raise FsweepError(f"--patients must be at least 1, got {patients}")
     if seed < 0:
@@ -236,6 +246,22 @@ def _noisy_anatomy(labels: dict[str, np.ndarray], seed: int, rate: float) -> dic
         flags[rng.choice(normal, flips, replace=False)] = True
         anatomy[view] = flags
     return anatomy
+
+
+def _family_renderer(family: str):
+    """The function that draws both views of one patient for ``family`` (same call for every family)."""
+    return phantom_height.render_patient if family == "height" else _v2_patient
+
+
+def _v2_patient(rng: np.random.Generator, anatomy: dict[str, bool], difficulty: float, size: tuple[int, int],
+                nuisances: Nuisances) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Both views of one v2 patient: ``{view: (uint8 image, spine box)}``; ``anatomy[view]`` is abnormal or not."""
+    patient = _sample_patient(rng, size, nuisances.pose)
+    views = {}
+    for view in VIEWS:
+        projection = _view_projection(patient, view, nuisances, rng)
+        views[view] = render_view(projection, view, anatomy[view], difficulty, size, nuisances, rng)
+    return views
 
 
 def _sample_patient(rng: np.random.Generator, size: tuple[int, int], pose: bool) -> Projection:

@@ -5,6 +5,7 @@ spine crop (raw grey values and after a per-crop percentile stretch, so per-imag
 a shortcut), a few quantiles of both, the dark-pixel share and the box aspect. A logistic regression,
 5 folds by patient, scores out-of-fold AUC. The phantom is written with the default settings at a
 quarter of the default size; every feature is a share or a quantile, so it does not depend on the size.
+Every phantom family (``preprocessing.phantom.FAMILIES``) must pass the same probe.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocessing.phantom import write_phantom
+from preprocessing.phantom import FAMILIES, write_phantom
 
 PATIENTS = 120
 SEED = 31
@@ -91,10 +92,10 @@ def probe_auc(x: np.ndarray, y: np.ndarray, patients: np.ndarray, folds: int = F
     return auc(y, score)
 
 
-@pytest.fixture(scope="module")
-def default_phantom(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shortcut")
-    write_phantom(out, patients=PATIENTS, seed=SEED, size=SIZE)
+@pytest.fixture(scope="module", params=FAMILIES)
+def default_phantom(request, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp(f"shortcut_{request.param}")
+    write_phantom(out, patients=PATIENTS, seed=SEED, size=SIZE, family=request.param)
     return out
 
 
@@ -103,10 +104,11 @@ def test_global_intensity_features_do_not_predict_the_label(default_phantom):
     assert probe_auc(x, y, patients) <= MAX_AUC
 
 
-def test_no_shortcut_even_without_nuisances_at_the_easiest_difficulty(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_shortcut_even_without_nuisances_at_the_easiest_difficulty(tmp_path, family):
     """The label is absent from global statistics by construction, not hidden by exposure or label noise."""
     write_phantom(tmp_path, patients=PATIENTS, seed=SEED, size=SIZE, difficulty=0.0, overlap=False, exposure=False,
-                  pose=False, view_gap=False, label_noise=0.0)
+                  pose=False, view_gap=False, label_noise=0.0, family=family)
     x, y, patients = phantom_features(tmp_path)
     assert probe_auc(x, y, patients) <= MAX_AUC
 
