@@ -28,12 +28,34 @@ def temp_owner(tmp: Path) -> tuple[str, int] | None:
     return (match["host"], int(match["pid"])) if match else None
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc; elsewhere the set-and-restore round trip)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # os.umask can only be read by setting it; a file another thread creates in between gets mode 0666 & ~022
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp)`` on a ``temp_name`` of ``path``, then move it into place; no temp survives a failure."""
+    """Call ``write(tmp)`` on a ``temp_name`` of ``path``, then move it into place; no temp survives a failure.
+
+    The file gets the mode a plain ``open()`` would give it (0666 less the umask): writers that go through
+    a temporary file of their own (safetensors, ``tempfile``) leave 0600, which colleagues on a shared
+    disk cannot read.
+    """
     path = Path(path)
     tmp = temp_name(path)
     try:
         write(tmp)
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

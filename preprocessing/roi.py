@@ -43,6 +43,7 @@ from preprocessing.ingest import BOX, load_dataset
 
 BOX_COLUMNS = list(BOX)  # the manifest's optional box, in raw-image pixels
 CONF_THRESHOLD = 0.1  # below this score the ROI counts as not found (every image holds one spine: keep the best box)
+MAX_DET = 1  # one box per image: the highest-confidence one after ultralytics' NMS (one spine per radiograph)
 CLASS_NAME = "spine"  # the one class: the cervical spine with its foramina
 
 
@@ -118,7 +119,7 @@ class RoiDetector:
     def detect(self, img: np.ndarray) -> tuple[tuple[float, float, float, float], float] | None:
         """Highest-confidence box ``((x0, y0, x1, y1), conf)`` in pixels of ``img`` (2-D uint8), or None."""
         result = self._yolo.predict(
-            cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), imgsz=self.imgsz, conf=CONF_THRESHOLD, max_det=1,
+            cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), imgsz=self.imgsz, conf=CONF_THRESHOLD, max_det=MAX_DET,
             device=self.device, verbose=False,
         )[0]
         if len(result.boxes) == 0:

@@ -127,9 +127,26 @@ def fit_and_clean(tuner: tune.Tuner, scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def trial_dirname(trial) -> str:
-    """Short trial directory (and TensorBoard run) names: trial_<id>."""
-    return f"trial_{trial.trial_id}"
+def trial_dirname_creator(keys=()):
+    """Tune's ``trial_dirname_creator``: ``trial_<id>``, or ``trial_<id>_<label>`` naming ``keys`` (``search.names``).
+
+    Ray stores the creator in every trial's state (``Trial.__getstate__`` -> cloudpickle): a module-level
+    function is pickled by reference, and ``ExperimentAnalysis`` then needs fsweep importable to open the
+    runs. This one is a closure (pickled by value) whose helpers come from ``search.names``, registered to
+    be pickled by value too (stdlib only, no module globals), so the state loads with Ray alone.
+    """
+    import ray.cloudpickle
+
+    import search.names
+    from search.names import trial_dirname_text, trial_label
+
+    ray.cloudpickle.register_pickle_by_value(search.names)  # process-wide and idempotent; the driver pickles
+    keys = list(keys)
+
+    def trial_dirname(trial) -> str:
+        return trial_dirname_text(trial.trial_id, trial_label(trial.config, keys, sep="_"))
+
+    return trial_dirname
 
 
 def progress_view(cfg: Config, experiment: str, name: str, verbose: bool) -> list:
@@ -240,7 +257,7 @@ def run_sweep(
                 num_samples=cfg.search.num_samples,
                 search_alg=space.search_algorithm(cfg),
                 scheduler=space.scheduler(cfg),
-                trial_dirname_creator=trial_dirname,
+                trial_dirname_creator=trial_dirname_creator(),
                 reuse_actors=True,  # same resources per trial: skip a process start + torch import per trial
             ),
             run_config=run_config(cfg, storage, name, verbose),
