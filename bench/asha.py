@@ -5,7 +5,9 @@ trial for all epochs, ASHA stops the weaker ones at its rungs. Printed per
 scheduler: total trial-epochs spent, wall time and the best validation AUC found.
 The last line is ``asha_epoch_savings_x=<FIFO trial-epochs / ASHA trial-epochs>``
 (target >= 3 with ASHA's best AUC within 0.01 of FIFO's).
-Usage: ``python bench/asha.py [--out DIR --patients 80 --samples 16 --epochs 18 --size 32]``.
+Usage: ``python bench/asha.py [--out DIR --patients 80 --samples 16 --epochs 18 --size 32]``;
+``--quick``: the smallest run (20 patients, 3 trials of at most 3 epochs per sweep) to check that the bench
+works; its ratio means little.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import time
 from pathlib import Path
 
 from fsmodels.config import Config
+
+QUICK = dict(patients=20, samples=3, epochs=3, size=32)  # --quick: the smallest run
 
 
 def bench_config(dataset: Path, store: Path, args: argparse.Namespace) -> Config:
@@ -57,7 +61,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=18, help="epochs per trial (ASHA max_t)")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="search seed (same configs for both sweeps)")
+    parser.add_argument("--quick", action="store_true", help=f"the smallest run ({QUICK}); overrides those flags")
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
 
     from cluster.connect import connect
     from preprocessing.ingest import ingest
@@ -66,7 +73,9 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="fsweep-asha-"))
     write_phantom(out / "phantom", patients=args.patients, seed=0, difficulty=args.difficulty, size=(148, 252))
     ingest(out / "phantom" / "manifest.csv", out / "dataset", seed=0, salt="bench", echo=False)
-    connect(None)
+    # as `fsweep sweep` does: trial output stays in the trials' logs; streamed to this driver, Ray's log
+    # monitor prints it late, after the headline line that must come last
+    connect(None, log_to_driver=False)
     cfg = bench_config(out / "dataset", out / "store", args)
     results = {name: run(cfg, name, out / "runs") for name in ("fifo", "asha")}
     for name, r in results.items():

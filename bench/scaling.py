@@ -20,6 +20,8 @@ node (Tune's setup, the placement group, the trial actor's process start, its im
 and the runtime_env that ships fsweep), paid once per node; and ``steady_%``, what each
 later trial costs beyond its sleep, as a share of the trial's time. Last line:
 ``scaling_3_nodes_x=<3-node trials/min over 1-node trials/min>`` (ideal 3).
+``--quick``: the smallest run (4 trials of 2 short reports on 1 and 2 nodes, last line
+``scaling_2_nodes_x``) to check that the bench works; its ratio is dominated by start-up.
 """
 from __future__ import annotations
 
@@ -45,15 +47,16 @@ TRIALS = 12  # trials per sweep
 REPORTS = 4  # tune.report calls per trial (one per simulated epoch)
 EPOCH_S = 0.5  # sleep per simulated epoch: a trial "computes" REPORTS * EPOCH_S seconds
 NODE_COUNTS = (1, 2, 3)  # simulated worker nodes per run
+QUICK = dict(trials=4, reports=2, epoch_s=0.2, node_counts=(1, 2))  # --quick: the smallest run
 SLOT = "sim_gpu"  # custom resource standing in for one GPU per node
 
 
 def sleeping_trial(config: dict) -> None:
-    """A trial whose work is a fixed sleep; reports once per simulated epoch."""
+    """A trial whose work is a fixed sleep (``config``: reports, epoch_s); reports once per simulated epoch."""
     started, process_cpu = time.time(), time.process_time()
     node = ray.get_runtime_context().get_node_id()
-    for epoch in range(1, REPORTS + 1):
-        time.sleep(EPOCH_S)
+    for epoch in range(1, config["reports"] + 1):
+        time.sleep(config["epoch_s"])
         tune.report({"epoch": epoch, "node": node, "started": started, "process_cpu": process_cpu})
 
 
@@ -66,11 +69,12 @@ def start_cluster(nodes: int) -> Cluster:
     return cluster
 
 
-def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float, int, float, float]:
+def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool, trials: int, reports: int,
+                    epoch_s: float) -> tuple[float, int, float, float]:
     """Run the sweep; (wall seconds of fit, distinct nodes used, startup seconds, start-up CPU seconds per node)."""
     tuner = tune.Tuner(
         tune.with_resources(sleeping_trial, {"cpu": 1, SLOT: 1}),
-        param_space={"trial": tune.grid_search(list(range(TRIALS)))},
+        param_space={"trial": tune.grid_search(list(range(trials))), "reports": reports, "epoch_s": epoch_s},
         tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=f"nodes_{nodes}", storage_path=storage, verbose=0,
                                   callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]),
@@ -78,7 +82,7 @@ def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float
     start, clock = time.perf_counter(), time.time()
     results = tuner.fit()
     wall = time.perf_counter() - start
-    if results.errors or len(results) != TRIALS:
+    if results.errors or len(results) != trials:
         raise RuntimeError(f"{nodes} nodes: {len(results.errors)} of {len(results)} trials failed")
     first = {}  # node -> (when its first trial began running, its process's CPU seconds by then)
     for r in results:
@@ -87,27 +91,28 @@ def sweep_wall_time(storage: str, nodes: int, reuse_actors: bool) -> tuple[float
     return wall, len(first), max(t for t, _ in first.values()), sum(c for _, c in first.values()) / len(first)
 
 
-def measure(nodes: int, storage: str, reuse_actors: bool = True) -> dict:
+def measure(nodes: int, storage: str, reuse_actors: bool = True, trials: int = TRIALS, reports: int = REPORTS,
+            epoch_s: float = EPOCH_S) -> dict:
     """One sweep on a fresh ``nodes``-worker cluster; the figures of one table row."""
     cluster = start_cluster(nodes)
     try:
         connect(cluster.address)
-        wall, used, startup, start_cpu = sweep_wall_time(storage, nodes, reuse_actors)
+        wall, used, startup, start_cpu = sweep_wall_time(storage, nodes, reuse_actors, trials, reports, epoch_s)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    trial_s = REPORTS * EPOCH_S
+    trial_s = reports * epoch_s
     return {
         "nodes": nodes,
         "used": used,
         "wall": wall,
-        "ideal": math.ceil(TRIALS / nodes) * trial_s,
-        "per_min": TRIALS / wall * 60.0,
-        "overhead": (nodes * wall - TRIALS * trial_s) / TRIALS,
+        "ideal": math.ceil(trials / nodes) * trial_s,
+        "per_min": trials / wall * 60.0,
+        "overhead": (nodes * wall - trials * trial_s) / trials,
         "startup": startup,
         "start_cpu": start_cpu,
         # after every node is up: node time beyond the sleeps, per trial, as a share of a trial's time
-        "steady": (nodes * (wall - startup) - TRIALS * trial_s) / TRIALS / trial_s * 100,
+        "steady": (nodes * (wall - startup) - trials * trial_s) / trials / trial_s * 100,
     }
 
 
@@ -123,17 +128,21 @@ def main() -> None:
     """Measure every node count and print the table, the ratios and the headline last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fresh-actors", action="store_true", help="start a new trial actor per trial")
-    reuse = not parser.parse_args().fresh_actors
+    parser.add_argument("--quick", action="store_true", help=f"the smallest run ({QUICK})")
+    args = parser.parse_args()
+    reuse = not args.fresh_actors
+    sizes = dict(QUICK) if args.quick else dict(trials=TRIALS, reports=REPORTS, epoch_s=EPOCH_S, node_counts=NODE_COUNTS)
+    node_counts = sizes.pop("node_counts")
     print(
-        f"{TRIALS} trials x {REPORTS} reports x {EPOCH_S}s sleep; one trial per node at a time; "
-        f"{'reused' if reuse else 'fresh'} trial actors"
+        f"{sizes['trials']} trials x {sizes['reports']} reports x {sizes['epoch_s']}s sleep; one trial per node at a "
+        f"time; {'reused' if reuse else 'fresh'} trial actors"
     )
     print(f"{'nodes':>5} {'used':>4} {'wall_s':>7} {'ideal_s':>7} {'trials/min':>10} {'overhead/trial_s':>16} "
           f"{'startup_s':>9} {'steady_%':>8} {'start_cpu_s':>11}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fsweep-scaling-") as storage:
-        for nodes in NODE_COUNTS:
-            row = measure(nodes, storage, reuse)
+        for nodes in node_counts:
+            row = measure(nodes, storage, reuse, **sizes)
             rows.append(row)
             print(
                 f"{row['nodes']:>5} {row['used']:>4} {row['wall']:>7.1f} {row['ideal']:>7.1f} "

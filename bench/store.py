@@ -10,6 +10,8 @@ images preprocessed over all of them is counted: it must equal the number of ima
 The data is a phantom written here (default size 590 x 1006, as `fsweep synth`), and
 the detector is a small YOLO trained here for a minute (or `--roi ROI_DIR`).
 Last line: ``store_speedup_x=<ratio>`` (images/s of the store over the naive path).
+Usage: ``python bench/store.py [--quick]`` (``--quick``: the smallest run, 12 patients at 64 px with a
+2-epoch detector, to check that the bench works; its ratio means little).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/store.py` from a checkout
 
+from fsmodels.config import Config  # noqa: E402
 from preprocessing.ingest import ingest  # noqa: E402
 from preprocessing.loader import train_set  # noqa: E402
 from preprocessing.phantom import write_phantom  # noqa: E402
@@ -58,27 +61,32 @@ def images_per_second(dataset: Dataset, epochs: int, batch_size: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def prepare(out: Path, patients: int, roi: str | None) -> tuple[Path, str]:
+QUICK = dict(patients=12, size=64, epochs=1, trials=2, naive_images=4, roi_epochs=2, roi_imgsz=64)  # --quick
+
+
+def prepare(out: Path, patients: int, roi: str | None, roi_epochs: int = 30, roi_imgsz: int = 128) -> tuple[Path, str]:
     """Phantom -> DATASET -> ROI detector (trained here unless ``roi`` is given)."""
     write_phantom(out / "phantom", patients=patients, seed=0)
     ingest(out / "phantom" / "manifest.csv", out / "dataset", seed=0, salt="bench", echo=False)
     if roi:
         return out / "dataset", roi
-    metrics = train_detector(out / "dataset", out / "roi", annotated=100, epochs=30, imgsz=128, batch=4, model="yolo11n.yaml")
+    metrics = train_detector(out / "dataset", out / "roi", annotated=100, epochs=roi_epochs, imgsz=roi_imgsz, batch=4,
+                             model="yolo11n.yaml")
     print(f"detector: mAP50={metrics['map50']:.3f} in {metrics['seconds']:.0f} s")
     return out / "dataset", str(out / "roi")
 
 
 def run(out: Path, patients: int, roi: str | None, size: int, epochs: int, trials: int, batch_size: int,
-        naive_images: int) -> float:
+        naive_images: int, roi_epochs: int = 30, roi_imgsz: int = 128) -> float:
     """The benchmark; returns the store's speed-up over the naive path.
 
     The two paths are timed alternately, trial after trial, so both see the same load on
     a shared machine: each trial reads its ``epochs`` from the store and preprocesses
     ``naive_images`` training images the naive way.
     """
-    dataset, roi_dir = prepare(out, patients, roi)
-    spec = VariantSpec(he="global", size=size, roi_dir=roi_dir)
+    dataset, roi_dir = prepare(out, patients, roi, roi_epochs, roi_imgsz)
+    # the paper's recipe: HE, then a plain resize of the crop (stretch), with the config's default margin
+    spec = VariantSpec(he="global", size=size, aspect="stretch", roi_dir=roi_dir, margin=Config().roi.margin)
     rows = read_dataset(dataset)
     train_rows = rows[rows["split"] == "train"]
     naive = NaiveSet(train_rows.sample(min(naive_images, len(train_rows)), random_state=0), spec, RoiDetector(roi_dir))
@@ -109,11 +117,16 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=12, help="images the naive path preprocesses per trial")
     parser.add_argument("--roi", default=None, help="an existing ROI_DIR (default: train a small detector here)")
     parser.add_argument("--out", default=None, help="working directory (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help=f"the smallest run ({QUICK}); overrides those flags")
     args = parser.parse_args()
+    sizes = dict(roi_epochs=30, roi_imgsz=128)
+    if args.quick:
+        sizes = {k: QUICK.pop(k) for k in ("roi_epochs", "roi_imgsz")}
+        vars(args).update(QUICK)
     with tempfile.TemporaryDirectory(prefix="fsweep-bench-") as tmp:
         out = Path(args.out or tmp)
         ratio = run(out, args.patients, args.roi, args.size, args.epochs, args.trials, args.batch_size,
-                    args.naive_images)
+                    args.naive_images, **sizes)
     print(f"store_speedup_x={ratio:.1f}")
 
 

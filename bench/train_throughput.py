@@ -4,7 +4,8 @@ CUDA: each backbone in fp32 NCHW and in AMP (bf16 where supported) + channels_la
 the last line is ``amp_speedup_x=`` (geometric mean over backbones of the ratio).
 CPU: AMP is a CUDA feature here, so the table compares NCHW with channels_last
 instead and the last line is ``amp_speedup_x=nan`` with the CPU ratio on the line
-before it. Usage: ``python bench/train_throughput.py [--size 512 --batch 4]``.
+before it. Usage: ``python bench/train_throughput.py [--size 512 --batch 4] [--quick]``; ``--quick``: the
+smallest run (timm resnet10t only at 32 px, one timed step, no grey-input comparison) to check that the bench works.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fsmodels.backbones import create_backbone, list_backbones
+
+QUICK = dict(size=32, steps=1, backbones="resnet10t", grey="")  # --quick: the smallest run
 
 
 def train_step_rate(model: torch.nn.Module, size: int, batch: int, steps: int, amp: bool, channels_last: bool,
@@ -80,7 +83,10 @@ def main() -> None:
     parser.add_argument("--backbones", default=",".join(list_backbones()), help="comma-separated names")
     parser.add_argument("--grey", default="resnet50", help="backbone for the grey-input comparison ('' = skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--quick", action="store_true", help=f"the smallest run ({QUICK}); overrides those flags")
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
