@@ -38,9 +38,9 @@ def trial_dirname_text(trial_id: str, label: str = "") -> str:
 def dirname_trial_id(name: str) -> str | None:
     """The trial id in a trial directory's name (``trial_<id>`` or ``trial_<id>_<label>``); None for other names.
 
-    Ray's ids are ``<hex>_<counter>`` (grid/random) or ``<hex>`` (searchers); a label starts with a key name.
+    The label starts at the first ``_<key>=`` (keys are lower-case names; Ray's ids hold none).
     """
     import re
 
-    match = re.match(r"trial_([0-9a-f]+(?:_\d+)?)(?:_[a-z]|$)", name)
+    match = re.fullmatch(r"trial_(.+?)(?:_[a-z][a-z_]*=.*)?", name)
     return match.group(1) if match else None

@@ -28,6 +28,7 @@ from ray import tune
 from cluster.storage import is_uri, join, open_filesystem
 from fsmodels.config import Config, asha_settings, rung_epochs
 from search import space
+from search.names import dirname_trial_id
 from search.expdir import get_text, put_bytes, put_text
 
 PROGRESS_FILE = "fsweep_progress.json"  # the sweep's planned trial count and start time, for `fsweep status`
@@ -350,8 +351,8 @@ def read_progress(experiment: str | Path, cfg: Config, now: float | None = None)
     states = sorted(n for n in entries if n.startswith("experiment_state-") and n.endswith(".json"))
     state = json.loads(_read(join(experiment, states[-1])) or "{}") if states else {}
     trials = _state_trials(state, metric)
-    for name in (n for n in entries if n.startswith("trial_")):
-        trial_id = name.removeprefix("trial_")
+    for name in (n for n in entries if dirname_trial_id(n)):  # trial_<id> or trial_<id>_<label>
+        trial_id = dirname_trial_id(name)
         known = trials.get(trial_id)
         if known is not None and known.status in FINISHED:  # the snapshot has its final state: no read
             continue

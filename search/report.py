@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,11 +27,31 @@ from search.tables import (
     PAPER_ORDER,
     comparison_sections,
     read_best_scores,
+    row_keys,
     section_markdown,
+    stopped_early,
     write_tensorboard_text,
 )
 
 REPORT = "report.md"
+# the leaderboard's threshold-dependent columns, named with their threshold (search.select.RATES_THRESHOLD)
+LEADERBOARD_HEADERS = {f"val_{m}": f"val_{m}@0.5" for m in ("accuracy", "f1", "sensitivity", "specificity")}
+
+
+def scheduler_warnings(cfg, board: pd.DataFrame) -> list[str]:
+    """Warnings for a comparison sweep (report rows or an ablation) run under an early-stopping scheduler.
+
+    ASHA stops trials by comparing them at rungs, so which ones train to the end depends on the
+    order trials finish in; a row stopped at epoch 2 is not an ablation result.
+    """
+    done = board[board["status"] == "TERMINATED"] if "status" in board else board
+    if cfg.search.scheduler != "asha" or not (cfg.report.rows or (not done.empty and row_keys(cfg, done))):
+        return []
+    early = int(stopped_early(board).sum())
+    return [f"search.scheduler is asha (an early-stopping scheduler) in a comparison sweep: {early} trial(s) "
+            "stopped early; which trials ASHA stops depends on the order trials finish in, so the comparison "
+            "rows are not equal trainings and may change between runs. Stopped trials are kept out of the paired "
+            "differences; for an ablation or backbone table use search.scheduler: fifo."]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -131,6 +152,8 @@ def write_report(experiment: str | Path) -> Path | str:
     sections = [section_markdown(s, markdown_table) for s in
                 comparison_sections(cfg, board, read_best_scores(experiment, finished))]
     write_tensorboard_text(work, sections)
+    for line in scheduler_warnings(cfg, board):
+        print(f"warning: {line}", file=sys.stderr)
     (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners, sections))
     upload_dir(work, experiment)
     return join(experiment, REPORT) if is_uri(experiment) else Path(experiment) / REPORT
@@ -140,10 +163,19 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: li
     """The markdown of report.md."""
     metric, mode = cfg.search.metric, cfg.search.mode
     status = board["status"].value_counts().to_dict()
+    early = stopped_early(board)
+    if early.any() and "TERMINATED" in status:  # "4 terminated" alone reads as four full trainings
+        done = status.pop("TERMINATED")
+        status = {f"TERMINATED, {int(early.sum())} of them stopped early by the scheduler": done, **status}
+    board = board.assign(**{"stopped early": early.map({True: "yes", False: ""})})
     shown = ["trial_id", "status", *searched_keys(cfg), *[c for c in SELECTABLE_METRICS if c != "val_loss"], "best_epoch", "node"]
+    shown[shown.index("best_epoch") + 1:shown.index("best_epoch") + 1] = \
+        [c for c in ("epochs_run", "stopped early") if c in board]
+    leader = board[shown].rename(columns=LEADERBOARD_HEADERS)
     lines = [
         f"# Sweep report: {name}",
         "",
+        *[text for line in scheduler_warnings(cfg, board) for text in (f"> **Warning:** {line}", "")],
         f"{len(board)} trials ({', '.join(f'{n} {s.lower()}' for s, n in status.items())}); "
         f"selection by **{metric}** ({mode}) on the validation split"
         f"{' (a configuration by its mean over seeds and folds)' if cfg.search.select_by == 'config' else ''}. "
@@ -160,7 +192,12 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: li
         *device_hours_lines(board),
         "## Leaderboard",
         "",
-        markdown_table(board[shown]),
+        "Validation split, each trial at its best epoch by validation "
+        f"{metric}; accuracy, F1, sensitivity and specificity at the score threshold 0.5 (`@0.5`), not at the "
+        "validation-chosen (Youden) threshold the tables and winners above use. `epochs_run`: epochs the trial "
+        "trained; `stopped early`: ended by the scheduler before its configured epochs.",
+        "",
+        markdown_table(leader),
         "",
     ]
     failed = board[board["status"] == "ERROR"]

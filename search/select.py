@@ -22,6 +22,7 @@ from search.keep import keep_checkpoints
 LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
 WINNERS = "winners.json"  # per view: the winning trial, its validation and test metrics
 ACCOUNTING = {"device": "", "device_seconds": float("nan"), "img_per_s": float("nan")}  # leaderboard columns
+RATES_THRESHOLD = 0.5  # the score threshold of each epoch's reported accuracy, F1, sensitivity and specificity
 
 
 def best_epoch_metrics(history: pd.DataFrame | None, best_epoch) -> dict:
@@ -55,6 +56,13 @@ def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
         row.update({col: best.get(col, float("nan")) for col in SELECTABLE_METRICS})
         row["best_epoch"] = last.get("best_epoch") if best else None
         row["epochs_run"] = last.get("epoch", 0)
+        # ended by the scheduler (ASHA) before its own epochs: its best epoch is from a shorter training
+        row["stopped_early"] = bool(trial.status == "TERMINATED" and row["status"] != "diverged"
+                                    and row["epochs_run"] < int(trial.config.get("epochs") or 0))
+        # the leaderboard's accuracy/f1/sensitivity/specificity are at RATES_THRESHOLD; the tables, the winners
+        # and the export use the best epoch's validation Youden threshold
+        row["val_rates_threshold"] = RATES_THRESHOLD
+        row["val_youden_threshold"] = best.get("val_youden_threshold", float("nan"))
         row["node"] = last.get("node", last.get("node_ip", ""))
         # GPU-hours accounting (run_trial): cumulative device-seconds, the device and the training rate
         row.update({key: last.get(key, default) for key, default in ACCOUNTING.items()})

@@ -15,7 +15,10 @@ Rules, so a researcher can trust the numbers:
   and the number of seeds and folds;
 - each row's paired difference to the baseline (row - baseline, per fold averaged over
   seeds, then over folds) has a 95 % interval from a paired bootstrap that resamples test
-  PATIENTS, the same patients for both rows.
+  PATIENTS, the same patients for both rows; ``vs baseline`` says whether its AUC interval
+  lies above, below or across 0;
+- trials stopped early by the scheduler (ASHA) trained for fewer epochs than their row says:
+  they are left out of every paired difference (``comparison_sections``).
 """
 from __future__ import annotations
 
@@ -50,13 +53,26 @@ class Section:
     diffs: pd.DataFrame
 
 
+def trial_dir_names(experiment: str) -> dict[str, str]:
+    """trial id -> its directory's name in ``experiment`` (``trial_<id>`` or ``trial_<id>_<label>``)."""
+    import pyarrow.fs
+
+    from search.names import dirname_trial_id
+
+    fs, path = open_filesystem(str(experiment))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    names = [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
+    return {dirname_trial_id(name): name for name in names if dirname_trial_id(name)}
+
+
 def read_best_scores(experiment: str, trial_ids) -> dict[str, pd.DataFrame]:
     """trial id -> its best_scores.parquet (trials without one are left out)."""
     from fsmodels.train import BEST_SCORES  # the trial loop names the file
 
     out = {}
+    dirs = trial_dir_names(experiment)
     for trial_id in trial_ids:
-        location = join(str(experiment), f"trial_{trial_id}", BEST_SCORES)
+        location = join(str(experiment), dirs.get(trial_id, f"trial_{trial_id}"), BEST_SCORES)
         if exists(location):
             fs, path = open_filesystem(location)
             with fs.open_input_file(path) as handle:
@@ -92,7 +108,8 @@ def row_keys(cfg: Config, done: pd.DataFrame) -> list[str]:
     """The keys naming a row: ``report.rows``, else every varying space key but view, seed and fold."""
     if cfg.report.rows:
         return [k for k in cfg.report.rows if k in SPACE_KEYS]
-    return [k for k in SPACE_KEYS if k not in ("view", *REPLICATES) and done[k].astype(str).nunique() > 1]
+    # k in done: an older sweep's leaderboard lacks space keys added since
+    return [k for k in SPACE_KEYS if k not in ("view", *REPLICATES) and k in done and done[k].astype(str).nunique() > 1]
 
 
 def _baseline_index(labels: list[dict], baseline) -> int:
@@ -195,13 +212,54 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.3f}" if len(values) < 2 else f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
+def stopped_early(board: pd.DataFrame) -> pd.Series:
+    """Per leaderboard row: ended by the scheduler (ASHA) before its own ``epochs`` (older boards: from epochs_run)."""
+    if "stopped_early" in board:
+        return board["stopped_early"].map(lambda v: str(v).lower() == "true")  # bools, or their CSV text
+    if "epochs_run" in board and "epochs" in board:
+        ran, planned = pd.to_numeric(board["epochs_run"], errors="coerce"), pd.to_numeric(board["epochs"], errors="coerce")
+        return (board["status"] == "TERMINATED") & (ran < planned)
+    return pd.Series(False, index=board.index)
+
+
+def _early_mark(early: list[str], members: list[str], board: pd.DataFrame) -> str:
+    """The ``stopped early`` cell: which of a row's trials the scheduler stopped, and how they count."""
+    if not early:
+        return ""
+    if len(early) < len(members):
+        return f"{len(early)} of {len(members)} left out"
+    runs = sorted({int(board.loc[t, "epochs_run"]) for t in early}) if "epochs_run" in board else []
+    planned = sorted({int(board.loc[t, "epochs"]) for t in early}) if "epochs" in board else []
+    at = f" (epoch {'/'.join(map(str, runs))} of {'/'.join(map(str, planned))})" if runs and planned else ""
+    return f"yes{at}: not compared"
+
+
+def verdict(diff: dict) -> str:
+    """How a row's paired AUC difference reads: its 95 % interval above, below, or overlapping 0 (the baseline)."""
+    point, lo, hi = diff.get("auc", (np.nan, np.nan, np.nan))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "–"
+    if lo > 0:
+        return "above baseline"
+    if hi < 0:
+        return "below baseline"
+    return "overlaps baseline (interval includes 0)"
+
+
 def comparison_sections(cfg: Config, board: pd.DataFrame, best_scores: dict[str, pd.DataFrame],
                         n_boot: int = N_BOOT) -> list[Section]:
-    """One Section per view over the finished trials that kept test scores."""
+    """One Section per view over the finished trials that kept test scores.
+
+    Trials the scheduler stopped early (``stopped_early``) trained for fewer epochs than the row says,
+    so they never enter a paired difference: a row with full-length trials averages those only (the
+    ``stopped early`` column counts the ones left out); a row with none is shown from its stopped
+    trials, marked, and not compared.
+    """
     done = board[(board["status"] == "TERMINATED") & board["trial_id"].isin(list(best_scores))]
     if done.empty:
         return []
     done = done.sort_values("trial_id", kind="stable").set_index("trial_id", drop=False)  # creation order
+    early_ids = set(done.index[stopped_early(done).to_numpy()])
     scores = {t: (held_out_rows(best_scores[t]), trial_threshold(best_scores[t])) for t in done.index}
     keys = row_keys(cfg, done)
     sections = []
@@ -213,21 +271,33 @@ def comparison_sections(cfg: Config, board: pd.DataFrame, best_scores: dict[str,
         labels = [dict(zip(keys, values)) for values in groups]
         base_i = _baseline_index(labels, cfg.report.baseline)
         trials = list(groups.values())
+        full = [[t for t in members if t not in early_ids] for members in trials]  # what a paired difference uses
         fold_of, cache = fold_map(mine, mine.index), {}
         rows, diffs = [], []
         for i, (label, members) in enumerate(zip(labels, trials)):
-            per_trial = [_metrics(scores[t][0]["label"], scores[t][0]["score"], scores[t][1]) for t in members]
+            early = [t for t in members if t in early_ids]
+            scored = full[i] or members  # a row of stopped trials only: shown, marked, not compared
+            per_trial = [_metrics(scores[t][0]["label"], scores[t][0]["score"], scores[t][1]) for t in scored]
             row = {**label, **{k: _cell([m[k] for m in per_trial]) for k in PAPER_ORDER}}
-            row["n"] = int(round(np.mean([len(scores[t][0]) for t in members])))
-            row["trials"] = len(members)
-            row["seeds"] = int(mine.loc[members, "seed"].nunique())
-            row["folds"] = mine.loc[members, "fold"].nunique() if "fold" in mine else 1
+            row["threshold"] = _cell([scores[t][1] for t in scored])  # each trial's validation Youden threshold
+            row["n"] = int(round(np.mean([len(scores[t][0]) for t in scored])))
+            row["trials"] = len(scored)
+            row["seeds"] = int(mine.loc[scored, "seed"].nunique())
+            row["folds"] = mine.loc[scored, "fold"].nunique() if "fold" in mine else 1
+            row["stopped early"] = _early_mark(early, members, mine)
             row["baseline"] = "yes" if i == base_i else ""
             rows.append(row)
-            if i != base_i:
-                d = paired_difference(members, trials[base_i], mine, scores, n_boot=n_boot, seed=cfg.search.seed,
-                                      fold_of=fold_of, cache=cache)
-                diffs.append({**label, **{f"Δ {k}": f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in d.items()}})
+            if i == base_i:
+                continue
+            if not full[i] or not full[base_i]:
+                which = "this row" if not full[i] else "the baseline"
+                diffs.append({**label, **{f"Δ {k}": "–" for k in PAPER_ORDER},
+                              "vs baseline": f"not compared: {which} only has trials stopped early"})
+                continue
+            d = paired_difference(full[i], full[base_i], mine, scores, n_boot=n_boot, seed=cfg.search.seed,
+                                  fold_of=fold_of, cache=cache)
+            diffs.append({**label, **{f"Δ {k}": f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in d.items()},
+                          "vs baseline": verdict(d)})
         sections.append(Section(title=f"{view} view", rows=pd.DataFrame(rows), diffs=pd.DataFrame(diffs)))
     return sections
 
@@ -237,16 +307,20 @@ def section_markdown(section: Section, markdown_table) -> str:
     lines = [
         f"### {section.title}",
         "",
-        ("Test split, each trial at its best-on-validation epoch, threshold from validation (Youden's J); "
-         "mean ± std over the row's trials (seeds × folds); n = test images per trial."),
+        ("Test split, each trial at its best-on-validation epoch; accuracy, F1, specificity and sensitivity at "
+         "each trial's threshold chosen on validation (Youden's J; the `threshold` column: its mean); "
+         "mean ± std over the row's trials (seeds × folds); n = test images per trial. Trials stopped early "
+         "by the scheduler (`stopped early`) are left out of a row that has full-length trials and out of every "
+         "paired difference; a row with only stopped trials is shown, marked, and not compared."),
         "",
         markdown_table(section.rows),
         "",
     ]
     if not section.diffs.empty:
         lines += [
-            ("Paired difference to the baseline row (row − baseline, test), with a 95 % interval from a paired "
-             "bootstrap over test patients:"),
+            ("Paired difference to the baseline row (row − baseline, test, each at its validation threshold), "
+             "with a 95 % interval from a paired bootstrap over test patients; `vs baseline` reads the AUC "
+             "interval (overlapping 0: the row cannot be told from the baseline on this test set):"),
             "",
             markdown_table(section.diffs),
             "",

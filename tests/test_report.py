@@ -158,3 +158,81 @@ def test_a_sweep_over_folds_the_dataset_lacks_fails_before_it_starts(tiny_datase
     cfg = validate(tiny_sweep_config(tiny_dataset, tmp_path / "store", fold=[0, 1]))
     with pytest.raises(ConfigError, match="no fold 1"):
         check_data(cfg)
+
+
+def test_trials_stopped_early_are_marked_and_kept_out_of_paired_differences():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, size=40)
+    patients = [f"p{i // 2}" for i in range(40)]
+    good = np.clip(labels * 0.5 + rng.random(40) * 0.5, 0, 1)
+    frames = {t: scores_frame((labels, good), (labels, s), patients)
+              for t, s in (("b0", rng.random(40)), ("b1", rng.random(40)), ("f0", good), ("f1", 1 - good),
+                           ("h0", good))}
+    # row flip=True: f1 (perfectly wrong on test) was stopped at epoch 1 of 2; row he=global: only a stopped trial
+    board = board_rows([dict(trial_id="b0", seed=0), dict(trial_id="b1", seed=1),
+                        dict(trial_id="f0", seed=0, flip=True), dict(trial_id="f1", seed=1, flip=True),
+                        dict(trial_id="h0", seed=0, he="global")])
+    board["epochs"], board["epochs_run"] = 2, [2, 2, 2, 1, 1]
+    board["stopped_early"] = board["epochs_run"] < board["epochs"]
+    (section,) = comparison_sections(validate(Config()), board, frames, n_boot=50)
+    rows = section.rows.set_index(["he", "flip"])
+    assert rows.loc[("off", "True"), "stopped early"] == "1 of 2 left out" and rows.loc[("off", "True"), "trials"] == 1
+    assert rows.loc[("off", "True"), "auc"] == "1.000"  # f0 alone: f1's 0.000 is not averaged in
+    assert rows.loc[("global", "False"), "stopped early"] == "yes (epoch 1 of 2): not compared"
+    diffs = section.diffs.set_index(["he", "flip"])
+    assert diffs.loc[("global", "False"), "Δ auc"] == "–"
+    assert "not compared" in diffs.loc[("global", "False"), "vs baseline"]
+    indexed = board.set_index("trial_id", drop=False)
+    scores = {t: (held_out_rows(f), trial_threshold(f)) for t, f in frames.items()}
+    full = paired_difference(["f0"], ["b0", "b1"], indexed, scores, n_boot=50)
+    assert diffs.loc[("off", "True"), "Δ auc"].startswith(f"{full['auc'][0]:+.3f} [")
+    assert diffs.loc[("off", "True"), "vs baseline"] == "above baseline"
+    # a CSV leaderboard's text booleans read the same
+    csv_board = board.assign(stopped_early=board["stopped_early"].map(str))
+    (again,) = comparison_sections(validate(Config()), csv_board, frames, n_boot=50)
+    assert again.rows["stopped early"].tolist() == section.rows["stopped early"].tolist()
+
+
+class StopOne:
+    """A Ray scheduler that stops the trial with ``he=off, flip=True`` after its first epoch, as ASHA would
+    stop a trial at its first rung, but on purpose (ASHA's choice depends on scores and completion order)."""
+
+    def __new__(cls):
+        from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+        class _Stop(FIFOScheduler):
+            def on_trial_result(self, tune_controller, trial, result):
+                if trial.config.get("he") == "off" and trial.config.get("flip") is True and result.get("epoch") == 1:
+                    return TrialScheduler.STOP
+                return TrialScheduler.CONTINUE
+
+        return _Stop()
+
+
+def test_report_on_a_sweep_with_a_stopped_trial_marks_it_warns_and_leaves_it_out(local_ray, tiny_dataset, tmp_path,
+                                                                                monkeypatch, capsys):
+    import search.space
+
+    cfg = tiny_sweep_config(tiny_dataset, tmp_path / "store", he=["off", "global"], flip=[False, True], epochs=2)
+    cfg.search.scheduler, cfg.search.grace_period = "asha", 1  # what the config says: the report must warn
+    cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
+    monkeypatch.setattr(search.space, "scheduler", lambda cfg: StopOne())
+    experiment = Path(run_sweep(cfg, name="stopped", storage=str(tmp_path / "runs")))
+    board = pd.read_csv(experiment / LEADERBOARD)
+    stopped = board[(board["he"] == "off") & board["flip"]]
+    assert stopped["stopped_early"].tolist() == [True] and stopped["epochs_run"].tolist() == [1]
+    assert (~board.loc[board.index != stopped.index[0], "stopped_early"]).all()
+    assert (board["val_rates_threshold"] == 0.5).all()
+    text = write_report(experiment).read_text()
+    assert "asha" in capsys.readouterr().err  # fsweep report warns on the console too
+    assert "> **Warning:** search.scheduler is asha" in text
+    assert "4 terminated, 1 of them stopped early by the scheduler" in text
+    section = text.split("### right view\n")[1]
+    rows, diffs = section.split("Paired difference")
+    assert "| off | True |" in rows and "yes (epoch 1 of 2): not compared" in rows
+    stopped_diff = next(line for line in diffs.splitlines() if line.startswith("| off | True |"))
+    assert "not compared: this row only has trials stopped early" in stopped_diff and "[" not in stopped_diff
+    compared = [line for line in diffs.splitlines() if line.startswith("| global |")]
+    assert len(compared) == 2 and all("[" in line and "baseline" in line for line in compared)
+    leader = text.split("## Leaderboard")[1]
+    assert "val_accuracy@0.5" in leader and "epochs_run" in leader and "| yes |" in leader
