@@ -1,7 +1,7 @@
 """``fsweep demo``: the whole pipeline on the phantom, sized for a 2-core CPU.
 
-synth → ingest → ROI detector → store → sweep (ASHA over the four paper
-backbones × HE on/off) → report → export → predict on new raw radiographs →
+synth → ingest → ROI detector → store → sweep (an HE × Flip ablation, FIFO:
+every trial trains all its epochs) → report → export → predict on new raw radiographs →
 the exported winner's AUC on newly generated patients beside its test AUC.
 Every step is the same library call the command line makes; only the sizes
 are small.
