@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,6 @@ class DataConfig:
     dataset: str = ""  # DATASET directory written by `fsweep ingest`
     store: str = ""  # STORE path (or s3:// / gs:// URI) of the preprocessing cache
     size: int = 512  # square input size in pixels (paper: 512)
-    aspect: str = "pad"  # crop to square: pad (measured better on phantom v2: README) or stretch (the paper)
 
 
 @dataclass
@@ -68,6 +68,7 @@ class SpaceConfig:
     epochs: Any = 25  # paper: 25
     lr: Any = 1e-3  # initial learning rate (paper: 0.001)
     he: Any = "global"  # histogram equalization: off / global (paper eq. 1-4) / clahe
+    aspect: Any = "stretch"  # crop to square: stretch (the paper's plain resize) / pad (keep the aspect, black borders)
     flip: Any = True  # cross-view left-right Flip augmentation of the training set
     stn: Any = "frozen"  # spatial transformer: off / frozen (pretrained, paper) / joint
     finetune: Any = True  # train all backbone layers (paper) or only the head
@@ -195,6 +196,7 @@ SPACE_TYPES = {
     "epochs": _positive_int,
     "lr": _positive_float,
     "he": lambda v, where: normalise_choice(v, where, HE_MODES),
+    "aspect": lambda v, where: normalise_choice(v, where, ASPECTS),
     "flip": parse_flag,
     "stn": lambda v, where: normalise_choice(v, where, STN_MODES),
     "finetune": parse_flag,
@@ -320,7 +322,6 @@ def validate(cfg: Config) -> Config:
     for section, key in PATH_KEYS:
         if is_off(getattr(getattr(cfg, section), key)):
             setattr(getattr(cfg, section), key, "none")
-    cfg.data.aspect = normalise_choice(cfg.data.aspect, "data.aspect", ASPECTS)
     cfg.train.optimizer = normalise_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
     cfg.train.schedule = normalise_choice(cfg.train.schedule, "train.schedule", SCHEDULES)
     keep = "none" if is_off(cfg.search.keep_checkpoints) else cfg.search.keep_checkpoints  # YAML's bare off
@@ -355,7 +356,14 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
     return value
 
 
+MOVED_KEYS = {("data", "aspect"): ("space", "aspect")}  # old spelling -> the key it became (read as the new one)
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    if (section, key) in MOVED_KEYS:  # old configs, checkpoints and experiments keep working
+        old, (section, key) = f"{section}.{key}", MOVED_KEYS[section, key]
+        warnings.warn(f"{where}: {old} is now {section}.{key} (a searched preprocessing key like space.he); "
+                      f"read as {section}.{key}", FutureWarning, stacklevel=3)
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section {section!r} (valid: {', '.join(SECTIONS)})")
     sec = getattr(cfg, section)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.errors import FsweepError
-from fsmodels.config import Config, key_values, space_value
+from fsmodels.config import Config, entry_values, space_points, space_value
 from preprocessing.vocab import is_off
 
 
@@ -18,6 +18,7 @@ class TrialParams:
     epochs: int
     lr: float
     he: str
+    aspect: str
     flip: bool
     stn: str
     finetune: bool
@@ -39,7 +40,28 @@ def trial_params(cfg: Config) -> TrialParams:
     return TrialParams(**{key: space_value(key, _scalar(cfg, key)) for key in TrialParams.__dataclass_fields__})
 
 
-def resolve_variant(cfg: Config, he: str):
+def variant_name(he: str, aspect: str) -> str:
+    """The name the driver's record gives the store variant of one (HE mode, aspect) pair, e.g. ``global/stretch``."""
+    return f"{he}/{aspect}"
+
+
+def variant_recipes(cfg: Config) -> list[tuple[str, str]]:
+    """Every (HE mode, aspect) pair a trial of the space can draw, point by point: the variants a sweep builds."""
+    pairs = []
+    for point in space_points(cfg):
+        pairs += [(he, aspect) for he in entry_values("he", point["he"]) for aspect in entry_values("aspect", point["aspect"])]
+    return list(dict.fromkeys(pairs))
+
+
+def record_entry(record: dict, he: str, aspect: str):
+    """The entry for (he, aspect) in a driver record section (``variants`` or ``stns``).
+
+    Records written before ``space.aspect`` was searched name variants by HE mode alone (one aspect per sweep).
+    """
+    return record[variant_name(he, aspect)] if variant_name(he, aspect) in record else record[he]
+
+
+def resolve_variant(cfg: Config, he: str, aspect: str):
     """Open the store variant the config names, its key computed from DATASET (the driver's and `fsweep train`'s step).
 
     Never builds one (sweeps only read the store). Everything after this opens the variant by
@@ -52,13 +74,13 @@ def resolve_variant(cfg: Config, he: str):
 
     detector = cfg.roi.detector
     roi_dir = None if is_off(detector) else detector
-    spec = VariantSpec(he=he, size=cfg.data.size, aspect=cfg.data.aspect, roi_dir=roi_dir, margin=cfg.roi.margin)
+    spec = VariantSpec(he=he, size=cfg.data.size, aspect=aspect, roi_dir=roi_dir, margin=cfg.roi.margin)
     key = variant_key(cfg.data.dataset, spec)
     if not exists(join(cfg.data.store, key, MANIFEST)):  # a path or an s3:// / gs:// URI
         raise FsweepError(
-            f"{cfg.data.store}: no store variant {key} (he={he}, size={cfg.data.size}, roi={detector}); "
-            f"build it with `fsweep store build {cfg.data.dataset} --store {cfg.data.store} --size {cfg.data.size} "
-            f"--he {he}" + (f" --roi {roi_dir}`" if roi_dir else "`")
+            f"{cfg.data.store}: no store variant {key} (he={he}, aspect={aspect}, size={cfg.data.size}, "
+            f"roi={detector}); build it with `fsweep store build {cfg.data.dataset} --store {cfg.data.store} "
+            f"--size {cfg.data.size} --he {he} --aspect {aspect}" + (f" --roi {roi_dir}`" if roi_dir else "`")
         )
     return open_variant(cfg.data.store, key)
 
@@ -72,7 +94,7 @@ def trial_handles(cfg: Config, params: TrialParams) -> dict:
     """Resolve the trial's variant (and frozen STN, trained if missing) once: ``{"variant": h, "stn": h | None}``."""
     from fsmodels.stn import ensure_frozen_stn
 
-    variant = resolve_variant(cfg, params.he)
+    variant = resolve_variant(cfg, params.he, params.aspect)
     stn = None
     if params.stn == "frozen":
         stn = handle(ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=params.seed, store=cfg.data.store))
@@ -95,12 +117,13 @@ def open_artifacts(cfg: Config, handles: dict):
 
 
 def build_variants(cfg: Config, address: str | None = None) -> dict:
-    """Build or reuse the store variant of every HE mode the space can draw (the only variants a sweep builds;
-    thumbnails come from what exists): ``{he: Variant}``. ``address``: the Ray the build runs on."""
+    """Build or reuse the store variant of every (HE mode, aspect) pair the space can draw (the only variants a
+    sweep builds; thumbnails come from what exists): ``{variant_name: Variant}``. ``address``: the Ray the build
+    runs on."""
     from preprocessing.store import build_store
 
-    modes = key_values(cfg, "he")
-    return dict(zip(modes, build_store(
-        cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size, he_modes=modes,
-        margin=cfg.roi.margin, aspect=cfg.data.aspect, address=address,
+    recipes = variant_recipes(cfg)
+    return dict(zip((variant_name(*pair) for pair in recipes), build_store(
+        cfg.data.dataset, cfg.data.store, roi=cfg.roi.detector, size=cfg.data.size, recipes=recipes,
+        margin=cfg.roi.margin, address=address,
     )))

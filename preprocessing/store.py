@@ -63,19 +63,19 @@ def build_store(
     *,
     roi: str | None,
     size: int,
-    he_modes,
+    recipes,
     margin: float,
-    aspect: str,
     address: str | None = None,
 ) -> list[Variant]:
-    """Build one variant per HE mode; each image is decoded and its ROI detected once for all modes.
+    """Build one variant per ``(he, aspect)`` pair of ``recipes``; each image is decoded and its ROI detected
+    once for all of them.
 
     ``address``: the Ray to use (``cluster.connect``): None/local starts a small local one, ``auto`` or
     ``ray://...`` joins a cluster whose nodes all see DATASET's images and the STORE path.
     """
     roi_dir = None if is_off(roi) else str(Path(roi).resolve())
     specs = [VariantSpec(he=he.strip(), size=size, aspect=aspect, roi_dir=roi_dir, margin=margin).check()
-             for he in he_modes]
+             for he, aspect in recipes]
     return _build(Path(dataset_dir), resolve_storage(store), specs, address)
 
 

@@ -21,6 +21,7 @@ from ray.tune.search.sample import Domain, _BackwardsCompatibleNumpyRng
 from ray.tune.search.variant_generator import generate_variants
 
 from fsmodels.config import SPACE_KEYS, Config, key_values
+from fsmodels.params import variant_name, variant_recipes
 from preprocessing.ingest import load_dataset
 from preprocessing.loader import train_views
 from preprocessing.splits import dataset_folds, fold_column
@@ -87,7 +88,10 @@ def device_hours(cfg: Config, image_epochs: int, rate: float) -> float:
 
 def plan_summary(cfg: Config, table: pd.DataFrame, known: bool, rate: float | None = None) -> list[str]:
     """The totals: trial count, trial-epochs, images x epochs and, given a measured ``rate``, device-hours."""
-    lines = [f"trials: {len(table)}", f"trial-epochs: {int(table['epochs'].sum()) if len(table) else 0}"]
+    recipes = variant_recipes(cfg)
+    lines = [f"trials: {len(table)}", f"trial-epochs: {int(table['epochs'].sum()) if len(table) else 0}",
+             f"store variants: {len(recipes)} (he/aspect: {', '.join(variant_name(*r) for r in recipes)}; "
+             f"each built once at {cfg.data.size} px)"]
     if known:
         lines.append(f"images x epochs: {int(table['image_epochs'].sum()) if len(table) else 0} "
                      f"(training images of each trial's view(s) and fold, Flip doubling; {cfg.data.dataset})")

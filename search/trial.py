@@ -23,7 +23,7 @@ SAMPLE_COUNT = 4  # sample images per preprocessing stage in TensorBoard
 def trial_config(base: dict, params: dict) -> Config:
     """The one-trial Config: the sweep's sections with this trial's space values."""
     raw = {section: dict(values) for section, values in base.items()}
-    raw["space"] = {key: params[key] for key in SPACE_KEYS}
+    raw["space"] = {key: params[key] for key in SPACE_KEYS if key in params}  # an older sweep's trials lack newer keys
     cfg = config_from_dict(raw)
     cfg.train.test = False  # selection is on validation; only the winner is ever scored on test
     return cfg
@@ -35,8 +35,11 @@ def _node_label() -> str:
 
 def artifact_handles(cfg: Config, record: dict) -> dict:
     """This trial's variant and frozen STN handles, looked up in the driver's record (never recomputed)."""
-    stn = record["stns"][cfg.space.he][int(cfg.space.seed)] if cfg.space.stn == "frozen" else None
-    return {"variant": record["variants"][cfg.space.he], "stn": stn}
+    from fsmodels.params import record_entry
+
+    he, aspect = cfg.space.he, cfg.space.aspect
+    stn = record_entry(record["stns"], he, aspect)[int(cfg.space.seed)] if cfg.space.stn == "frozen" else None
+    return {"variant": record_entry(record["variants"], he, aspect), "stn": stn}
 
 
 def _sample_stages(cfg: Config, record: dict, handles: dict) -> dict[str, list]:
@@ -44,14 +47,15 @@ def _sample_stages(cfg: Config, record: dict, handles: dict) -> dict[str, list]:
     after the frozen STN; only artifacts the sweep built anyway are opened."""
     import torch
 
-    from fsmodels.params import open_artifacts
+    from fsmodels.params import open_artifacts, variant_name
     from fsmodels.stn import load_frozen_stn
 
     view = "right" if cfg.space.view == "both" else cfg.space.view
     variant, weights = open_artifacts(cfg, handles)
     stages = {}
-    if "off" in record["variants"]:
-        crop, _ = open_artifacts(cfg, {"variant": record["variants"]["off"]})
+    plain = variant_name("off", cfg.space.aspect)
+    if plain in record["variants"]:
+        crop, _ = open_artifacts(cfg, {"variant": record["variants"][plain]})
         stages["roi_crop"] = list(crop.images("val", view)[:SAMPLE_COUNT])
     stages["after_he"] = list(variant.images("val", view)[:SAMPLE_COUNT])
     if weights is not None and stages["after_he"]:

@@ -85,7 +85,7 @@ def tiny_sweep_config(dataset: Path, store: Path, **space_values) -> Config:
 def make_spec(**fields) -> VariantSpec:
     """A VariantSpec with the config's defaults (HE global, no detector) for every field a test leaves out."""
     cfg = Config()
-    recipe = dict(he="global", size=cfg.data.size, aspect=cfg.data.aspect, roi_dir=None, margin=cfg.roi.margin)
+    recipe = dict(he="global", size=cfg.data.size, aspect=cfg.space.aspect, roi_dir=None, margin=cfg.roi.margin)
     return VariantSpec(**{**recipe, **fields})
 
 

@@ -91,9 +91,9 @@ def _config_of(argv: list[str]):
 
 
 @pytest.mark.parametrize("flags, sets", [
-    (["store", "build", "DS", "--store", "ST", "--size", "48", "--he", "off,clahe", "--aspect", "pad", "--margin", "0.1"],
+    (["store", "build", "DS", "--store", "ST", "--size", "48", "--he", "off,clahe", "--aspect", "pad,stretch", "--margin", "0.1"],
      ["store", "build", "DS", "--store", "ST", "--set", "data.size=48", "--set", "space.he=[off, clahe]",
-      "--set", "data.aspect=pad", "--set", "roi.margin=0.1"]),
+      "--set", "space.aspect=[pad, stretch]", "--set", "roi.margin=0.1"]),
     (["roi", "train", "DS", "--out", "R", "--epochs", "3", "--imgsz", "96", "--annotated", "20"],
      ["roi", "train", "DS", "--out", "R", "--set", "roi.epochs=3", "--set", "roi.imgsz=96", "--set", "roi.annotated=20"]),
     (["stn", "train", "ST", "--epochs", "2", "--seed", "5"],
@@ -108,7 +108,7 @@ def test_commands_without_flags_take_the_config_defaults(tmp_path):
 
     (tmp_path / "c.yaml").write_text("data: {size: 80}\nroi: {epochs: 4}\n")
     built = _config_of(["store", "build", "DS", "--store", "ST", "--config", str(tmp_path / "c.yaml")])
-    assert built["data"]["size"] == 80 and built["data"]["aspect"] == Config().data.aspect
+    assert built["data"]["size"] == 80 and built["space"]["aspect"] == Config().space.aspect == "stretch"
     assert _config_of(["roi", "train", "DS", "--out", "R"])["roi"] == Config().to_dict()["roi"]
     # a flag beats the file, --set beats the flag
     argv = ["store", "build", "DS", "--store", "ST", "--config", str(tmp_path / "c.yaml"), "--size", "96"]
@@ -132,7 +132,7 @@ def test_space_values_are_typed_once_when_the_config_loads(tmp_path):
 @pytest.mark.parametrize("override, needle", [
     ("space.batch_size=0", "space.batch_size"), ("space.lr=-1", "space.lr"), ("space.he=[off, sideways]", "space.he"),
     ("space.flip=maybe", "space.flip"), ("space.epochs={normal: [1, 2]}", "unknown distribution"),
-    ("data.aspect=crop", "data.aspect"),
+    ("space.aspect=crop", "space.aspect"), ("data.aspect=crop", "space.aspect"),
 ])
 def test_a_bad_space_value_is_refused_at_load_in_one_line(override, needle):
     from fsmodels.config import load_config

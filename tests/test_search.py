@@ -177,7 +177,7 @@ def test_grid_sweep_completes_and_trials_only_read_the_store(grid_sweep):
     dirs = trial_dirs(experiment)
     for row in done.itertuples():
         metrics = json.loads((dirs[row.trial_id] / "metrics.json").read_text())
-        assert metrics["variant"] == variants["variants"][row.he]["key"]  # the driver-built variant of its HE mode
+        assert metrics["variant"] == variants["variants"][f"{row.he}/{row.aspect}"]["key"]  # the driver-built variant of its HE mode
         assert "test" not in metrics  # trials never score the test split
         assert yaml.safe_load((dirs[row.trial_id] / "config.yaml").read_text())["data"]["store"].startswith("/")
 

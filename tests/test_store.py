@@ -46,7 +46,7 @@ def local_ray():
 def built(tiny_dataset, tmp_path_factory):
     """A store with the off and global variants of the tiny data set."""
     store = tmp_path_factory.mktemp("store")
-    variants = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"), aspect="pad", margin=0.05)
+    variants = build_store(tiny_dataset, store, roi="none", size=SIZE, recipes=[("off", "pad"), ("global", "pad")], margin=0.05)
     return store, variants
 
 
@@ -158,18 +158,18 @@ def test_build_writes_the_layout_and_the_recipe(built, tiny_dataset):
 
 def test_second_build_does_no_preprocessing(built, tiny_dataset, capsys):
     store, first = built
-    again = build_store(tiny_dataset, store, roi="none", size=SIZE, he_modes=("off", "global"), aspect="pad", margin=0.05)
+    again = build_store(tiny_dataset, store, roi="none", size=SIZE, recipes=[("off", "pad"), ("global", "pad")], margin=0.05)
     assert [v.key for v in again] == [v.key for v in first]
     assert [v.preprocessed for v in again] == [0, 0]
     assert capsys.readouterr().out.count("up to date: no work") == 2
     args = ["store", "build", str(tiny_dataset), "--store", str(store), "--size", str(SIZE), "--he", "global",
-            "--set", "data.aspect=pad"]
+            "--set", "space.aspect=pad"]
     assert fsweep(args) == 0
     assert "up to date: no work" in capsys.readouterr().out
 
 
 def test_a_mode_given_twice_is_built_once(tiny_dataset, tmp_path):
-    first, second = build_store(tiny_dataset, tmp_path, roi="none", size=SIZE, he_modes=("off", "off"), aspect="pad", margin=0.05)
+    first, second = build_store(tiny_dataset, tmp_path, roi="none", size=SIZE, recipes=[("off", "pad"), ("off", "pad")], margin=0.05)
     assert first.key == second.key and first.preprocessed == len(first.index)
     assert not list(first.path.glob(".*.tmp"))
 
