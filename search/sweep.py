@@ -73,8 +73,8 @@ def _check_folds(cfg: Config) -> None:
                           "run `fsweep ingest --folds K`)")
 
 
-def frozen_stn_runs(cfg: Config) -> list[tuple[str, int]]:
-    """(HE mode, seed) of every trial the space can draw with a frozen STN: the STNs the driver pretrains."""
+def frozen_stn_runs(cfg: Config) -> list[tuple[str, str, int]]:
+    """(HE mode, aspect, seed) of every trial the space can draw with a frozen STN: the STNs the driver pretrains."""
     runs = []
     for point in space_points(cfg):
         if "frozen" not in entry_values("stn", point["stn"]):
@@ -82,24 +82,27 @@ def frozen_stn_runs(cfg: Config) -> list[tuple[str, int]]:
         seeds = entry_values("seed", point["seed"])
         if seeds is None:  # each seed pretrains its own STN, before the sweep: they must be known
             raise ConfigError("space.seed: with stn frozen, seeds must be a value or a list (each pretrains an STN)")
-        runs += [(he, int(seed)) for he in entry_values("he", point["he"]) for seed in seeds]
+        runs += [(he, aspect, int(seed)) for he in entry_values("he", point["he"])
+                 for aspect in entry_values("aspect", point["aspect"]) for seed in seeds]
     return list(dict.fromkeys(runs))
 
 
 def prepare_store(cfg: Config) -> dict:
     """Build or reuse every variant and frozen STN the sweep needs; the record every trial opens them by.
 
-    ``{"variants": {he: handle}, "stns": {he: {seed: handle}}}``, a handle being ``{key, manifest}``
-    (``fsmodels.params.handle``): resolved here once, saved as ``fsweep_variants.yaml``.
+    ``{"variants": {name: handle}, "stns": {name: {seed: handle}}}``, a name being ``he/aspect``
+    (``fsmodels.params.variant_name``) and a handle ``{key, manifest}`` (``fsmodels.params.handle``):
+    resolved here once, saved as ``fsweep_variants.yaml``.
     """
-    from fsmodels.params import build_variants, handle
+    from fsmodels.params import build_variants, handle, variant_name
     from fsmodels.stn import ensure_frozen_stn
 
     variants = build_variants(cfg)
-    record = {"variants": {he: handle(variant) for he, variant in variants.items()}, "stns": {}}
-    for he, seed in frozen_stn_runs(cfg):  # a trial's STN is pretrained with the trial's own seed
-        stn = ensure_frozen_stn(variants[he], epochs=cfg.train.stn_epochs, seed=seed, store=cfg.data.store)
-        record["stns"].setdefault(he, {})[seed] = handle(stn)
+    record = {"variants": {name: handle(variant) for name, variant in variants.items()}, "stns": {}}
+    for he, aspect, seed in frozen_stn_runs(cfg):  # a trial's STN is pretrained with the trial's own seed
+        name = variant_name(he, aspect)
+        stn = ensure_frozen_stn(variants[name], epochs=cfg.train.stn_epochs, seed=seed, store=cfg.data.store)
+        record["stns"].setdefault(name, {})[seed] = handle(stn)
     return record
 
 

@@ -580,13 +580,13 @@ def test_export_after_a_reingest_uses_the_recorded_variant_or_refuses_in_one_lin
     dataset, store = tmp_path / "dataset", tmp_path / "store"
     ingest(tiny_phantom / "manifest.csv", dataset, seed=0, salt=TINY_SALT, echo=False)
     fingerprint = json.loads((dataset / "summary.json").read_text())["fingerprint"]
-    build_store(dataset, store, roi="none", size=64, he_modes=["global"], margin=0.05, aspect="stretch")
+    build_store(dataset, store, roi="none", size=64, recipes=[("global", "stretch")], margin=0.05)
     cfg = tiny_sweep_config(dataset, store, seed=[0, 1], stn="frozen")
     cfg.data.size = 64  # ONNX can express the STN's pooling at multiples of 64 px
     experiment = run_sweep(cfg, address=ray_cluster.address, name="rekey", storage=str(tmp_path / "runs"))
     record = yaml.safe_load((experiment / STORE_VARIANTS).read_text())
-    recorded = record["variants"]["global"]["key"]
-    stns = record["stns"]["global"]
+    recorded = record["variants"]["global/stretch"]["key"]
+    stns = record["stns"]["global/stretch"]
     assert set(stns) == {0, 1} and stns[0]["key"] != stns[1]["key"]  # each seed pretrains its own STN
     stats = json.loads((store / "stn" / stns[1]["key"] / "stn.json").read_text())
     assert stats["seed"] == 1 and {"rotation_deg", "scale", "det"} <= set(stats["theta"])
@@ -595,7 +595,7 @@ def test_export_after_a_reingest_uses_the_recorded_variant_or_refuses_in_one_lin
     # the same folder re-ingested with another split, the store rebuilt: another variant key
     ingest(tiny_phantom / "manifest.csv", dataset, seed=1, salt=TINY_SALT, echo=False)
     assert json.loads((dataset / "summary.json").read_text())["fingerprint"] != fingerprint
-    rebuilt = build_store(dataset, store, roi="none", size=64, he_modes=["global"], margin=0.05, aspect="stretch")
+    rebuilt = build_store(dataset, store, roi="none", size=64, recipes=[("global", "stretch")], margin=0.05)
     assert rebuilt[0].key != recorded
 
     card = json.loads((export_experiment(experiment, tmp_path / "model") / "model_card.json").read_text())

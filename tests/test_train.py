@@ -212,9 +212,9 @@ def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_mis
     store = f"file://{tmp_path / 'uri_store'}"
     built = build_variant(tiny_dataset, store, make_spec(he="off", size=32, roi_dir=None))
     cfg = load_config(None, [f"data.dataset={tiny_dataset}", f"data.store={store}", "data.size=32"])
-    assert resolve_variant(cfg, "off").key == built.key
+    assert resolve_variant(cfg, "off", "stretch").key == built.key
     with pytest.raises(FsweepError, match="fsweep store build"):
-        resolve_variant(cfg, "clahe")  # never built: the error says how to build it
+        resolve_variant(cfg, "clahe", "stretch")  # never built: the error says how to build it
 
 
 def test_a_trial_whose_scores_turn_nan_is_diverged_and_never_takes_that_epoch(trial_yaml, tmp_path, monkeypatch):
