@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"the smallest run ({QUICK})")
     args = parser.parse_args()
     reuse = not args.fresh_actors
-    sizes = dict(QUICK) if args.quick else dict(trials=TRIALS, reports=REPORTS, epoch_s=EPOCH_S, node_counts=NODE_COUNTS)
+    full = dict(trials=TRIALS, reports=REPORTS, epoch_s=EPOCH_S, node_counts=NODE_COUNTS)
+    sizes = dict(QUICK) if args.quick else full
     node_counts = sizes.pop("node_counts")
     print(
         f"{sizes['trials']} trials x {sizes['reports']} reports x {sizes['epoch_s']}s sleep; one trial per node at a "
