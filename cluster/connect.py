@@ -9,6 +9,11 @@
   ``ray job submit``) counts as the address when none is given.
 - Joining ships fsweep's packages to the workers in a ``runtime_env`` unless fsweep
   is installed as a regular (non-editable) distribution, which the cluster files do.
+- Every worker gets ``cluster.gpuenv.worker_env()``: work given zero GPUs (``gpu: 0``
+  trials, store-build tasks) sees no GPU, and ``CUBLAS_WORKSPACE_CONFIG`` is set before
+  its first CUDA call. Joining passes them in the job's ``runtime_env``; a local start
+  puts them into the environment the new raylet (and so every worker) inherits. The
+  cluster files also set them on ``ray start``, for jobs not started by fsweep.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 from cluster.errors import FsweepError
+from cluster.gpuenv import worker_env
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("preprocessing", "fsmodels", "search", "cluster")
@@ -29,8 +35,13 @@ def project_runtime_env() -> dict:
     return {
         "py_modules": [str(PROJECT_ROOT / name) for name in PACKAGES],
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": {"PYTHONUNBUFFERED": "1"},
+        "env_vars": {"PYTHONUNBUFFERED": "1", **worker_env()},
     }
+
+
+def job_runtime_env() -> dict:
+    """The runtime_env of a job that joins a cluster: the project's packages unless installed, the worker env."""
+    return project_runtime_env() if not installed_as_distribution() else {"env_vars": worker_env()}
 
 
 def installed_as_distribution() -> bool:
@@ -47,6 +58,8 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool
     # it picks the loopback IP only when multi-node support is off (its own switch,
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when Ray is imported). Ray is usually
     # imported before we get here, so the switch is flipped for this one start and put back.
+    for name, value in worker_env().items():  # inherited by the raylet this start launches, so by every worker
+        os.environ.setdefault(name, value)
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -61,9 +74,8 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool
 def _join(address: str, log_to_driver: bool) -> None:
     import ray
 
-    runtime_env = None if installed_as_distribution() else project_runtime_env()
     try:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=log_to_driver)
+        ray.init(address=address, runtime_env=job_runtime_env(), logging_level="WARNING", log_to_driver=log_to_driver)
     except ConnectionError as exc:  # no cluster there: bad input, so the one-line error, not a traceback
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FsweepError(f"address {address}: cannot join Ray ({reason})") from None

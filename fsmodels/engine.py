@@ -1,26 +1,31 @@
 """Epoch mechanics: device choice, loaders, one training pass, prediction.
 
-On CUDA: AMP (bf16 where supported, else fp16 with a grad scaler), channels_last,
-pinned memory and non-blocking copies; losses and scores stay on the device
-until the epoch ends, so there is no host sync per step. Evaluation runs in fp32
-(autocast off), so the scores a trial is selected by are the exported model's.
-``train.deterministic`` makes reruns bit-identical; otherwise cuDNN autotunes.
+On CUDA: AMP (bf16 where the GPU has it natively, compute capability 8.0 or newer; else fp16
+with a grad scaler), channels_last, pinned memory and non-blocking copies; losses and scores stay
+on the device until the epoch ends, so there is no host sync per step. Evaluation runs in true
+fp32 (autocast off and TF32 off: ``fsmodels.precision.true_fp32``), so the scores a trial is
+selected by are the exported model's; training keeps cuDNN's TF32 default.
+``train.deterministic`` makes reruns bit-identical; otherwise cuDNN autotunes. A trial that asks
+for a GPU (``resources.gpu > 0``) and sees none fails at once (``require_device``).
 """
 from __future__ import annotations
 
-import os
+import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fsmodels.config import Config
 from cluster.errors import FsweepError
+from cluster.gpuenv import CUBLAS_WORKSPACE, no_cuda_line, set_process_env  # noqa: F401 - CUBLAS_WORKSPACE re-exported
+from fsmodels.config import Config
+from fsmodels.metrics import auc_score
 from fsmodels.model import FsNet
+from fsmodels.precision import true_fp32
 from preprocessing.vocab import normalise_choice
 
-CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting that makes its GEMMs deterministic (CUDA docs)
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,44 @@ def runtime(cfg: Config) -> Runtime:
     amp = _auto_toggle(cfg.train.amp, "train.amp")
     last = _auto_toggle(cfg.train.channels_last, "train.channels_last")
     use_amp = amp == "on" or (amp == "auto" and cuda)
-    dtype = None
-    if use_amp:
-        dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    dtype = amp_dtype(cuda) if use_amp else None
     return Runtime(device, dtype, last == "on" or (last == "auto" and cuda))
+
+
+def amp_dtype(cuda: bool, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """bf16 where it is native (CPU autocast; CUDA compute capability >= 8.0), else fp16 (with a GradScaler).
+
+    Not ``torch.cuda.is_bf16_supported()``: it also says yes where bf16 is emulated (V100, T4: capability 7.x),
+    which runs slower than fp16 there and would leave the fp16 + GradScaler branch dead.
+    """
+    if not cuda:
+        return torch.bfloat16
+    major, _ = capability if capability is not None else torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def require_device(gpu: float) -> None:
+    """Fail at once, in one line, when ``resources.gpu`` asks for a GPU and torch sees no CUDA device.
+
+    Without it such a trial would train on its CPU threads for hours without a word (a driver older
+    than the wheel's CUDA, a CPU-only torch on a GPU node, a masked CUDA_VISIBLE_DEVICES).
+    """
+    if gpu > 0 and not torch.cuda.is_available():
+        raise FsweepError(no_cuda_line(f"resources.gpu={gpu:g}"))
+
+
+def device_share(rt: Runtime) -> float:
+    """The share of its device a trial holds, for device-seconds: Ray's assigned GPU fraction inside a Ray
+    worker, else 1 (``fsweep train`` on a GPU holds all of it, whatever ``resources.gpu`` says; a CPU trial
+    counts its wall time)."""
+    if rt.device.type != "cuda":
+        return 1.0
+    ray = sys.modules.get("ray")  # never imported here: a trial inside Ray has it loaded already
+    if ray is not None and ray.is_initialized():
+        gpu = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        if gpu > 0:
+            return gpu
+    return 1.0
 
 
 def device_label(rt: Runtime) -> str:
@@ -68,7 +107,7 @@ def set_determinism(deterministic: bool) -> None:
     differ in the last bits. On the CPU every op the trial uses is deterministic.
     """
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read when cuBLAS starts
+        set_process_env()  # CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: warns if CUDA started before it
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by timing: not reproducible
@@ -137,11 +176,19 @@ def to_input(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
 
 
-def train_epoch(model: FsNet, loader: DataLoader, criterion, optimizer, scaler, rt: Runtime) -> float:
-    """One pass over the training set; the mean loss (synchronised once, at the end)."""
+class TrainPass(NamedTuple):
+    """What one training pass measured: the mean loss and the AUC of the scores it trained on."""
+
+    loss: float
+    auc: float  # running: each batch scored just before its own step (train mode, augmented); under-fitting shows
+
+
+def train_epoch(model: FsNet, loader: DataLoader, criterion, optimizer, scaler, rt: Runtime) -> TrainPass:
+    """One pass over the training set: its mean loss and training AUC (synchronised once, at the end)."""
     model.train()
     total = torch.zeros((), device=rt.device)
     count = 0
+    scores, targets = [], []
     for images, labels in loader:
         x = to_input(images, rt)
         y = labels.to(rt.device, non_blocking=True).float()
@@ -154,7 +201,12 @@ def train_epoch(model: FsNet, loader: DataLoader, criterion, optimizer, scaler, 
         scaler.update()
         total += loss.detach() * len(y)
         count += len(y)
-    return float(total) / max(count, 1)
+        scores.append(logits.detach().float())  # AUC is rank-based: logits rank as probabilities do
+        targets.append(y)
+    if not scores:
+        return TrainPass(float("nan"), float("nan"))
+    auc = auc_score(torch.cat(targets).cpu().numpy(), torch.cat(scores).cpu().numpy())
+    return TrainPass(float(total) / max(count, 1), auc)
 
 
 @torch.no_grad()
@@ -165,8 +217,9 @@ def predict(model: FsNet, loader: DataLoader, criterion, rt: Runtime) -> tuple[n
     total = torch.zeros((), device=rt.device)
     for images, labels in loader:
         y = labels.to(rt.device, non_blocking=True).float()
-        # fp32 (autocast off): bf16 logits carry 8 bits, enough to reorder close scores and move the AUC
-        with torch.autocast(rt.device.type, enabled=False):
+        # fp32 (autocast off): bf16 logits carry 8 bits, enough to reorder close scores and move the AUC;
+        # TF32 off too (cuDNN's default for fp32 convolutions on Ampere and newer is TF32, ~1e-3 relative)
+        with torch.autocast(rt.device.type, enabled=False), true_fp32():
             logits = model(to_input(images, rt)).float()
         total += criterion(logits, y) * len(y)
         scores.append(torch.sigmoid(logits))

@@ -12,8 +12,12 @@ checksummed manifest written last. Its key hashes (variant key, epochs, seed,
 ``STN_CODE``); it is trained under the key's build lock (concurrent trials and
 drivers train it once), and a ``s3://``/``gs://`` store gets it uploaded, manifest
 last, and downloaded once per node, so every node uses the same STN. Theta and the
-sampling grid are computed in float32 even under autocast: bf16/fp16 coordinates
-shift the sampled pixels by whole pixels at 512 px.
+sampling grid are computed in true float32 even under autocast and with TF32 allowed
+(``fsmodels.precision.true_fp32``): bf16/fp16 coordinates shift the sampled pixels by whole
+pixels at 512 px, and TF32's ~1e-3 relative error in theta moves them by about half a pixel.
+Pretraining runs on the CPU unless ``device`` says otherwise: the artifact's key must name the
+same weights whichever node trains it (a GPU and a CPU differ in the last bits), it runs outside
+Ray's GPU accounting (in the sweep's driver), and the task is small (a 64 px localization net).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from cluster.errors import FsweepError
 from cluster.storage import is_uri, join, resolve_storage
 from fsmodels.metrics import json_safe
+from fsmodels.precision import true_fp32
 from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, local_dir, write_manifest
 from preprocessing.files import atomic_write, atomic_write_text
 from preprocessing.remote import publish, staging_dir
@@ -78,7 +83,7 @@ class STN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # theta, the grid and the sampling in float32 whatever autocast says (see the module docstring)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False), true_fp32():
             x32 = x.float()
             grid = F.affine_grid(self.theta(x32), list(x32.shape), align_corners=False)
             return F.grid_sample(x32, grid, align_corners=False, padding_mode="zeros").to(x.dtype)
@@ -130,12 +135,13 @@ def view_accuracy(model: ViewClassifier, images: np.ndarray, labels: np.ndarray,
 
 
 def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16,
-                 val: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[STN, dict]:
+                 val: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu") -> tuple[STN, dict]:
     """Train STN + tiny classifier on left vs right; return the STN and its loss/accuracy.
 
     ``val``: the variant's ``view_task(variant, "val")`` when the caller has read it already.
+    ``device``: the CPU by default, so the same key gives the same weights on every node (module docstring).
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
     torch.manual_seed(seed)
     images, labels = view_task(variant, "train")
     if len(np.unique(labels)) < 2:

@@ -45,11 +45,13 @@ from fsmodels.engine import (
     compile_error,
     compile_model,
     device_label,
+    device_share,
     epoch_batches,
     epoch_seed,
     make_loader,
     place_data,
     predict,
+    require_device,
     runtime,
     seed_everything,
     set_determinism,
@@ -242,6 +244,7 @@ def run_trial(
     params = trial_params(cfg)
     metric, mode = cfg.search.metric, cfg.search.mode
     _check_metric(metric)
+    require_device(cfg.resources.gpu)  # before anything trains (a frozen STN included): no silent CPU fallback
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -346,8 +349,9 @@ class _Accounting:
 
     def __init__(self, rt: Runtime, cfg: Config, earlier: float, started: float):
         self.device = device_label(rt)
-        # a fractional-GPU trial holds its share of the device; a CPU trial counts its wall time
-        self.share = float(cfg.resources.gpu) if rt.device.type == "cuda" and cfg.resources.gpu > 0 else 1.0
+        # the share Ray gave this trial (a fractional-GPU trial holds its share); outside Ray all of it (a CPU
+        # trial counts its wall time): `fsweep train` on a whole GPU must not record wall x resources.gpu
+        self.share = device_share(rt)
         self.earlier, self.started = earlier, started  # started: time.time() at the trial's start
         self.images, self.seconds = 0, 0.0
 

@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fsweep`` console script; returns the exit status."""
+    from cluster.gpuenv import set_process_env
+
+    set_process_env()  # CUBLAS_WORKSPACE_CONFIG before any command's first CUDA call (train.deterministic)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

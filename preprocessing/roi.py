@@ -109,7 +109,9 @@ class RoiDetector:
             raise FsweepError(f"{self.roi_dir}: no best.pt (train one with `fsweep roi train`)")
         self.sha256 = file_sha256(self.weights)
         self.imgsz = _trained_imgsz(self.roi_dir)
-        self.device = _device()
+        # detection on the CPU always: the box (so the crop, under an unchanged variant key) must not depend on
+        # whether the building node has a GPU; CUDA and CPU kernels differ in the last bits, enough to move an edge
+        self.device = "cpu"
         try:
             self._yolo = _load_yolo(str(self.weights))
         except (TypeError, pickle.UnpicklingError, RuntimeError) as exc:  # safe load refused it, or a damaged file
@@ -213,7 +215,11 @@ def _trained_imgsz(roi_dir: Path) -> int:
 
 
 def _device():
-    """First CUDA device when there is one (inside Ray tasks without GPUs Ray hides them: CPU), else the CPU."""
+    """Detector training's device (``fsweep roi train``): the first CUDA device torch sees, else the CPU.
+
+    Ray 2.60 no longer hides GPUs from tasks given zero GPUs unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1
+    (``cluster.gpuenv`` sets it for fsweep's workers); detection never uses this (``RoiDetector``: CPU).
+    """
     import torch
 
     return 0 if torch.cuda.is_available() else "cpu"
