@@ -1,4 +1,4 @@
-"""Phantom v2: determinism, labels, boxes, the view gap, the nuisance switches, label noise, stenosis."""
+"""Phantom family v2 (height: test_phantom_family.py): determinism, labels, boxes, view gap, switches, noise, stenosis."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -230,7 +230,7 @@ def test_contact_sheet_shows_samples_with_boxes(tiny_phantom):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"patients": 0}, "--patients"), ({"seed": -1}, "--seed"), ({"difficulty": 1.5}, "--difficulty"),
-     ({"size": (20, 400)}, "--size"), ({"label_noise": 0.7}, "label_noise")],
+     ({"size": (20, 400)}, "--size"), ({"label_noise": 0.7}, "label_noise"), ({"family": "v1"}, "--family")],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, message):
     with pytest.raises(FsweepError, match=message):

@@ -1,9 +1,11 @@
 """Phantom family ``height``: determinism, labels, manifest, boxes, the label in the foramen's height, switches, CLI."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -152,3 +154,39 @@ def test_cli_synth_family_flag_writes_that_family(tmp_path):
     assert _files(tmp_path / "cli") == _files(tmp_path / "lib")
     bad = subprocess.run(command[:-1] + ["v3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "v2, height" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _run(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "fsweep.cli", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"fsweep {' '.join(args)}:\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}"
+
+
+# A model trained through the README path on the height family scored NEW_PATIENTS_AUC on newly generated patients
+# (see the comment at the floor); chance is 0.5 and one such AUC on 80 images is worth about +-0.06.
+NEW_PATIENTS_AUC_FLOOR = 0.65
+SLOW_TRIAL = ["space.backbone=resnet10t", "space.view=both", "space.batch_size=16", "space.epochs=8", "space.lr=0.01",
+              "space.he=global", "space.flip=true", "space.stn=off", "space.seed=0", "train.pretrained=none",
+              "train.test=true", "data.size=64", "resources.cpu=2"]
+
+
+@pytest.mark.slow  # the README path on the height family at tiny size: about 2 minutes on 2 cores
+def test_readme_path_on_the_height_family_generalizes_to_new_patients(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from calibrate_phantom import NEW_SEED, NewPatients, aspect_key
+
+    _run("synth", "--out", str(tmp_path / "phantom"), "--family", "height", "--patients", "80", "--size", "148x252")
+    _run("ingest", str(tmp_path / "phantom" / "manifest.csv"), "--out", str(tmp_path / "dataset"))
+    _run("roi", "train", str(tmp_path / "dataset"), "--out", str(tmp_path / "roi"), "--annotated", "24",
+         "--epochs", "30", "--imgsz", "128", "--batch", "4")  # test_roi's tiny detector settings
+    _run("store", "build", str(tmp_path / "dataset"), "--store", str(tmp_path / "store"), "--roi", str(tmp_path / "roi"),
+         "--size", "64", "--he", "global", "--aspect", "stretch")
+    pairs = [*SLOW_TRIAL, f"data.dataset={tmp_path / 'dataset'}", f"data.store={tmp_path / 'store'}",
+             f"roi.detector={tmp_path / 'roi'}", f"{aspect_key()}=stretch"]
+    _run("train", str(Path(__file__).resolve().parents[1] / "configs" / "demo_trial.yaml"), "--out",
+         str(tmp_path / "trial"), *[arg for pair in pairs for arg in ("--set", pair)])
+    metrics = json.loads((tmp_path / "trial" / "metrics.json").read_text())
+    settings = SimpleNamespace(new_patients=40, difficulty=0.5, family="height", image_size=(148, 252))
+    fresh = NewPatients(tmp_path / "new_patients", settings, tmp_path / "roi")
+    auc = fresh.auc(metrics["checkpoint"], "global", "stretch", 64)
+    assert fresh.labels.size == 80 and NEW_SEED != 0
+    assert auc >= NEW_PATIENTS_AUC_FLOOR, (auc, metrics["val"], metrics.get("test"))
