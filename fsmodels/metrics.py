@@ -18,6 +18,9 @@ CI_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity")  # metrics 
 SPLIT_METRICS = (*CI_METRICS, "loss")  # what every scored split reports (metrics.json `val` / `test` keys)
 # the per-epoch validation metrics that may select epochs and trials (never a test metric)
 SELECTABLE_METRICS = tuple(f"val_{name}" for name in SPLIT_METRICS)
+# per-epoch fit diagnostics beside validation (reported per epoch and, as best_<name>, at the best epoch; never
+# selected on): the training pass's AUC (under-fitting) and the validation AUC's patient-bootstrap 95 % interval
+FIT_METRICS = ("train_auc", "val_auc_lo", "val_auc_hi")
 BINARY_KEYS = (*CI_METRICS, "youden_threshold", "tp", "fp", "tn", "fn")  # binary_metrics' keys, in its order
 
 
@@ -138,6 +141,23 @@ def patient_draws(patients, n: int, seed: int) -> list[np.ndarray]:
     return draws
 
 
+def _bootstrap_draws(y: np.ndarray, patients, n: int, seed: int):
+    """Resampled index arrays: whole patients when ``patients`` is given, else single images."""
+    if patients is not None:
+        return patient_draws(patients, n, seed)
+    if y.size:
+        return np.random.default_rng(seed).integers(0, y.size, size=(n, y.size))
+    return np.zeros((n, 0), dtype=np.int64)
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> list[float]:
+    """The percentile interval of the defined (non-nan) resampled values; [nan, nan] when none is defined."""
+    values = values[~np.isnan(values)]
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(values, [tail, 100.0 - tail]) if values.size else (NAN, NAN)
+    return [float(lo), float(hi)]
+
+
 def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float = 0.5, level: float = 0.95,
                  patients=None) -> dict:
     """Percentile bootstrap intervals ``{'<metric>_ci': [lo, hi]}`` over resampled patients (or images).
@@ -149,25 +169,46 @@ def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float 
     y, s = _arrays(y_true, scores)
     if not all_finite(s):
         return {f"{name}_ci": [NAN, NAN] for name in CI_METRICS}
-    if patients is not None:
-        draws = patient_draws(patients, n, seed)
-    elif y.size:
-        draws = np.random.default_rng(seed).integers(0, y.size, size=(n, y.size))
-    else:
-        draws = np.zeros((n, 0), dtype=np.int64)
+    draws = _bootstrap_draws(y, patients, n, seed)
     values = {name: np.empty(n) for name in CI_METRICS}
     for i, idx in enumerate(draws):
         yi, si = y[idx], s[idx]
         values["auc"][i] = auc_score(yi, si)
         for name, value in rates(**confusion(yi, si, threshold)).items():
             values[name][i] = value
-    tail = (1.0 - level) / 2.0 * 100.0
-    out = {}
-    for name, vals in values.items():
-        vals = vals[~np.isnan(vals)]
-        lo, hi = (np.percentile(vals, [tail, 100.0 - tail]) if vals.size else (NAN, NAN))
-        out[f"{name}_ci"] = [float(lo), float(hi)]
-    return out
+    return {f"{name}_ci": _percentile_interval(vals, level) for name, vals in values.items()}
+
+
+def _draw_weights(y: np.ndarray, patients, n: int, seed: int) -> np.ndarray:
+    """(n, images) multiplicities of each image in ``_bootstrap_draws``' resamples, drawn with the same generator."""
+    if patients is not None:
+        codes = np.unique(np.asarray(patients).astype(str), return_inverse=True)[1].ravel()
+        groups = int(codes.max()) + 1 if codes.size else 0
+    else:
+        codes, groups = np.arange(y.size), y.size
+    counts = np.zeros((n, groups))
+    if groups:
+        picked = np.random.default_rng(seed).integers(0, groups, size=(n, groups))  # patient_draws' stream, at once
+        np.add.at(counts, (np.repeat(np.arange(n), groups), picked.ravel()), 1.0)
+    return counts[:, codes] if groups else np.zeros((n, y.size))
+
+
+def auc_interval(y_true, scores, patients=None, n: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """``bootstrap_ci``'s ``auc_ci`` alone, the same resamples, in a few milliseconds: cheap enough for every epoch.
+
+    A resample's AUC is the weighted Mann-Whitney count (ties 1/2) with each image weighted by how often
+    its patient was drawn, which equals the mid-rank AUC of the resampled images.
+    """
+    y, s = _arrays(y_true, scores)
+    if not all_finite(s):
+        return [NAN, NAN]
+    pos, neg = y == 1, y == 0
+    wins = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+    weights = _draw_weights(y, patients, n, seed)
+    w_pos, w_neg = weights[:, pos], weights[:, neg]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample with one class has no AUC: nan, left out
+        aucs = np.einsum("bi,ij,bj->b", w_pos, wins, w_neg) / (w_pos.sum(1) * w_neg.sum(1))
+    return _percentile_interval(aucs, level)
 
 
 def json_safe(value):

@@ -58,8 +58,10 @@ from fsmodels.engine import (
     train_epoch,
 )
 from fsmodels.metrics import (
+    FIT_METRICS,
     SELECTABLE_METRICS,
     all_finite,
+    auc_interval,
     SPLIT_METRICS,
     binary_metrics,
     bootstrap_ci,
@@ -123,17 +125,20 @@ def best_entry(history: list, best_epoch) -> dict:
     return next((h for h in history if h.get("epoch") == best_epoch), {})
 
 
-def epoch_report(epoch: int, train_loss: float, val: dict, run: TrainingState, metric: str, diverged: bool) -> dict:
-    """The dict ``on_epoch`` receives; Ray Tune reports it as is, so its keys are the sweep's result columns.
+def epoch_report(epoch: int, run: TrainingState, metric: str, diverged: bool) -> dict:
+    """The dict ``on_epoch`` receives (from epoch ``epoch``'s history entry); Ray Tune reports it as is, so its
+    keys are the sweep's result columns.
 
-    ``val_*`` are this epoch's validation metrics (the per-epoch curves); ``best_val_*`` are the
-    best epoch's, the values selection, the leaderboard and TensorBoard's HParams show.
+    ``val_*`` and ``train_*`` are this epoch's values (the per-epoch curves); ``best_val_*`` and
+    ``best_train_auc`` are the best epoch's, the values selection, the leaderboard and TensorBoard's HParams show.
     """
-    report = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"]}
+    entry = best_entry(run.history, epoch)
+    report = {"epoch": epoch, "train_loss": entry["train_loss"], "val_loss": entry["val_loss"]}
     for key in ("auc", "accuracy", "f1", "sensitivity", "specificity", "youden_threshold"):
-        report[f"val_{key}"] = val[key]
+        report[f"val_{key}"] = entry[f"val_{key}"]
+    report.update({name: entry[name] for name in FIT_METRICS})
     best = best_entry(run.history, run.best_epoch)
-    for name in SELECTABLE_METRICS:
+    for name in (*SELECTABLE_METRICS, *FIT_METRICS):
         report[f"best_{name}"] = best.get(name, math.nan)
     report["best_epoch"] = run.best_epoch
     report["diverged"] = diverged
@@ -265,7 +270,8 @@ def run_trial(
     if resume_from is not None:
         run = _restore(resume_from, model, optimizer, scheduler, scaler)
     test_loader = make_loader(test_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None) if cfg.train.best_scores else None
-    patient_of = patient_map(variant) if test_loader is not None else None  # for best_scores.parquet
+    patient_of = patient_map(variant)  # best_scores.parquet and the validation AUC's patient-bootstrap interval
+    val_patients = [patient_of[i] for i in val_data.image_ids]
     train_src, val_src = place_data(rt, cfg, train_data, val_data)  # on the device once when they fit (the DataLoader's order)
     # in order and re-iterable: built once (a DataLoader draws its base seed per iteration, as before)
     val_batches = epoch_batches(val_src, max(params.batch_size, EVAL_BATCH), rt, cfg, None)
@@ -279,7 +285,8 @@ def run_trial(
         seed_everything(epoch_seed(params.seed, epoch))
         loader = epoch_batches(train_src, params.batch_size, rt, cfg, epoch_seed(params.seed, epoch))
         tick = time.perf_counter()
-        train_loss = _step(cfg, train_epoch, step_model, loader, criterion, optimizer, scaler, rt)
+        fit = _step(cfg, train_epoch, step_model, loader, criterion, optimizer, scaler, rt)
+        train_loss = fit.loss
         account.trained(len(loader) * params.batch_size, time.perf_counter() - tick)
         scheduler.step()
         val_labels, val_scores, val_loss = _step(cfg, predict, step_model, val_batches, criterion, rt)
@@ -294,7 +301,9 @@ def run_trial(
                     "val": (val_data, val_labels, val_scores), "test": (test_data, test_labels, test_scores)})
             if on_best is not None:
                 on_best(epoch, val_labels, val_scores)
-        run.history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}})
+        val_ci = auc_interval(val_labels, val_scores, val_patients, seed=params.seed)  # evaluate_checkpoint's draws
+        run.history.append({"epoch": epoch, "train_loss": train_loss, "train_auc": fit.auc,
+                            **{f"val_{k}": v for k, v in val.items()}, "val_auc_lo": val_ci[0], "val_auc_hi": val_ci[1]})
         run.last_epoch, written = epoch, None
         if epoch in ckpt_epochs or diverged:  # a diverged epoch is the trial's last: it keeps a checkpoint
             state = dict(
@@ -306,7 +315,7 @@ def run_trial(
             )
             run.checkpoint = _finish_write(writer, ckpt_root) or run.checkpoint  # the previous write, long done
             written = writer.submit(ckpt_root, state, run.best_model, cfg)  # a CPU copy, written on a background thread
-        report = {**epoch_report(epoch, train_loss, val, run, metric, diverged), **account.report()}
+        report = {**epoch_report(epoch, run, metric, diverged), **account.report()}
         print(_progress_line(report, params.epochs, metric), flush=True)
         if on_epoch is not None:
             if written is not None:  # the callback persists the directory (tune.report copies it): it must be whole
@@ -373,7 +382,8 @@ class _Accounting:
 def _progress_line(report: dict, epochs: int, metric: str) -> str:
     return (
         f"epoch {report['epoch']}/{epochs} train_loss={report['train_loss']:.4f} val_loss={report['val_loss']:.4f} "
-        f"val_auc={report['val_auc']:.3f} val_acc={report['val_accuracy']:.3f} "
+        f"train_auc={report['train_auc']:.3f} val_auc={report['val_auc']:.3f} "
+        f"[{report['val_auc_lo']:.2f}, {report['val_auc_hi']:.2f}] val_acc={report['val_accuracy']:.3f} "
         f"best_epoch={report['best_epoch']} best_{metric}={report[f'best_{metric}']:.4f}"
     )
 
@@ -382,9 +392,11 @@ def _final_metrics(run: TrainingState, metric: str, key: str, seconds: float) ->
     """metrics.json: the best epoch's validation metrics; a trial without one (diverged) has all nan."""
     best = best_entry(run.history, run.best_epoch)
     val = {k: best.get(f"val_{k}", math.nan) for k in (*REPORTED, "youden_threshold")}
+    val["auc_ci"] = [best.get("val_auc_lo", math.nan), best.get("val_auc_hi", math.nan)]
     diverged = any(not math.isfinite(h["train_loss"]) or math.isnan(h["val_loss"]) for h in run.history)
     return dict(
-        best_epoch=run.best_epoch, metric=metric, val=val, history=run.history, variant=key,
+        best_epoch=run.best_epoch, metric=metric, val=val, train={"auc": best.get("train_auc", math.nan)},
+        history=run.history, variant=key,
         status="diverged" if diverged else "finished", checkpoint=str(run.checkpoint), seconds=round(seconds, 1),
     )
 

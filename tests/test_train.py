@@ -13,7 +13,7 @@ import torch
 import fsmodels.stn as stn_module
 from fsmodels.checkpoint import load_best_weights, load_state
 from fsmodels.config import load_config
-from fsmodels.metrics import SELECTABLE_METRICS, auc_score, json_safe
+from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, auc_score, json_safe
 from fsmodels.stn import STN_FIGURE, STN_STATS, ensure_frozen_stn, load_frozen_stn, pretrain_stn_cli
 from fsmodels.train import evaluate_checkpoint, load_trial_model, run_trial
 from cluster.errors import FsweepError
@@ -26,7 +26,7 @@ SIZE = 64  # tiny images: the whole file runs in about a minute on 2 cores
 EPOCH_KEYS = {
     "epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_f1", "val_sensitivity",
     "val_specificity", "val_youden_threshold", "best_epoch", "diverged", "device", "device_seconds", "img_per_s",
-    *(f"best_{name}" for name in SELECTABLE_METRICS),
+    *(f"best_{name}" for name in SELECTABLE_METRICS), *FIT_METRICS, *(f"best_{name}" for name in FIT_METRICS),
 }
 
 
