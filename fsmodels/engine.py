@@ -85,7 +85,10 @@ def device_share(rt: Runtime) -> float:
         return 1.0
     ray = sys.modules.get("ray")  # never imported here: a trial inside Ray has it loaded already
     if ray is not None and ray.is_initialized():
-        gpu = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        try:
+            gpu = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        except AssertionError:  # Ray's answer in a driver (not a worker): no assignment, e.g. `fsweep train`
+            gpu = 0.0
         if gpu > 0:
             return gpu
     return 1.0
