@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from cluster.storage import exists, is_uri, join, resolve_storage
-from fsmodels.metrics import SELECTABLE_METRICS
+from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS
 from preprocessing.vocab import LABEL_NAMES
 from search.expdir import get_text, upload_dir
-from search.select import LEADERBOARD, WINNERS, finish_experiment
+from search.select import LEADERBOARD, WINNERS, finish_experiment, winner_warnings
 from search.space import searched_keys
 from search.sweep import SWEEP_CONFIG, load_sweep_config
 from search.tables import (
@@ -80,7 +80,10 @@ def _winner_lines(winners: dict, metric: str) -> list[str]:
         config = ", ".join(f"{k}={v}" for k, v in win["config"].items())
         lines += [
             f"### {view} view: trial `{win['trial_id']}` (epoch {win['best_epoch']})",
-            f"- selected by {win['selected_by']}: {metric} = {_fmt(win['val'].get(metric))}",
+            f"- selected by {win['selected_by']}: {metric} = {_fmt(win['val'].get(metric))}; validation AUC "
+            f"{_fmt(win['val'].get('val_auc'))} [{_fmt(win['val'].get('val_auc_lo'))}, "
+            f"{_fmt(win['val'].get('val_auc_hi'))}] (patient bootstrap), training AUC "
+            f"{_fmt(win.get('train', {}).get('auc'))}",
             f"- config: {config}",
             f"- **test** (scored once, after selection, at the validation threshold {_fmt(test.get('threshold'))}; "
             "95 % intervals from a bootstrap over patients): " + "; ".join(cells),
@@ -168,14 +171,16 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: li
         done = status.pop("TERMINATED")
         status = {f"TERMINATED, {int(early.sum())} of them stopped early by the scheduler": done, **status}
     board = board.assign(**{"stopped early": early.map({True: "yes", False: ""})})
-    shown = ["trial_id", "status", *searched_keys(cfg), *[c for c in SELECTABLE_METRICS if c != "val_loss"], "best_epoch", "node"]
+    shown = ["trial_id", "status", *searched_keys(cfg), *[c for c in SELECTABLE_METRICS if c != "val_loss"],
+             *[c for c in FIT_METRICS if c in board], "best_epoch", "node"]
     shown[shown.index("best_epoch") + 1:shown.index("best_epoch") + 1] = \
         [c for c in ("epochs_run", "stopped early") if c in board]
     leader = board[shown].rename(columns=LEADERBOARD_HEADERS)
     lines = [
         f"# Sweep report: {name}",
         "",
-        *[text for line in scheduler_warnings(cfg, board) for text in (f"> **Warning:** {line}", "")],
+        *[text for line in scheduler_warnings(cfg, board) + winner_warnings(winners)
+          for text in (f"> **Warning:** {line}", "")],
         f"{len(board)} trials ({', '.join(f'{n} {s.lower()}' for s, n in status.items())}); "
         f"selection by **{metric}** ({mode}) on the validation split"
         f"{' (a configuration by its mean over seeds and folds)' if cfg.search.select_by == 'config' else ''}. "
@@ -195,7 +200,9 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: li
         "Validation split, each trial at its best epoch by validation "
         f"{metric}; accuracy, F1, sensitivity and specificity at the score threshold 0.5 (`@0.5`), not at the "
         "validation-chosen (Youden) threshold the tables and winners above use. `epochs_run`: epochs the trial "
-        "trained; `stopped early`: ended by the scheduler before its configured epochs.",
+        "trained; `stopped early`: ended by the scheduler before its configured epochs. `train_auc`: the best "
+        "epoch's AUC on the training images it trained on (scored in the training pass); `val_auc_lo`/`val_auc_hi`: "
+        "the 95 % interval of val_auc from a bootstrap over validation patients.",
         "",
         markdown_table(leader),
         "",

@@ -15,7 +15,7 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 from cluster.storage import join
 from fsmodels.config import SPACE_KEYS, Config
-from fsmodels.metrics import SELECTABLE_METRICS, json_safe
+from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe
 from search.expdir import checkpoint_location, local_dir, put_text
 from search.keep import keep_checkpoints
 
@@ -54,6 +54,7 @@ def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
         # checkpoint (best.pt), so the latest checkpoint serves the best epoch
         best = best_epoch_metrics(result.metrics_dataframe, last.get("best_epoch"))
         row.update({col: best.get(col, float("nan")) for col in SELECTABLE_METRICS})
+        row.update({col: best.get(col, float("nan")) for col in FIT_METRICS})  # train AUC and val AUC's 95 % interval
         row["best_epoch"] = last.get("best_epoch") if best else None
         row["epochs_run"] = last.get("epoch", 0)
         # ended by the scheduler (ASHA) before its own epochs: its best epoch is from a shorter training
@@ -79,6 +80,38 @@ def leaderboard(experiment: str | Path, metric: str = "val_auc", mode: str = "ma
         return board
     board["best_epoch"] = board["best_epoch"].astype("Int64")  # an integer column with gaps for failed trials
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+
+
+FITS_BELOW = 0.8  # a winner whose training AUC stays below this barely fits its own training set
+EARLY_SHARE = 0.2  # a best epoch within this share of the trial's epochs: it peaked at once, or never learned
+
+
+def fit_warnings(row: dict) -> list[str]:
+    """Plain-words reasons to distrust a trial that ranks well: chance-level validation, an early peak, no fit.
+
+    ``row`` is a leaderboard row (best-epoch ``val_auc``, ``val_auc_lo``/``_hi``, ``train_auc``, ``best_epoch``,
+    ``epochs``). Empty when none applies, or when the row has no such columns (an older experiment).
+    """
+    def number(key):
+        value = row.get(key)
+        return float(value) if value is not None and not pd.isna(value) else math.nan
+
+    auc, lo, hi, train = (number(k) for k in ("val_auc", "val_auc_lo", "val_auc_hi", "train_auc"))
+    best, epochs = number("best_epoch"), number("epochs")
+    reasons = []
+    if lo <= 0.5:  # the interval does not rule chance out (or lies below it)
+        verdict = "indistinguishable from chance" if hi >= 0.5 else "worse than chance"
+        reasons.append(f"{verdict} on validation (AUC {auc:.2f} [{lo:.2f}, {hi:.2f}])")
+    if best >= 1 and epochs >= 1 and best <= EARLY_SHARE * epochs:
+        reasons.append(f"its best epoch is {int(best)} of {int(epochs)}: it peaked at once or never learned")
+    if train < FITS_BELOW:
+        reasons.append(f"it barely fits its training set (train AUC {train:.2f})")
+    return reasons
+
+
+def winner_warnings(winners: dict) -> list[str]:
+    """One line per winner of ``winners.json`` that has ``fit_warnings``: ``winner left: <reason>; <reason>``."""
+    return [f"winner {view}: " + "; ".join(win["warnings"]) for view, win in winners.items() if win.get("warnings")]
 
 
 def best_config(group: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
@@ -150,7 +183,9 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
             "checkpoint": row["checkpoint"],
             "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation"
                            + (", configuration mean over seeds and folds" if cfg.search.select_by == "config" else ""),
-            "val": {k: _plain(row[k]) for k in SELECTABLE_METRICS},
+            "val": {k: _plain(row[k]) for k in (*SELECTABLE_METRICS, *FIT_METRICS) if k.startswith("val_")},
+            "train": {"auc": _plain(row.get("train_auc"))},
+            "warnings": fit_warnings(row),
             "test": test,
         }
     put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=_plain))
@@ -161,6 +196,8 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
             f"winner {view}: trial {win['trial_id']} {cfg.search.metric}={_fmt(win['val'].get(cfg.search.metric))} "
             f"(validation); test auc={_fmt(win['test'].get('auc'))}"
         )
+    for line in winner_warnings(winners):
+        print(f"WARNING {line}")
 
 
 def _fmt(value) -> str:

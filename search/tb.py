@@ -28,10 +28,15 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from fsmodels.config import SPACE_KEYS, Config, entry_values, key_values
-from fsmodels.metrics import SELECTABLE_METRICS
+from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS
 from search.names import trial_label
 
 EPOCH_PREFIXES = ("val_", "train_")  # this epoch's values: the per-epoch curves, under epoch/<name> in Scalars
+FIT_DESCRIPTIONS = {
+    "train_auc": "AUC on the training images at the best epoch, scored in the training pass (below 0.8: barely fits)",
+    "val_auc_lo": "lower end of val_auc's 95 % interval (bootstrap over validation patients; <= 0.5: chance)",
+    "val_auc_hi": "upper end of val_auc's 95 % interval (bootstrap over validation patients)",
+}
 BEST_EPOCH_TAG = "best_epoch"  # scalar and HParams metric: the epoch the best-epoch values come from
 
 
@@ -95,6 +100,12 @@ def experiment_summary(cfg: Config, description: str = "") -> Summary:
                            description="at the trial's best epoch (selection on validation); "
                                        f"each epoch's own value: epoch/{tag} in Scalars")
         for tag in SELECTABLE_METRICS
+    ]
+    metrics += [  # fit diagnostics beside selection: does the trial fit its training set, is it above chance
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=f"{tag} (best epoch)",
+                           dataset_type=api_pb2.DATASET_TRAINING if tag.startswith("train_") else api_pb2.DATASET_VALIDATION,
+                           description=FIT_DESCRIPTIONS[tag])
+        for tag in FIT_METRICS
     ]
     metrics.append(api_pb2.MetricInfo(name=api_pb2.MetricName(tag=BEST_EPOCH_TAG), display_name=BEST_EPOCH_TAG,
                                       description="the epoch the best-epoch metrics come from (1-based)"))
@@ -182,7 +193,7 @@ class TensorBoardCallback(Callback):
         for key, value in result.items():
             if key.startswith(EPOCH_PREFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(f"epoch/{key}", float(value), step)
-        for name in SELECTABLE_METRICS:
+        for name in (*SELECTABLE_METRICS, *FIT_METRICS):
             if f"best_{name}" in result:
                 writer.add_scalar(name, float(result[f"best_{name}"]), step)
         if result.get("best_epoch"):  # which epoch those values come from (0: no finite epoch yet)

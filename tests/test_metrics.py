@@ -142,3 +142,18 @@ def test_patient_bootstrap_is_wider_than_an_image_bootstrap_when_images_of_a_pat
     by_patient = bootstrap_ci(y, s, n=400, seed=0, patients=patients)
     width = lambda ci: ci[1] - ci[0]  # noqa: E731
     assert width(by_patient["accuracy_ci"]) > 1.5 * width(by_image["accuracy_ci"])
+
+
+@pytest.mark.parametrize("images, ties, by_patient", [(80, False, True), (81, True, True), (60, False, False)])
+def test_auc_interval_is_bootstrap_ci_auc_interval_with_the_same_draws(images, ties, by_patient):
+    from fsmodels.metrics import auc_interval
+
+    rng = np.random.default_rng(images)
+    labels = rng.integers(0, 2, images)
+    scores = rng.random(images) + 0.3 * labels
+    scores = np.round(scores, 1) if ties else scores
+    patients = np.repeat(np.arange(images), 2)[:images] if by_patient else None
+    lo, hi = auc_interval(labels, scores, patients, n=500, seed=3)
+    expected = bootstrap_ci(labels, scores, n=500, seed=3, patients=patients)["auc_ci"]
+    assert (lo, hi) == pytest.approx(expected, abs=1e-12) and lo < auc_score(labels, scores) < hi
+    assert auc_interval(labels, np.where(labels == 1, np.nan, scores), patients) == pytest.approx([np.nan] * 2, nan_ok=True)

@@ -236,3 +236,43 @@ def test_report_on_a_sweep_with_a_stopped_trial_marks_it_warns_and_leaves_it_out
     assert len(compared) == 2 and all("[" in line and "baseline" in line for line in compared)
     leader = text.split("## Leaderboard")[1]
     assert "val_accuracy@0.5" in leader and "epochs_run" in leader and "| yes |" in leader
+
+
+@pytest.mark.parametrize("row, expected", [
+    (dict(val_auc=0.75, val_auc_lo=0.52, val_auc_hi=0.93, train_auc=0.95, best_epoch=9, epochs=12), []),
+    (dict(val_auc=0.75, val_auc_lo=0.48, val_auc_hi=0.93, train_auc=0.95, best_epoch=9, epochs=12),
+     ["indistinguishable from chance on validation (AUC 0.75 [0.48, 0.93])"]),
+    (dict(val_auc=0.30, val_auc_lo=0.10, val_auc_hi=0.45, train_auc=0.95, best_epoch=9, epochs=12),
+     ["worse than chance on validation (AUC 0.30 [0.10, 0.45])"]),
+    (dict(val_auc=0.8, val_auc_lo=0.6, val_auc_hi=0.9, train_auc=0.68, best_epoch=2, epochs=12),
+     ["its best epoch is 2 of 12: it peaked at once or never learned", "it barely fits its training set (train AUC 0.68)"]),
+    (dict(val_auc=0.8, val_auc_lo=0.6, val_auc_hi=0.9, train_auc=0.9, best_epoch=3, epochs=12), []),  # past a fifth
+    (dict(val_auc=0.8), []),  # an older experiment without the diagnostics: nothing to say
+])
+def test_fit_warnings_name_chance_early_peaks_and_no_fit_in_plain_words(row, expected):
+    from search.select import fit_warnings
+
+    assert fit_warnings(row) == expected
+
+
+@pytest.mark.slow  # a real Ray Tune sweep on labels that carry nothing
+def test_a_winner_trained_on_shuffled_labels_is_named_so_in_the_sweep_and_the_report(local_ray, tiny_phantom,
+                                                                                   tmp_path, capsys):
+    manifest = pd.read_csv(tiny_phantom / "manifest.csv")
+    manifest["image"] = [str(tiny_phantom / image) for image in manifest["image"]]
+    manifest["label"] = np.random.default_rng(0).permutation(manifest["label"].to_numpy())  # no anatomy behind them
+    manifest.to_csv(tmp_path / "shuffled.csv", index=False)
+    ingest(tmp_path / "shuffled.csv", tmp_path / "dataset", seed=0, salt=TINY_SALT, echo=False)
+    cfg = tiny_sweep_config(tmp_path / "dataset", tmp_path / "store", view="both", epochs=5, seed=[0, 1])
+    cfg.search.max_failures = 0
+    experiment = Path(run_sweep(cfg, name="shuffled", storage=str(tmp_path / "runs")))
+    printed = capsys.readouterr().out
+    board = pd.read_csv(experiment / LEADERBOARD)
+    assert (board["val_auc_lo"] <= board["val_auc"]).all() and (board["val_auc"] <= board["val_auc_hi"]).all()
+    assert board["train_auc"].between(0, 1).all()
+    warned = [line for line in printed.splitlines() if line.startswith("WARNING winner both: ")]
+    assert len(warned) == 1 and "barely fits its training set (train AUC" in warned[0]
+    assert "chance on validation (AUC" in warned[0]
+    text = write_report(experiment).read_text()
+    assert f"> **Warning:** {warned[0][len('WARNING '):]}" in text  # the same words where researchers look
+    assert "train_auc" in text.split("## Leaderboard")[1] and "val_auc_lo" in text
