@@ -8,12 +8,16 @@ both, ``both`` for a two-view model). Layout::
     MODEL_DIR/<view>/weights.safetensors the best epoch's state dict
     MODEL_DIR/<view>/model.torchscript.pt torch.jit.trace of the same network
     MODEL_DIR/<view>/model.onnx          opset 20 (AffineGrid + GridSample: the STN is in the graph),
-                                         input ``image`` float32 (B, 1, S, S) = uint8 / 255, output ``logit`` (B,)
+                                         input ``image`` float32 (B, 1, S, S) = uint8 / 255, output ``logit`` (B,);
+                                         metadata_props: threshold, input_size, recipe_sha256 (``ONNX_METADATA``)
 
-At export, ONNX Runtime and TorchScript are compared with PyTorch on the store's
-validation images of the view plus random inputs; a difference above
-``PARITY_TOLERANCE`` refuses the export. The directory is assembled under a
-temporary name and renamed, so a failed export leaves nothing behind.
+The card's ``preprocessing`` entry is the whole recipe in words and numbers
+(``fsweep.modelcard.recipe_card``); its hash is in the ONNX file too, so a graph and a
+card can be matched. At export, ONNX Runtime (under every execution provider that
+``fsweep predict`` may pick on this machine) and TorchScript are compared with PyTorch in
+true fp32 (TF32 off) on the store's validation images of the view plus random inputs; a
+difference above ``PARITY_TOLERANCE`` refuses the export. The directory is assembled under
+a temporary name and renamed, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -35,19 +39,24 @@ from fsweep.modelcard import (
     CARD,
     CARD_FORMAT,
     ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
     ROI_DIR,
     ROI_FILES,
+    THRESHOLD_RULE,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
+    recipe_card,
 )
-from preprocessing.files import file_sha256
+from preprocessing.files import atomic_write, file_sha256
 from preprocessing.vocab import VIEWS, is_off
 
 ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
 PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
 PARITY_IMAGES = 8  # real validation images per view in the parity batch (plus PARITY_RANDOM random ones)
 PARITY_RANDOM = 2
-THRESHOLD = 0.5  # the threshold of a winner scored before thresholds came from validation
+ONNX_METADATA = ("threshold", "threshold_chosen_on", "input_size", "recipe_sha256", "card_format", "view",
+                 "backbone")  # metadata_props of model.onnx, every value a string (ONNX's rule)
 PACKAGES = ("torch", "timm", "onnx", "onnxruntime", "opencv-python", "pydicom", "ultralytics", "numpy",
             "safetensors", "ray", "fsweep")  # versions recorded in the card
 
@@ -152,7 +161,7 @@ def copy_detector(roi: str, model_dir: Path) -> dict | None:
 def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None) -> dict:
     """Write one view's weights, TorchScript and ONNX; check parity; return its card entry."""
     from fsmodels.checkpoint import load_state, recorded_variant
-    from fsmodels.train import trial_params
+    from fsmodels.train import trial_params, validation_threshold
     from preprocessing.recipe import CODE_VERSION
     from preprocessing.variant import open_variant
 
@@ -166,10 +175,17 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
                           f"(sha256 {detector['sha256'][:12]} != {str(trained_on)[:12]}); rebuild and re-run the sweep")
     folder = model_dir / view
     folder.mkdir()
-    samples = parity_inputs(variant, view, variant.spec.size)
+    spec = variant.spec
+    recipe = recipe_card(spec.he, spec.size, spec.aspect, spec.margin, detector)
+    threshold = validation_threshold(state)
+    samples = parity_inputs(variant, view, spec.size)
     save_weights(model, folder / WEIGHTS_FILE)
     save_torchscript(model, samples, folder / TORCHSCRIPT_FILE)
     save_onnx(model, samples, folder / ONNX_FILE)
+    write_onnx_metadata(folder / ONNX_FILE, {
+        "threshold": repr(threshold), "threshold_chosen_on": "validation", "input_size": str(spec.size),
+        "recipe_sha256": recipe["recipe_sha256"], "card_format": CARD_FORMAT, "view": view,
+        "backbone": params.backbone})
     parity = check_parity(model, samples, folder, view)
     return {
         "trial_id": winner["trial_id"],
@@ -180,21 +196,11 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "views": list(VIEWS) if view == "both" else [view],
         "backbone": params.backbone,
         "space": {k: getattr(params, k) for k in params.__dataclass_fields__},
-        "preprocessing": {
-            "decoder": "preprocessing.decode.decode_image",
-            "recipe": "preprocessing.recipe.preprocess_decoded",
-            "store_code_version": CODE_VERSION,
-            "roi": detector,
-            "margin": variant.spec.margin,
-            "he": variant.spec.he,
-            "size": variant.spec.size,
-            "aspect": variant.spec.aspect,
-            "stn": params.stn,
-            "input": "float32 (B, 1, size, size) = uint8 / 255; normalisation and STN inside the network",
-        },
-        "threshold": (winner.get("test") or {}).get("threshold", THRESHOLD),  # chosen on validation (Youden's J)
-        "val_youden_threshold": _youden(state, winner.get("best_epoch")),
-        "metrics": {"val": validation_metrics(checkpoint), "test": winner.get("test")},
+        "preprocessing": recipe,
+        "network": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "stn": params.stn, "stn_in_graph": params.stn != "off",
+                    "store_code_version": CODE_VERSION},
+        "operating_threshold": {"value": threshold, "chosen_on": "validation", "rule": THRESHOLD_RULE},
+        "metrics": card_metrics(validation_metrics(checkpoint), winner.get("test")),
         "files": {"onnx": f"{view}/{ONNX_FILE}", "torchscript": f"{view}/{TORCHSCRIPT_FILE}",
                   "weights": f"{view}/{WEIGHTS_FILE}"},
         "parity": parity,
@@ -209,6 +215,26 @@ def validation_metrics(checkpoint: Path) -> dict:
     return evaluate_checkpoint(checkpoint, split="val", with_scores=False)
 
 
+def card_metrics(val: dict, test: dict | None) -> dict:
+    """Validation and test metrics, each split's own Youden threshold renamed so it cannot pass for the operating one.
+
+    Every threshold-dependent figure (accuracy, F1, sensitivity, specificity, confusion counts, their intervals)
+    is at ``operating_threshold``; ``youden_threshold_of_<split>_scores`` is recomputed on that split's scores,
+    for reference only (on test it would be chosen on the data it is scored on).
+    """
+    def relabel(split: str, metrics: dict | None) -> dict | None:
+        if metrics is None:
+            return None
+        metrics = dict(metrics)
+        if "youden_threshold" in metrics:
+            metrics[f"youden_threshold_of_{split}_scores"] = metrics.pop("youden_threshold")
+        return metrics
+
+    return {"val": relabel("val", val), "test": relabel("test", test),
+            "about": "figures at operating_threshold (chosen on validation); test was scored once, after selection; "
+                     "youden_threshold_of_<split>_scores is that split's own optimum, for reference only"}
+
+
 def parity_inputs(variant, view: str, size: int) -> torch.Tensor:
     """Real validation images of ``view`` (both views for a two-view model) plus random ones, in [0, 1]."""
     views = VIEWS if view == "both" else (view,)
@@ -219,10 +245,11 @@ def parity_inputs(variant, view: str, size: int) -> torch.Tensor:
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The state dict as safetensors (loads without pickle)."""
+    """The state dict as safetensors (loads without pickle), written atomically with the umask's mode."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # save_file alone leaves mode 0600
 
 
 def save_torchscript(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
@@ -244,32 +271,62 @@ def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None
         try:
             torch.onnx.export(
                 model.eval(), (samples[:2],), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["image"], output_names=["logit"],
-                dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
+                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
             )
         except Exception as exc:  # the exporter raises many types; the operator named in the message is what matters
             first = str(exc).strip().splitlines()[0][:200]
             raise FsweepError(f"{path.parent.name}: ONNX export failed ({type(exc).__name__}: {first})") from None
 
 
+def write_onnx_metadata(path: Path, values: dict) -> None:
+    """Set ``values`` (``ONNX_METADATA`` keys, strings) as the ONNX file's metadata_props, rewritten atomically."""
+    import onnx
+
+    assert set(values) == set(ONNX_METADATA), sorted(set(values) ^ set(ONNX_METADATA))
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    for key in ONNX_METADATA:
+        graph.metadata_props.add(key=key, value=str(values[key]))
+    atomic_write(path, lambda tmp: onnx.save(graph, str(tmp)))
+
+
 def check_parity(model: torch.nn.Module, samples: torch.Tensor, folder: Path, view: str) -> dict:
-    """Max |logit difference| of ONNX Runtime and TorchScript against PyTorch; FsweepError above the tolerance."""
+    """Max |logit difference| of ONNX Runtime (each provider chain predict may use) and TorchScript against PyTorch.
+
+    PyTorch and TorchScript run in true fp32 (``fsmodels.precision.true_fp32``: on a GPU, TF32 would be the
+    reference's own error). ONNX Runtime runs once per chain of ``fsweep.predict.provider_chains``, with
+    predict's provider options (CUDA without TF32): the sessions predict would open here. A chain whose first
+    provider does not come up is an error, not a pass.
+    FsweepError above the tolerance.
+    """
     import onnxruntime as ort
 
-    with torch.no_grad(), warnings.catch_warnings():
+    from fsmodels.precision import true_fp32
+    from fsweep.predict import provider_chains, session_providers
+
+    with torch.no_grad(), warnings.catch_warnings(), true_fp32():
         warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
         expected = model.eval()(samples).numpy()
         scripted = torch.jit.load(str(folder / TORCHSCRIPT_FILE))(samples).numpy()
-    session = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"image": samples.numpy()})[0]
-    diffs = {"onnx_max_abs_diff": float(np.abs(onnx_out - expected).max()),
-             "torchscript_max_abs_diff": float(np.abs(scripted - expected).max())}
+    per_provider = {}
+    for chain in provider_chains(ort.get_available_providers()):
+        session = ort.InferenceSession(str(folder / ONNX_FILE), providers=session_providers(chain))
+        if session.get_providers()[0] != chain[0]:  # ONNX Runtime falls back quietly when a provider cannot start
+            raise FsweepError(f"{view}: ONNX Runtime lists {chain[0]} but could not start it "
+                              f"(got {session.get_providers()}); export refused")
+        out = session.run(None, {ONNX_INPUT: samples.numpy()})[0]
+        per_provider[chain[0]] = float(np.abs(out - expected).max())
+    diffs = {**{f"onnx[{name}]": diff for name, diff in per_provider.items()},
+             "torchscript": float(np.abs(scripted - expected).max())}
     for name, diff in diffs.items():
         if not diff <= PARITY_TOLERANCE:  # `not <=` also catches nan
-            engine = "ONNX Runtime" if name.startswith("onnx") else "TorchScript"
+            engine = f"ONNX Runtime ({name[5:-1]})" if name.startswith("onnx") else "TorchScript"
             raise FsweepError(f"{view}: {engine} and PyTorch logits differ by {diff:.2e} > {PARITY_TOLERANCE:g} "
                               f"on {len(samples)} sample inputs; export refused")
-    return {**diffs, "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE, "compared": "logit"}
+    return {"onnx_max_abs_diff": max(per_provider.values()), "onnx_providers": per_provider,
+            "torchscript_max_abs_diff": diffs["torchscript"], "reference": "PyTorch fp32, TF32 off",
+            "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE, "compared": "logit"}
 
 
 def data_fingerprint(models: dict) -> dict:
@@ -290,11 +347,3 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def _youden(state: dict, best_epoch) -> float | None:
-    """The validation Youden threshold of the selected epoch (the card's threshold when the winner recorded one)."""
-    from fsmodels.train import best_entry
-
-    return best_entry(state.get("history", []), best_epoch).get("val_youden_threshold")
-

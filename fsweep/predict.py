@@ -5,9 +5,11 @@ recursively) or manifests (CSV/Parquet with an ``image`` column and, optionally,
 ``view``; paths relative to the manifest). Each image's view comes from its
 manifest row, else the DICOM ImageLaterality / Laterality tag, else ``--view``;
 with none, predict stops instead of guessing. Each image goes through exactly the
-training recipe written in the model card: ``preprocessing.decode.decode_image``,
-then ``preprocessing.recipe.preprocess_decoded`` with the exported ROI detector,
-margin, HE mode, size and aspect; the network (STN included) runs in ONNX Runtime.
+training recipe written in the model card's ``preprocessing`` entry (decode, detect,
+crop, HE, aspect, resize, scale: ``preprocessing.decode.decode_image`` then
+``preprocessing.recipe.preprocess_decoded``, with the parameters read from the card);
+the network (STN included) runs in ONNX Runtime on the first provider of
+``PROVIDERS`` that this machine has.
 
 Before anything is loaded, every file of MODEL_DIR is checked against the card's
 sha256; weights are read only through safetensors (for ``--cam``).
@@ -22,13 +24,17 @@ import numpy as np
 import pandas as pd
 
 from cluster.errors import FsweepError
-from fsweep.modelcard import CARD, CARD_FORMAT
+from fsweep.modelcard import CARD, CARD_FORMAT, ONNX_INPUT, detector_dir, recipe_spec
 from preprocessing.files import file_sha256
 from preprocessing.vocab import LABEL_NAMES, parse_view
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
 BATCH = 16  # images per ONNX Runtime call
+PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # ONNX Runtime providers predict uses, best first
+# True fp32 on the GPU: ONNX Runtime's CUDA provider lets Ampere and newer GPUs run fp32 convolutions and matmuls
+# in TF32 unless told not to (its use_tf32 option), about 1e-3 relative error against the card's fp32 metrics
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 COLUMNS = ["image", "view", "model", "probability", "label", "prediction", "threshold",
            "x0", "y0", "x1", "y1", "fallback"]  # predictions table, in this order (+ cam with --cam)
 
@@ -79,6 +85,10 @@ def load_card(model_dir: Path) -> dict:
         card = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FsweepError(f"{path}: unreadable model card ({exc})") from None
+    if isinstance(card, dict) and str(card.get("format", "")).startswith("fsweep-model-") \
+            and card["format"] != CARD_FORMAT:
+        raise FsweepError(f"{path}: a {card['format']} model card; this fsweep reads {CARD_FORMAT}: "
+                          "re-export the model with `fsweep export`")
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT or not card.get("sha256"):
         raise FsweepError(f"{path}: not an {CARD_FORMAT} model card")
     verify_files(model_dir, card["sha256"])
@@ -97,11 +107,12 @@ def verify_files(model_dir: Path, checksums: dict) -> None:
 
 def load_detector(model_dir: Path, card: dict):
     """The exported ROI detector when any model uses one (its sha256 was checked with the card)."""
-    if not any(m["preprocessing"]["roi"] for m in card["models"].values()):
+    detectors = [m["preprocessing"]["detect"] for m in card["models"].values() if m["preprocessing"]["detect"]]
+    if not detectors:
         return None
     from preprocessing.roi import RoiDetector
 
-    return RoiDetector(model_dir / card["models"][next(iter(card["models"]))]["preprocessing"]["roi"]["dir"])
+    return RoiDetector(model_dir / detector_dir(detectors[0]))  # one detector per MODEL_DIR (export copies one)
 
 
 def model_key(card: dict, view: str, path: Path, model_dir: Path) -> str:
@@ -187,13 +198,13 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
     from preprocessing.recipe import VariantSpec, preprocess_decoded
 
     entry = card["models"][key]
-    recipe = entry["preprocessing"]
-    spec = VariantSpec(he=recipe["he"], size=recipe["size"], aspect=recipe["aspect"],
-                       roi_dir=str(model_dir / recipe["roi"]["dir"]) if recipe["roi"] else None,
-                       margin=recipe["margin"])
+    fields = recipe_spec(entry["preprocessing"])
+    if fields["roi_dir"]:  # the card names it relative to MODEL_DIR
+        fields["roi_dir"] = str(model_dir / fields["roi_dir"])
+    spec = VariantSpec(**fields)
     session = onnx_session(model_dir / entry["files"]["onnx"])
-    cam = cam_writer(model_dir, entry, Path(cam_dir), spec.margin, cam_names) if cam_dir is not None else None
-    threshold = float(entry["threshold"])
+    threshold = float(entry["operating_threshold"]["value"])
+    cam = cam_writer(model_dir, entry, Path(cam_dir), spec, threshold, cam_names) if cam_dir is not None else None
     rows = []
     for start in range(0, len(items), BATCH):
         arrays, found = [], []
@@ -205,7 +216,7 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
             if cam is not None:
                 found[-1]["cam"] = cam(item.path, img, box, array)
         x = np.stack(arrays)[:, None].astype(np.float32) / np.float32(255.0)
-        for row, logit in zip(found, session.run(None, {"image": x})[0]):
+        for row, logit in zip(found, session.run(None, {ONNX_INPUT: x})[0]):
             probability = float(1.0 / (1.0 + np.exp(-float(logit))))
             row.update(probability=probability, label=int(probability >= threshold),
                        prediction=LABEL_NAMES[int(probability >= threshold)], threshold=threshold)
@@ -213,15 +224,32 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
     return rows
 
 
+def provider_chains(available) -> list[list[str]]:
+    """Every provider list predict may open a session with, given ONNX Runtime's ``available`` providers.
+
+    Predict asks for the ``PROVIDERS`` this machine has, best first; ONNX Runtime runs each node on the
+    first of them that supports it and falls back to the next. So the first chain is predict's own session
+    and each later one is the session predict opens where the providers before it are missing (CUDA without
+    its libraries: the CPU chain). ``fsweep export`` checks parity under each.
+    """
+    wanted = [p for p in PROVIDERS if p in set(available)]
+    return [wanted[i:] for i in range(len(wanted))]
+
+
+def session_providers(chain: list[str]) -> list[tuple[str, dict]]:
+    """``chain`` as ONNX Runtime's ``providers`` argument, each with its ``PROVIDER_OPTIONS``."""
+    return [(name, dict(PROVIDER_OPTIONS.get(name, {}))) for name in chain]
+
+
 def onnx_session(path: Path):
-    """An ONNX Runtime session on the best available provider (CUDA when present, else CPU)."""
+    """An ONNX Runtime session on the best available provider chain (CUDA, then CPU for what CUDA lacks)."""
     import onnxruntime as ort
 
-    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), providers=wanted)
+    chain = provider_chains(ort.get_available_providers())[0]
+    return ort.InferenceSession(str(path), providers=session_providers(chain))
 
 
-def cam_writer(model_dir: Path, entry: dict, cam_dir: Path, margin: float, taken: set[str]):
+def cam_writer(model_dir: Path, entry: dict, cam_dir: Path, spec, threshold: float, taken: set[str]):
     """A function writing one image's Grad-CAM over its ROI crop as PNG (the crop's size); returns the PNG path.
 
     The PyTorch network is rebuilt from the exported safetensors weights (Grad-CAM needs gradients).
@@ -231,12 +259,12 @@ def cam_writer(model_dir: Path, entry: dict, cam_dir: Path, margin: float, taken
     from fsweep.cam import grad_cam, heat_to_crop, model_from_weights, overlay
     from preprocessing.roi import crop_box
 
-    model = model_from_weights(model_dir / entry["files"]["weights"], entry["backbone"], entry["preprocessing"]["stn"])
+    model = model_from_weights(model_dir / entry["files"]["weights"], entry["backbone"], entry["network"]["stn"])
     cam_dir.mkdir(parents=True, exist_ok=True)
 
     def write(path: Path, img: np.ndarray, box, array: np.ndarray) -> str:
-        crop = crop_box(img, box, margin)
-        heat = heat_to_crop(grad_cam(model, array, entry["threshold"]), crop.shape, entry["preprocessing"]["aspect"])
+        crop = crop_box(img, box, spec.margin)
+        heat = heat_to_crop(grad_cam(model, array, threshold), crop.shape, spec.aspect)
         target = cam_dir / unique_name(f"{path.stem}_cam", taken)
         cv2.imwrite(str(target), overlay(heat, crop))
         return str(target)

@@ -1,15 +1,20 @@
 """export + predict: a real tiny sweep exported to MODEL_DIR, then run on stored and never-seen raw files.
 
-One module fixture runs the smallest real pipeline: a 2-epoch YOLO detector at 64 px,
+One module fixture runs the smallest real pipeline: a 15-epoch YOLO detector at 64 px (it finds the
+spine in about half the images, so both the crop and the full-frame fallback are exercised),
 a 2-trial Ray Tune sweep (left and right view, resnet10t, 64 px, 1 epoch, joint STN so
 the STN must be inside the ONNX graph) and ``fsweep export``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import cv2
@@ -28,19 +33,22 @@ from fsmodels.model import FsNet
 from fsmodels.stn import STN
 from preprocessing.decode import decode_image
 from cluster.errors import FsweepError
-from preprocessing.files import file_sha256
+from preprocessing.files import atomic_write, current_umask, file_sha256
 from preprocessing.ingest import pixel_sha256
 from preprocessing.phantom import write_phantom
-from preprocessing.roi import margin_box, train_detector
+from preprocessing.recipe import VariantSpec, preprocess_decoded
+from preprocessing.roi import CONF_THRESHOLD, RoiDetector, margin_box, train_detector
 from preprocessing.variant import open_variant
 from fsweep import export
 from fsweep.cli import main as fsweep
-from fsweep.predict import load_card, model_key, predict
+from fsweep.modelcard import RECIPE_STEPS, recipe_sha256, recipe_spec
+from fsweep.predict import load_card, model_key, predict, provider_chains, session_providers
 
 from conftest import ROI_SETTINGS, write_dicom
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test needs the module's real sweep (about 100 s on 2 busy cores)
+ASPECT_OF = {"left": "pad", "right": "stretch"}  # each view's winner trains on, and predicts through, its own aspect
 SIZE = 64  # network input: the STN's 64 px localisation pooling exports to ONNX at multiples of 64
 
 
@@ -52,12 +60,13 @@ def sweep(tiny_dataset, tmp_path_factory) -> dict:
     from search.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("export")
-    train_detector(tiny_dataset, tmp / "roi", **{**ROI_SETTINGS, "annotated": 20, "epochs": 2, "imgsz": 64})
+    train_detector(tiny_dataset, tmp / "roi", **{**ROI_SETTINGS, "annotated": 40, "epochs": 15, "imgsz": 64})
     cfg = Config()
     cfg.data.dataset, cfg.data.store, cfg.data.size = str(tiny_dataset), str(tmp / "store"), SIZE
     cfg.roi.detector = str(tmp / "roi")
     cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "resnet10t", ["left", "right"], 8, 1
     cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "joint", 0
+    cfg.space.points = [{"view": view, "aspect": aspect} for view, aspect in ASPECT_OF.items()]  # space.aspect searched
     cfg.train.pretrained = "none"
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
     started = not ray.is_initialized()
@@ -111,15 +120,35 @@ def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(swe
     for view, model in card["models"].items():
         assert {model["files"][k] for k in ("onnx", "torchscript", "weights")} <= files
         recipe = model["preprocessing"]
-        assert recipe["roi"]["sha256"] == detector_sha and recipe["roi"]["imgsz"] == 64
-        assert (recipe["he"], recipe["size"], recipe["aspect"], recipe["stn"], recipe["margin"]) == (
-            "global", SIZE, sweep["cfg"].data.aspect, "joint", sweep["cfg"].roi.margin)
+        assert list(recipe) == [*RECIPE_STEPS, "recipe_sha256"]  # every step, in the order they run
+        assert recipe["detect"]["sha256"] == detector_sha and recipe["detect"]["input_size"] == 64
+        assert (recipe["detect"]["confidence_threshold"], recipe["detect"]["max_detections"]) == (CONF_THRESHOLD, 1)
+        assert (recipe["he"]["mode"], recipe["resize"]["size"], recipe["aspect"]["mode"], recipe["crop"]["margin"],
+                model["network"]["stn"]) == ("global", SIZE, ASPECT_OF[view], sweep["cfg"].roi.margin,
+                                             "joint")
+        assert "INTER_AREA" in recipe["resize"]["interpolation"] and "floor" in recipe["crop"]["rule"]
+        assert "MONOCHROME1" in recipe["decode"]["monochrome1"] and "Window" in recipe["decode"]["dicom"]
+        text = json.dumps(recipe)
+        assert "preprocessing." not in text and "preprocess_decoded" not in text  # no internal names as the recipe
         assert model["backbone"] == "resnet10t" and model["trial_id"] == winners[view]["trial_id"]
-        assert model["threshold"] == winners[view]["test"]["threshold"]  # chosen on validation, applied on test
+        threshold = model["operating_threshold"]
+        assert threshold["chosen_on"] == "validation" and "validation" in threshold["rule"]
+        assert threshold["value"] == winners[view]["test"]["threshold"]  # chosen on validation, applied on test
         for split in ("val", "test"):
-            assert all(f"{m}_ci" in model["metrics"][split] for m in CI_METRICS)
+            scored = model["metrics"][split]
+            assert all(f"{m}_ci" in scored for m in CI_METRICS) and scored["threshold"] == threshold["value"]
+            assert "youden_threshold" not in scored and f"youden_threshold_of_{split}_scores" in scored
         assert model["metrics"]["test"]["accuracy"] == winners[view]["test"]["accuracy"]
         assert model["parity"]["onnx_max_abs_diff"] <= 1e-4
+        assert set(model["parity"]["onnx_providers"]) == {"CPUExecutionProvider"}  # what predict runs on here
+        graph = onnx.load(str(model_dir / model["files"]["onnx"]))
+        meta = {prop.key: prop.value for prop in graph.metadata_props}
+        assert float(meta["threshold"]) == threshold["value"] and meta["threshold_chosen_on"] == "validation"
+        assert int(meta["input_size"]) == SIZE and meta["recipe_sha256"] == recipe["recipe_sha256"]
+        assert recipe["recipe_sha256"] == recipe_sha256(recipe)
+    umask = current_umask()
+    modes = {name: stat.S_IMODE((model_dir / name).stat().st_mode) for name in [*files, "model_card.json"]}
+    assert modes == {name: 0o666 & ~umask for name in modes}  # safetensors alone writes 0600
     summary = json.loads((sweep["dataset"] / "summary.json").read_text())
     assert card["data"]["fingerprint"] == summary["fingerprint"]
     assert card["packages"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
@@ -151,6 +180,25 @@ def test_export_fails_when_onnx_runtime_disagrees_with_pytorch(sweep, tmp_path, 
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".*export-tmp"))
 
 
+def test_each_aspect_is_one_store_variant_and_each_winner_predicts_through_its_own(sweep, model_dir):
+    import yaml
+
+    from search.plan import write_plan
+    from search.sweep import STORE_VARIANTS, load_sweep_config
+
+    assert "store variants: 2 (he/aspect: global/pad, global/stretch;" in write_plan(load_sweep_config(str(sweep["experiment"])))
+    record = yaml.safe_load((sweep["experiment"] / STORE_VARIANTS).read_text())
+    assert set(record["variants"]) == {"global/pad", "global/stretch"}  # built once each, by the driver
+    board = pd.read_csv(sweep["experiment"] / "leaderboard.csv")
+    assert dict(zip(board["view"], board["aspect"])) == ASPECT_OF  # every trial records its aspect
+    card = load_card(model_dir)
+    for view, aspect in ASPECT_OF.items():
+        entry = card["models"][view]
+        assert entry["store_variant"] == record["variants"][f"global/{aspect}"]["key"]
+        assert open_variant(sweep["cfg"].data.store, entry["store_variant"]).spec.aspect == aspect
+        assert entry["preprocessing"]["aspect"]["mode"] == aspect  # the recipe predict (and a card reader) follows
+
+
 def test_predicting_the_stored_test_images_reproduces_the_recorded_test_metrics(sweep, model_dir, tmp_path):
     rows = pd.read_parquet(sweep["dataset"] / "dataset.parquet")
     # the store's order (view, image_id): the bootstrap resamples positions, so the order must match too
@@ -163,7 +211,8 @@ def test_predicting_the_stored_test_images_reproduces_the_recorded_test_metrics(
         mine = (test["view"] == view).to_numpy()
         labels, scores = test.loc[mine, "label"].to_numpy(), predicted.loc[mine, "probability"].to_numpy()
         recorded = card["models"][view]["metrics"]["test"]
-        threshold, patients = card["models"][view]["threshold"], test.loc[mine, "patient"].to_numpy()
+        threshold = card["models"][view]["operating_threshold"]["value"]
+        patients = test.loc[mine, "patient"].to_numpy()
         got = {**binary_metrics(labels, scores, threshold),
                **bootstrap_ci(labels, scores, n=1000, seed=0, threshold=threshold, patients=patients)}
         for key in (*CI_METRICS, "tp", "fp", "tn", "fn", *(f"{m}_ci" for m in CI_METRICS)):
@@ -239,13 +288,22 @@ def test_a_tampered_truncated_or_missing_file_is_refused_with_one_line(model_dir
     assert len(err.splitlines()) == 1 and needle in err and str(target) in err
 
 
+def test_a_card_of_another_format_asks_for_a_re_export(model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    card = json.loads((copy / "model_card.json").read_text())
+    (copy / "model_card.json").write_text(json.dumps({**card, "format": "fsweep-model-1"}))
+    with pytest.raises(FsweepError, match="fsweep-model-1 model card; this fsweep reads fsweep-model-2: re-export"):
+        load_card(copy)
+
+
 def test_grad_cam_png_has_the_crops_size_and_is_not_constant(model_dir, unseen, tmp_path):
     raw = unseen["raw"]
     table = predict(model_dir, [raw / "plain.png", raw / "scan.dcm"], cam_dir=tmp_path / "cam", view="right")
     card = load_card(model_dir)
     for row in table.itertuples():
         img = decode_image(row.image)
-        margin = card["models"][row.model]["preprocessing"]["margin"]
+        margin = card["models"][row.model]["preprocessing"]["crop"]["margin"]
         x0, y0, x1, y1 = margin_box((row.x0, row.y0, row.x1, row.y1), margin, img.shape)
         png = cv2.imread(row.cam)
         assert png.shape == (y1 - y0, x1 - x0, 3)
@@ -284,3 +342,112 @@ def test_an_stn_model_at_a_size_onnx_cannot_pool_is_refused_with_the_reason(tmp_
     with pytest.raises(FsweepError, match="multiple of 64"):
         export.save_onnx(net, torch.rand(2, 1, 32, 32), tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def clean_python(code: str, *args, cwd, env=None) -> subprocess.CompletedProcess:
+    """Run ``code`` with site-packages only: ``-I -S`` drops the checkout, PYTHONPATH and the .pth files (the
+    editable fsweep finder among them); ``CLEAN_PATH`` adds site-packages back and checks fsweep is not importable."""
+    return subprocess.run([sys.executable, "-I", "-S", "-c", CLEAN_PATH + code, *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FSWEEP_SITE": sysconfig.get_paths()["purelib"], **(env or {})})
+
+
+RUN_SCRIPT = "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+
+
+CLEAN_PATH = """import os, sys
+sys.path.append(os.environ["FSWEEP_SITE"])
+for name in ("search", "fsweep", "fsmodels", "preprocessing", "cluster"):
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise SystemExit(f"{name} is importable: not a clean process")
+"""
+
+
+def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen, tmp_path):
+    """tests/card_only_predict.py: the recipe re-implemented from model_card.json (numpy, OpenCV, pydicom,
+    ultralytics, onnxruntime; no fsweep) on raw files of every kind and stored test images."""
+    raw = unseen["raw"]
+    write_dicom(tmp_path / "window.dcm", unseen["right"].astype(np.uint16) * 12 + 300, window=(1500, 2200),
+                slope=0.5, intercept=-100.0)  # rescale, then a window that clips both ends
+    rows = pd.read_parquet(sweep["dataset"] / "dataset.parquet")
+    test = rows[rows["split"] == "test"].groupby("view").head(6)
+    images = [(p, "right") for p in sorted(raw.iterdir()) if p.name != "scan.dcm"]
+    images += [(raw / "scan.dcm", "left"), (tmp_path / "window.dcm", "right")]
+    images += [(Path(r.image), r.view) for r in test.itertuples()]
+    requests = [f"{view}={path}" for path, view in images]
+    done = clean_python(RUN_SCRIPT, ROOT / "tests" / "card_only_predict.py", model_dir, *requests,
+                        cwd=tmp_path, env={"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    card_only = json.loads(done.stdout.strip().splitlines()[-1])
+    frames = [predict(model_dir, [p], view=v) for p, v in images]
+    expected = np.array([f["probability"][0] for f in frames])
+    got = np.array(card_only["probabilities"])
+    fallback = [bool(f["fallback"][0]) for f in frames]
+    print(f"card-only vs predict: max |dp| {np.abs(got - expected).max():.2e} over {len(images)} images "
+          f"({fallback.count(False)} with a detected box)")
+    assert np.abs(got - expected).max() <= 1e-5
+    assert [list(b) for b in card_only["boxes"]] == [[f[k][0] for k in ("x0", "y0", "x1", "y1")] for f in frames]
+    assert True in fallback and False in fallback  # both the crop and the full-frame fallback were compared
+    # the network inputs themselves, pixel for pixel: an untrained network could hide a wrong step
+    card = load_card(model_dir)
+    detector = RoiDetector(model_dir / "roi")
+    for (path, view), digest in zip(images, card_only["inputs_sha256"]):
+        fields = recipe_spec(card["models"][view]["preprocessing"])
+        spec = VariantSpec(**{**fields, "roi_dir": str(model_dir / fields["roi_dir"])})
+        array = preprocess_decoded(decode_image(path), spec, detector)[0]
+        assert hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest() == digest, path
+
+
+def test_parity_runs_once_per_provider_chain_predict_may_open():
+    cpu, cuda, trt = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+    assert provider_chains([cpu]) == [[cpu]]
+    assert provider_chains([trt, cuda, cpu, "AzureExecutionProvider"]) == [[cuda, cpu], [cpu]]  # predict's order
+    assert provider_chains(ort.get_available_providers())[0] == [p for p in (cuda, cpu)
+                                                                 if p in ort.get_available_providers()]
+    assert session_providers([cuda, cpu]) == [(cuda, {"use_tf32": "0"}), (cpu, {})]  # true fp32 on the GPU too
+
+
+def test_parity_refuses_a_provider_that_does_not_come_up(tmp_path, monkeypatch):
+    net = FsNet(create_backbone("resnet10t"), None).eval()
+    samples = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    export.save_torchscript(net, samples, tmp_path / export.TORCHSCRIPT_FILE)
+    export.save_onnx(net, samples, tmp_path / export.ONNX_FILE)
+    parity = export.check_parity(net, samples, tmp_path, "right")
+    assert parity["onnx_providers"].keys() == {"CPUExecutionProvider"} and parity["onnx_max_abs_diff"] <= 1e-4
+    # a CUDA build whose libraries are missing lists CUDA, then runs the session on the CPU without a word
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(FsweepError, match="lists CUDAExecutionProvider but could not start it"):
+        export.check_parity(net, samples, tmp_path, "right")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_follow_the_umask_even_when_the_writer_makes_0600(tmp_path, umask):
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write(tmp_path / "stn.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "stn.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+PLAIN_RAY = """import json
+from ray.tune import ExperimentAnalysis
+analysis = ExperimentAnalysis(sys.argv[1])
+print(json.dumps({t.trial_id: t.last_result["best_val_auc"] for t in analysis.trials}))
+"""
+
+
+def test_plain_ray_opens_the_experiment_without_fsweep(sweep, tmp_path):
+    """Ray's own ExperimentAnalysis, in a process that cannot import fsweep, reads back the leaderboard's val_auc."""
+    done = clean_python(PLAIN_RAY, sweep["experiment"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    read = json.loads(done.stdout.strip().splitlines()[-1])
+    board = pd.read_csv(sweep["experiment"] / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(read) == len(board) == 2
+    assert read == dict(zip(board["trial_id"], board["val_auc"]))  # the leaderboard's best-epoch value, exactly
