@@ -23,6 +23,7 @@ from preprocessing.store import build_variant
 from fsweep.cli import main as fsweep
 
 SIZE = 64  # tiny images: the whole file runs in about a minute on 2 cores
+CUDA = torch.cuda.is_available()  # the suite also runs on a CUDA machine: compare like with like there
 EPOCH_KEYS = {
     "epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_f1", "val_sensitivity",
     "val_specificity", "val_youden_threshold", "best_epoch", "diverged", "device", "device_seconds", "img_per_s",
@@ -45,7 +46,8 @@ def trial_yaml(tiny_dataset, tiny_variant, tmp_path_factory):
         f"data: {{dataset: {tiny_dataset}, store: {tiny_variant.path.parent}, size: {SIZE}}}\n"
         "space: {backbone: resnet10t, view: both, batch_size: 16, epochs: 5, lr: 0.01, he: global,\n"
         "        flip: true, stn: off, finetune: true, seed: 0}\n"
-        "train: {pretrained: none}\n"
+        # on CUDA the bit-exact resume tests need cuDNN autotuning off (it picks kernels by timing)
+        f"train: {{pretrained: none, deterministic: {str(CUDA).lower()}}}\n"
     )
     return path
 
@@ -253,10 +255,11 @@ def test_resident_batches_equal_the_dataloader_batches_image_by_image(tiny_varia
     flipped_seen = 0
     for seed, batch_size in ((7, 4), (123, 5)):
         ours = list(resident.batches(batch_size, seed))
-        theirs = list(make_loader(data, batch_size, rt, cfg, seed))
+        theirs = list(make_loader(data, batch_size, rt, cfg, seed))  # host batches: compared on the CPU
         assert len(ours) == len(theirs) > 1
         for (x, y), (ref_x, ref_y) in zip(ours, theirs):
-            assert torch.equal(x, ref_x) and torch.equal(y, ref_y.float())
+            assert x.device.type == rt.device.type
+            assert torch.equal(x.cpu(), ref_x) and torch.equal(y.cpu(), ref_y.float())
         order = [int(i) for i in resident.batches(batch_size, seed).order]
         flipped_seen += sum(bool(data.mirrored[i]) for i in order)
     assert flipped_seen > 0  # mirrored samples were compared too
@@ -310,19 +313,21 @@ def test_evaluation_scores_are_fp32_under_forced_amp(tiny_variant):
     from fsmodels.model import build_model
     from fsmodels.resident import ResidentSet
 
+    from fsmodels.engine import amp_dtype
+
     torch.manual_seed(0)
-    model = build_model("resnet10t", "none", True)
-    data = ResidentSet(eval_set(tiny_variant, "both", "val"), torch.device("cpu"))
-    criterion = torch.nn.BCEWithLogitsLoss()
     amp = runtime(load_config(None, ["train.amp=on", "train.channels_last=off"]))
     fp32 = runtime(load_config(None, ["train.amp=off", "train.channels_last=off"]))
-    assert amp.amp_dtype == torch.bfloat16
+    model = build_model("resnet10t", "none", True).to(amp.device)  # model, data and runtime on one device
+    data = ResidentSet(eval_set(tiny_variant, "both", "val"), amp.device)
+    criterion = torch.nn.BCEWithLogitsLoss()
+    assert amp.amp_dtype == amp_dtype(CUDA)  # bf16 on the CPU and on GPUs with native bf16, else fp16
     _, scores_amp, loss_amp = predict(model, data.batches(32, None), criterion, amp)
     _, scores_fp32, loss_fp32 = predict(model, data.batches(32, None), criterion, fp32)
     assert np.array_equal(scores_amp, scores_fp32) and loss_amp == loss_fp32
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast evaluation would give
+    with torch.no_grad(), torch.autocast(amp.device.type, dtype=amp.amp_dtype):  # what autocast evaluation gives
         x, _ = next(iter(data.batches(32, None)))
-        bf16 = torch.sigmoid(model.eval()(x.float() / 255).float()).numpy()
+        bf16 = torch.sigmoid(model.eval()(x.float() / 255).float()).cpu().numpy()
     assert not np.array_equal(bf16, scores_fp32[: len(bf16)])
 
 
@@ -344,12 +349,15 @@ def test_deterministic_reruns_are_bit_identical_and_set_the_flags(trial_yaml, tm
 def test_every_epoch_report_and_metrics_json_account_device_seconds(trial_yaml, tmp_path):
     reports = []
     cfg = load_config(trial_yaml, ["space.epochs=2", "space.view=right", "train.resident_max_mb=0"])  # memmap path
+    from fsmodels.engine import device_label, runtime
+
     result = run_trial(cfg, tmp_path, on_epoch=lambda m, d: reports.append(m))
-    assert [r["device"] for r in reports] == ["cpu", "cpu"]
+    device = device_label(runtime(cfg))  # "cpu" here, "cuda:<GPU name>" on a GPU machine
+    assert [r["device"] for r in reports] == [device, device]
     assert 0 < reports[0]["device_seconds"] < reports[1]["device_seconds"] <= result["device_seconds"]
     assert result["img_per_s"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["device"] == "cpu" and saved["device_seconds"] == result["device_seconds"]
+    assert saved["device"] == device and saved["device_seconds"] == result["device_seconds"]
 
 
 def test_a_torch_compile_failure_is_one_line(trial_yaml, tmp_path, monkeypatch):
