@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_sweep_config
 
 # The demo's winner scored AUC 0.871 on 120 images of 60 new patients (0.755 with the crop stretched;
 # README, "Command line walk-through"); one such AUC is worth about +-0.05 and chance is 0.5: 0.65 is three
@@ -30,4 +31,22 @@ def test_demo_is_quiet_fits_on_disk_and_its_winner_generalizes(tmp_path):
     assert check["new_patients_images"] == 120 and check["new_patients_seed"] != 0
     board = pd.read_csv(out / "runs" / "demo" / "leaderboard.csv")
     assert len(board) == 4 and board["val_auc"].max() < 0.97  # calibrated: the demo's comparison does not saturate
+    assert (board["epochs_run"] == board["epochs"]).all() and not board["stopped_early"].any()  # FIFO: equal trainings
     assert Path(out / "model" / "model_card.json").is_file()
+
+
+@pytest.mark.slow  # two 4-trial sweeps
+def test_a_fifo_sweep_run_twice_gives_the_same_leaderboard(local_ray, tiny_dataset, tmp_path):
+    """The demo's figures repeat: with FIFO (no completion-order-dependent stops) and fixed seeds, two runs of
+    one sweep config score every trial identically (CPU trials are deterministic)."""
+    from search.sweep import run_sweep
+
+    boards = []
+    for name in ("first", "second"):
+        cfg = tiny_sweep_config(tiny_dataset, tmp_path / "store", he=["off", "global"], flip=[False, True], epochs=2)
+        cfg.search.scheduler, cfg.search.max_concurrent, cfg.search.max_failures = "fifo", 2, 0
+        experiment = Path(run_sweep(cfg, name=name, storage=str(tmp_path / "runs")))
+        board = pd.read_csv(experiment / "leaderboard.csv")
+        boards.append(board.sort_values(["he", "flip"]).reset_index(drop=True))
+    columns = ["he", "flip", "val_auc", "val_loss", "val_accuracy", "best_epoch", "epochs_run"]
+    pd.testing.assert_frame_equal(boards[0][columns], boards[1][columns])
