@@ -62,9 +62,10 @@ def blocks(page: Path) -> list[Block]:
 
 
 def pages() -> list[Path]:
-    """README, then every docs page in the order README first links it, then any page README does not link."""
-    linked = []
-    for name in re.findall(r"\]\((docs/[\w.-]+\.md)", README.read_text()):
+    """README, then the docs pages in the order of README's "Documentation" table, then any page it does not link."""
+    linked, text = [], README.read_text()
+    table = text[text.index("## Documentation"):] if "## Documentation" in text else text
+    for name in re.findall(r"\]\((docs/[\w.-]+\.md)", table):
         path = ROOT / name
         if path not in linked:
             linked.append(path)
