@@ -276,3 +276,15 @@ def test_a_winner_trained_on_shuffled_labels_is_named_so_in_the_sweep_and_the_re
     text = write_report(experiment).read_text()
     assert f"> **Warning:** {warned[0][len('WARNING '):]}" in text  # the same words where researchers look
     assert "train_auc" in text.split("## Leaderboard")[1] and "val_auc_lo" in text
+
+
+def test_best_scores_are_found_in_labelled_trial_directories(tmp_path):
+    from search.names import trial_dirname_text
+    from search.tables import read_best_scores
+
+    frame = scores_frame(([0, 1], [0.2, 0.8]), ([0, 1], [0.3, 0.7]))
+    for trial_id, label in (("3206b_00000", "he=global_flip=on"), ("3206b_00001", "")):
+        (tmp_path / trial_dirname_text(trial_id, label)).mkdir()
+        frame.to_parquet(tmp_path / trial_dirname_text(trial_id, label) / "best_scores.parquet")
+    found = read_best_scores(str(tmp_path), ["3206b_00000", "3206b_00001", "3206b_00002"])
+    assert sorted(found) == ["3206b_00000", "3206b_00001"] and len(found["3206b_00000"]) == 4
