@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow  # about 4 minutes for all of them on 2 busy cores
+pytestmark = pytest.mark.slow  # all of them: 4.6 min on 2 shared cores (12 min at load average 20)
 
 BENCHES = {  # bench -> arguments of its smallest run (``{out}``: a fresh work directory)
     "store.py": ["--quick", "--out", "{out}"],
@@ -41,7 +41,7 @@ def test_bench_runs_at_its_smallest_size_and_ends_with_name_value(bench, tmp_pat
     args = [a.format(out=tmp_path / "work") for a in BENCHES[bench]]
     started = time.monotonic()
     done = subprocess.run([sys.executable, str(ROOT / "bench" / bench), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=480)
+                          text=True, timeout=900)  # generous: a loaded machine runs them 3x slower
     seconds = time.monotonic() - started
     assert done.returncode == 0, f"{bench} exited {done.returncode}:\n{done.stderr[-3000:]}"
     lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
