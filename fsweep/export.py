@@ -201,6 +201,8 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
                     "store_code_version": CODE_VERSION},
         "operating_threshold": {"value": threshold, "chosen_on": "validation", "rule": THRESHOLD_RULE},
         "metrics": card_metrics(validation_metrics(checkpoint), winner.get("test")),
+        # did it learn: the best epoch's training AUC and the sweep's plain-words warnings (search.select.fit_warnings)
+        "fit": {"train_auc": (winner.get("train") or {}).get("auc"), "warnings": winner.get("warnings", [])},
         "files": {"onnx": f"{view}/{ONNX_FILE}", "torchscript": f"{view}/{TORCHSCRIPT_FILE}",
                   "weights": f"{view}/{WEIGHTS_FILE}"},
         "parity": parity,

@@ -260,7 +260,7 @@ def run_sweep(
                 num_samples=cfg.search.num_samples,
                 search_alg=space.search_algorithm(cfg),
                 scheduler=space.scheduler(cfg),
-                trial_dirname_creator=trial_dirname_creator(),
+                trial_dirname_creator=trial_dirname_creator(space.searched_keys(cfg)),  # readable runs
                 reuse_actors=True,  # same resources per trial: skip a process start + torch import per trial
             ),
             run_config=run_config(cfg, storage, name, verbose),

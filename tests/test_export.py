@@ -139,6 +139,10 @@ def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(swe
             assert all(f"{m}_ci" in scored for m in CI_METRICS) and scored["threshold"] == threshold["value"]
             assert "youden_threshold" not in scored and f"youden_threshold_of_{split}_scores" in scored
         assert model["metrics"]["test"]["accuracy"] == winners[view]["test"]["accuracy"]
+        # one number everywhere: the card's validation AUC interval is the leaderboard's, the same patient draws
+        assert model["metrics"]["val"]["auc_ci"] == pytest.approx(
+            [winners[view]["val"]["val_auc_lo"], winners[view]["val"]["val_auc_hi"]], abs=1e-12)
+        assert model["fit"] == {"train_auc": winners[view]["train"]["auc"], "warnings": winners[view]["warnings"]}
         assert model["parity"]["onnx_max_abs_diff"] <= 1e-4
         assert set(model["parity"]["onnx_providers"]) == {"CPUExecutionProvider"}  # what predict runs on here
         graph = onnx.load(str(model_dir / model["files"]["onnx"]))

@@ -49,7 +49,9 @@ def store_snapshot(store: Path) -> dict:
 
 def trial_dirs(experiment: Path) -> dict[str, Path]:
     """trial id -> trial directory."""
-    return {p.name.removeprefix("trial_"): p for p in experiment.glob("trial_*") if p.is_dir()}
+    from search.names import dirname_trial_id
+
+    return {dirname_trial_id(p.name): p for p in experiment.glob("trial_*") if p.is_dir()}
 
 
 def hparams_records(run_dir: Path) -> dict:
