@@ -6,7 +6,11 @@ PIP := $(PY) -m pip
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+BUNDLE ?= bench/gpu-bundle
+BUNDLE_PY ?= 3.12
+NODE_VENV ?= /tmp/fsweep-node-venv
+
+.PHONY: setup demo test test-fast bench clean gpu-bundle gpu-node-dry
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +37,20 @@ bench: setup
 	$(PY) bench/scaling.py
 	$(PY) bench/train_throughput.py --size 64 --batch 4
 	$(PY) bench/gpu.py
+
+# The wheels a bare GPU node (Python 3.12, CUDA torch, no network) lacks, for bench/gpu_node.sh:
+# `make gpu-bundle` (BUNDLE_PY=3.11 for this machine's dry run). Needs PyPI; out of git.
+gpu-bundle: setup
+	$(PY) bench/gpu_bundle.py --python $(BUNDLE_PY) --out $(BUNDLE)
+
+# bench/gpu_node.sh --cpu in a fresh virtual environment made like the node (torch from disk, the node's
+# packages), installing the rest from the py3.11 bundle only.
+gpu-node-dry:
+	test -f $(BUNDLE)/fsweep-gpu-bundle-py311.tar.xz || $(MAKE) gpu-bundle BUNDLE_PY=3.11
+	rm -rf $(NODE_VENV) && $(PYTHON) -m venv $(NODE_VENV)
+	$(NODE_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(NODE_VENV)/bin/pip install -q timm tensorboard onnx onnxruntime opencv-python pandas pyarrow
+	PYTHON=$(NODE_VENV)/bin/python bash bench/gpu_node.sh --cpu --out $(NODE_VENV)-out
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
