@@ -16,7 +16,8 @@ was drawn from), scored through the trial's own recipe (detector, HE, aspect, si
 Targets: crop_only val AUC about 0.6-0.85, demo_trial between 0.6 and 0.97, and no row at 1.0.
 Validation is 20 patients x 2 views, so one AUC is worth about +-0.08; ``--train-seeds`` repeats
 every row with more initialisation seeds and reports the mean. ``--quick``: the smallest run (a
-20-patient phantom of small images, 32 px, one epoch, one row) to check that the bench works.
+20-patient phantom of small images, the full frame instead of a trained detector, 32 px, one epoch, one row)
+to check that the bench works.
 Every step is the ``fsweep`` command a user would type (the phantom is written by the library).
 Last line: ``crop_only_val_auc=<mean>`` (the first row's mean when crop_only is not run).
 """
@@ -48,8 +49,7 @@ ROWS = {
     "flip": ["space.he=off", "space.flip=true", "space.stn=off"],
     "demo_trial": [],
 }
-QUICK = {"patients": 20, "image_size": (148, 252), "size": 32, "epochs": 1, "rows": "crop_only", "new_patients": 6,
-         "roi": ["roi.epochs=1", "roi.imgsz=64"]}
+QUICK = {"patients": 20, "image_size": (148, 252), "size": 32, "epochs": 1, "rows": "crop_only", "new_patients": 6}
 
 
 def fsweep(*args: str) -> None:
@@ -82,13 +82,15 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
         fsweep("ingest", str(phantom / "manifest.csv"), "--out", str(dataset), "--seed", str(args.seed))
     print(f"phantom: family {args.family}, {args.patients} patients, seed {args.seed}, difficulty {args.difficulty} "
           f"({time.monotonic() - started:.1f} s)", flush=True)
-    if not (roi / "best.pt").is_file():  # --out reused: one detector per family and seed, whatever the store size
-        fsweep("roi", "train", str(dataset), "--out", str(roi), "--config", str(DEMO_CONFIG), *sets(args.roi_sets))
-    map50 = json.loads((roi / "metrics.json").read_text()).get("map50")
-    print(f"ROI detector mAP50={map50}", flush=True)
+    if args.no_detector:  # the full frame (--quick): YOLO training is most of a small run's time
+        roi = None
+    elif not (roi / "best.pt").is_file():  # --out reused: one detector per family and seed, whatever the size
+        fsweep("roi", "train", str(dataset), "--out", str(roi), "--config", str(DEMO_CONFIG))
+    if roi is not None:
+        print(f"ROI detector mAP50={json.loads((roi / 'metrics.json').read_text()).get('map50')}", flush=True)
     for aspect in args.aspects:
-        fsweep("store", "build", str(dataset), "--store", str(store), "--roi", str(roi), "--size", str(args.size),
-               "--he", "off,global", "--aspect", aspect)
+        fsweep("store", "build", str(dataset), "--store", str(store), "--roi", str(roi or "none"), "--size",
+               str(args.size), "--he", "off,global", "--aspect", aspect)
     print(f"prepared in {time.monotonic() - started:.0f} s", flush=True)
     return dataset, roi, store
 
@@ -98,7 +100,7 @@ def trial(work: Path, paths: tuple[Path, Path, Path], name: str, aspect: str, tr
     """Train one row with one aspect and initialisation seed; returns its metrics.json (val, test, checkpoint)."""
     dataset, roi, store = paths
     out = work / "trials" / f"{name}_{aspect}_{args.size}px_s{train_seed}"
-    pairs = [f"data.dataset={dataset}", f"data.store={store}", f"roi.detector={roi}", f"data.size={args.size}",
+    pairs = [f"data.dataset={dataset}", f"data.store={store}", f"roi.detector={roi or 'none'}", f"data.size={args.size}",
              f"space.seed={train_seed}", f"{aspect_key()}={aspect}", "train.test=true", *ROWS[name],
              *([f"space.epochs={args.epochs}"] if args.epochs else [])]
     if not (out / "metrics.json").is_file():  # --out reused: a finished trial is not trained again
@@ -109,7 +111,7 @@ def trial(work: Path, paths: tuple[Path, Path, Path], name: str, aspect: str, tr
 class NewPatients:
     """Newly generated patients of one family, detected once; each trial is scored through its own recipe."""
 
-    def __init__(self, folder: Path, args: argparse.Namespace, roi: Path):
+    def __init__(self, folder: Path, args: argparse.Namespace, roi: Path | None):
         import pandas as pd
 
         from preprocessing.decode import decode_image
@@ -120,7 +122,7 @@ class NewPatients:
             write_phantom(folder, patients=args.new_patients, seed=NEW_SEED, difficulty=args.difficulty,
                           family=args.family, **({"size": args.image_size} if args.image_size else {}))
         manifest = pd.read_csv(folder / "manifest.csv")
-        detector = RoiDetector(roi)
+        detector = RoiDetector(roi) if roi is not None else None  # None: the full frame
         self.roi = roi
         self.labels = (manifest["label"] == "abnormal").to_numpy(int)
         self.images = [decode_image(str(folder / name)) for name in manifest["image"]]
@@ -136,7 +138,8 @@ class NewPatients:
         from preprocessing.roi import crop_box
 
         model, cfg = load_trial_model(checkpoint)
-        spec = VariantSpec(he=he, size=size, aspect=aspect, roi_dir=str(self.roi), margin=cfg.roi.margin)
+        spec = VariantSpec(he=he, size=size, aspect=aspect, roi_dir=str(self.roi) if self.roi else None,
+                           margin=cfg.roi.margin if self.roi else 0.0)
         arrays = [finish_crop(crop_box(image, box, spec.margin), spec) for image, box in zip(self.images, self.boxes)]
         x = torch.from_numpy(np.stack(arrays)[:, None].astype(np.float32) / 255.0)
         with torch.no_grad():
@@ -188,13 +191,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: demo_trial.yaml's)")
     parser.add_argument("--new-patients", type=int, default=60, help="newly generated patients to score (0: none)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    parser.add_argument("--quick", action="store_true", help="the smallest run, well under a minute")
+    parser.add_argument("--no-detector", action="store_true", help="crop nothing: the full frame (no YOLO training)")
+    parser.add_argument("--quick", action="store_true", help="the smallest run (full frame), well under a minute")
     args = parser.parse_args()
-    args.image_size, args.roi_sets = None, []
+    args.image_size = None
     if args.quick:
         args.patients, args.image_size, args.size, args.epochs = QUICK["patients"], QUICK["image_size"], QUICK[
             "size"], QUICK["epochs"]
-        args.rows, args.new_patients, args.roi_sets = QUICK["rows"], QUICK["new_patients"], QUICK["roi"]
+        args.rows, args.new_patients, args.no_detector = QUICK["rows"], QUICK["new_patients"], True
     args.aspects = [a.strip() for a in args.aspect.split(",")]
     unknown = [a for a in args.aspects if a not in ASPECTS] + [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:

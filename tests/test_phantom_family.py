@@ -161,15 +161,16 @@ def _run(*args: str) -> None:
     assert done.returncode == 0, f"fsweep {' '.join(args)}:\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}"
 
 
-# A model trained through the README path on the height family scored NEW_PATIENTS_AUC on newly generated patients
-# (see the comment at the floor); chance is 0.5 and one such AUC on 80 images is worth about +-0.06.
-NEW_PATIENTS_AUC_FLOOR = 0.65
+# Measured (this test's exact steps, training seed 0): AUC 0.843 on the 80 images of 40 new patients (val 0.783,
+# test 0.900, best epoch 6 of 8). One such AUC is worth about +-0.06 and chance is 0.5: 0.70 is more than two of
+# those below the measurement and still well above chance.
+NEW_PATIENTS_AUC_FLOOR = 0.70
 SLOW_TRIAL = ["space.backbone=resnet10t", "space.view=both", "space.batch_size=16", "space.epochs=8", "space.lr=0.01",
               "space.he=global", "space.flip=true", "space.stn=off", "space.seed=0", "train.pretrained=none",
               "train.test=true", "data.size=64", "resources.cpu=2"]
 
 
-@pytest.mark.slow  # the README path on the height family at tiny size: about 2 minutes on 2 cores
+@pytest.mark.slow  # the README path on the height family at tiny size: a few minutes on 2 idle cores (YOLO most)
 def test_readme_path_on_the_height_family_generalizes_to_new_patients(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from calibrate_phantom import NEW_SEED, NewPatients, aspect_key
