@@ -120,7 +120,8 @@ STORE_SHORTCUTS = (
     ("--size", "data.size", int, "square output size"),
     ("--he", "space.he", _comma_list, "comma-separated HE modes to build (off, global, clahe)"),
     ("--margin", "roi.margin", float, "crop margin, fraction of the box"),
-    ("--aspect", "data.aspect", str, "how a crop becomes square: pad (default) or stretch (the paper)"),
+    ("--aspect", "space.aspect", _comma_list, "comma-separated ways a crop becomes square: stretch (the paper, "
+     "default), pad"),
 )
 STN_SHORTCUTS = (
     ("--epochs", "train.stn_epochs", int, "pretraining epochs"),
