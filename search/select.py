@@ -90,14 +90,15 @@ def fit_warnings(row: dict) -> list[str]:
     """Plain-words reasons to distrust a trial that ranks well: chance-level validation, an early peak, no fit.
 
     ``row`` is a leaderboard row (best-epoch ``val_auc``, ``val_auc_lo``/``_hi``, ``train_auc``, ``best_epoch``,
-    ``epochs``). Empty when none applies, or when the row has no such columns (an older experiment).
+    ``epochs_run`` or else ``epochs``). Empty when none applies, or when the row has no such columns (an older experiment).
     """
     def number(key):
         value = row.get(key)
         return float(value) if value is not None and not pd.isna(value) else math.nan
 
     auc, lo, hi, train = (number(k) for k in ("val_auc", "val_auc_lo", "val_auc_hi", "train_auc"))
-    best, epochs = number("best_epoch"), number("epochs")
+    best = number("best_epoch")
+    epochs = number("epochs_run") if number("epochs_run") >= 1 else number("epochs")  # a stopped trial: what it ran
     reasons = []
     if lo <= 0.5:  # the interval does not rule chance out (or lies below it)
         verdict = "indistinguishable from chance" if hi >= 0.5 else "worse than chance"

@@ -247,6 +247,7 @@ def test_report_on_a_sweep_with_a_stopped_trial_marks_it_warns_and_leaves_it_out
     (dict(val_auc=0.8, val_auc_lo=0.6, val_auc_hi=0.9, train_auc=0.68, best_epoch=2, epochs=12),
      ["its best epoch is 2 of 12: it peaked at once or never learned", "it barely fits its training set (train AUC 0.68)"]),
     (dict(val_auc=0.8, val_auc_lo=0.6, val_auc_hi=0.9, train_auc=0.9, best_epoch=3, epochs=12), []),  # past a fifth
+    (dict(val_auc=0.8, val_auc_lo=0.6, val_auc_hi=0.9, train_auc=0.9, best_epoch=2, epochs=12, epochs_run=2), []),
     (dict(val_auc=0.8), []),  # an older experiment without the diagnostics: nothing to say
 ])
 def test_fit_warnings_name_chance_early_peaks_and_no_fit_in_plain_words(row, expected):
