@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from preprocessing.vocab import VIEWS
+
 LEVELS = 6  # vertebral bodies C2..C7
 FORAMINA = LEVELS - 1
 SUPERSAMPLE = 2  # drawn at twice the size, then averaged down (the anti-aliasing of this family)
@@ -200,7 +202,7 @@ def render_patient(rng: np.random.Generator, anatomy: dict[str, bool], difficult
     patient = sample_pose(rng, size, nuisances.pose)
     bones = sample_bones(rng, nuisances.overlap)
     views = {}
-    for view in ("left", "right"):
+    for view in VIEWS:
         pose = view_pose(patient, view, nuisances.pose, nuisances.view_gap, rng)
         foramina = height_foramina(anatomy[view], difficulty, nuisances.overlap, rng)
         views[view] = render_view(pose, view, bones, foramina, size, nuisances, rng)

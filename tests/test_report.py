@@ -141,12 +141,14 @@ def test_table5_shaped_sweep_over_folds_gives_the_spread_over_folds(local_ray, t
     rows = section.split("Paired difference")[0]
     assert rows.count("| 2 |") >= 4  # two folds per row (and its trials)
     assert " ± " in rows and "configuration mean over seeds and folds" in text
+    from search.names import dirname_trial_id
+
     trials = [p for p in experiment.glob("trial_*") if (p / "best_scores.parquet").is_file()]
-    assert len(trials) == 8
+    assert len(trials) == 8 and all("_he=" in p.name and "_fold=" in p.name for p in trials)  # readable runs
     by_fold = {}
     for trial in trials:
         scores = pd.read_parquet(trial / "best_scores.parquet")
-        fold = int(pd.read_csv(experiment / LEADERBOARD).set_index("trial_id").loc[trial.name[6:], "fold"])
+        fold = int(pd.read_csv(experiment / LEADERBOARD).set_index("trial_id").loc[dirname_trial_id(trial.name), "fold"])
         by_fold.setdefault(fold, set()).update(scores.loc[scores["split"] == "test", "patient"])
     assert not by_fold[0] & by_fold[1]  # rotating test: no patient is tested in two folds
 
