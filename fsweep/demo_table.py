@@ -1,4 +1,5 @@
-"""The demo's results table, regenerated from a demo's own output files (README, docs/results.md).
+"""The demo's results table, regenerated from a demo's own output files (docs/results.md, "The demo's figures";
+README's demo paragraph quotes it).
 
     python -m fsweep.demo_table DEMO_OUT      # the --out folder of `fsweep demo` (or `make demo`: demo_out)
     python -m fsweep.demo_table EXPERIMENT    # or any experiment folder (<storage>/<name>)

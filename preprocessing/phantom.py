@@ -21,7 +21,7 @@ three dark distractor blobs (lucencies in the bodies) add dark area at random. O
 abnormal view narrows three to five foramina of near-equal size, with little wobble.
 ``difficulty`` (0 easy .. 1 hard) makes every foramen rounder and its orientation wobble more,
 so narrowed and normal foramina look more alike; the default is the calibrated one (see
-README, "measured calibration table"). ``label_noise`` (default 4 %): that share of views, per
+docs/phantom.md, "Calibration"). ``label_noise`` (default 4 %): that share of views, per
 side, carry the opposite label of their anatomy (half flipped each way, so the abnormal share
 is unchanged).
 

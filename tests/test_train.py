@@ -64,7 +64,7 @@ def full_run(trial_yaml, tmp_path_factory):
 def test_short_cpu_run_on_the_phantom_store_trains(full_run):
     """The tiny phantom (148 x 252 px at 64 px: foramina of about a pixel) tests the machinery, not the
     method: the loss falls and every number is defined. Calibration on the demo-sized phantom is
-    bench/calibrate_phantom.py's (README: "measured calibration table")."""
+    bench/calibrate_phantom.py's (docs/phantom.md, "Calibration")."""
     out, seconds = full_run
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
