@@ -130,13 +130,15 @@ def fit_and_clean(tuner: tune.Tuner, scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def trial_dirname_creator(keys=()):
+def trial_dirname_creator(keys=(), cells=None):
     """Tune's ``trial_dirname_creator``: ``trial_<id>``, or ``trial_<id>_<label>`` naming ``keys`` (``search.names``).
 
     Ray stores the creator in every trial's state (``Trial.__getstate__`` -> cloudpickle): a module-level
     function is pickled by reference, and ``ExperimentAnalysis`` then needs fsweep importable to open the
     runs. This one is a closure (pickled by value) whose helpers come from ``search.names``, registered to
     be pickled by value too (stdlib only, no module globals), so the state loads with Ray alone.
+    ``cells``: explicit points' grid cells (``search.space.grid_cells``); Ray names a trial before it resolves
+    the cell's ``sample_from`` values, so the label reads them from the cell its ``point`` index names.
     """
     import ray.cloudpickle
 
@@ -144,10 +146,13 @@ def trial_dirname_creator(keys=()):
     from search.names import trial_dirname_text, trial_label
 
     ray.cloudpickle.register_pickle_by_value(search.names)  # process-wide and idempotent; the driver pickles
-    keys = list(keys)
+    keys, cells, point = list(keys), list(cells or []), space.POINT  # locals: the closure refers to no fsweep module
 
     def trial_dirname(trial) -> str:
-        return trial_dirname_text(trial.trial_id, trial_label(trial.config, keys, sep="_"))
+        config = trial.config
+        if cells and isinstance(config.get(point), int):
+            config = {**config, **cells[config[point]]}
+        return trial_dirname_text(trial.trial_id, trial_label(config, keys, sep="_"))
 
     return trial_dirname
 
@@ -260,7 +265,8 @@ def run_sweep(
                 num_samples=cfg.search.num_samples,
                 search_alg=space.search_algorithm(cfg),
                 scheduler=space.scheduler(cfg),
-                trial_dirname_creator=trial_dirname_creator(space.searched_keys(cfg)),  # readable runs
+                trial_dirname_creator=trial_dirname_creator(space.searched_keys(cfg), space.grid_cells(cfg)
+                                                            if cfg.space.points else None),  # readable runs
                 reuse_actors=True,  # same resources per trial: skip a process start + torch import per trial
             ),
             run_config=run_config(cfg, storage, name, verbose),
