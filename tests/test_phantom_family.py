@@ -15,21 +15,7 @@ import pytest
 from preprocessing.phantom import ABNORMAL_FRACTION, FAMILIES, write_phantom
 from preprocessing.phantom_height import FORAMINA, foramen_heights, height_foramina
 
-SMALL = (74, 126)
-TINY = (148, 252)
-SWITCHES = ("overlap", "exposure", "pose", "view_gap", "paired_labels")
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _manifest(phantom: Path) -> pd.DataFrame:
-    return pd.read_csv(phantom / "manifest.csv")
-
-
-def _image(phantom: Path, name: str) -> np.ndarray:
-    return cv2.imread(str(phantom / name), cv2.IMREAD_UNCHANGED)
+from test_phantom import SMALL, SWITCHES, TINY, _files, _image, _manifest  # the phantom tests' helpers, defined once
 
 
 @pytest.fixture(scope="module")
