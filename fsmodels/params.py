@@ -49,7 +49,8 @@ def variant_recipes(cfg: Config) -> list[tuple[str, str]]:
     """Every (HE mode, aspect) pair a trial of the space can draw, point by point: the variants a sweep builds."""
     pairs = []
     for point in space_points(cfg):
-        pairs += [(he, aspect) for he in entry_values("he", point["he"]) for aspect in entry_values("aspect", point["aspect"])]
+        pairs += [(he, aspect) for he in entry_values("he", point["he"])
+                  for aspect in entry_values("aspect", point["aspect"])]
     return list(dict.fromkeys(pairs))
 
 
