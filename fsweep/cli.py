@@ -1,4 +1,4 @@
-"""The ``fsweep`` command line (DESIGN §4.2).
+"""The ``fsweep`` command line (docs/design.md, section 'The command line').
 
 Each subcommand is a thin handler: parse, call the library function, print.
 Imports happen inside handlers so ``fsweep --help`` stays fast and one broken

@@ -1,4 +1,4 @@
-"""Run and resume a Ray Tune sweep (DESIGN §4.4, §4.5).
+"""Run and resume a Ray Tune sweep (docs/design.md, sections 'The config' and 'The experiment directory').
 
 The driver builds (or reuses) every store variant and frozen STN the space needs
 before any trial starts; trials (``search.trial``) only open them by absolute path.
