@@ -37,8 +37,9 @@ from ray.cluster_utils import Cluster
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cluster.connect import connect
+from cluster.ray_internals import set_tune_console
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no progress tables between our rows
+set_tune_console(verbose=False, keep_set=True)  # with verbose=0: no progress tables between our rows
 # as `fsweep sweep` does (search.sweep): Tune's default loggers off, its CSV and JSON loggers passed explicitly
 # (the default TensorBoardX logger imports torch on the driver at the first fit, a second only the 1-node run pays)
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

@@ -52,23 +52,16 @@ def installed_as_distribution() -> bool:
 
 def _start_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool) -> None:
     import ray
-    from ray._private import ray_constants
 
-    # Ray binds its services to all interfaces unless the node IP is the loopback one, and
-    # it picks the loopback IP only when multi-node support is off (its own switch,
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when Ray is imported). Ray is usually
-    # imported before we get here, so the switch is flipped for this one start and put back.
+    from cluster.ray_internals import loopback_only
+
     for name, value in worker_env().items():  # inherited by the raylet this start launches, so by every worker
         os.environ.setdefault(name, value)
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with loopback_only():  # every service on 127.0.0.1: Ray has no public switch for it
         ray.init(
             address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
             logging_level="WARNING", log_to_driver=log_to_driver,
         )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _join(address: str, log_to_driver: bool) -> None:

@@ -1,14 +1,13 @@
-"""The process environment GPU work relies on, set before anything touches CUDA (issue 20).
+"""The process environment GPU work relies on, set before anything touches CUDA.
 
 - ``CUBLAS_WORKSPACE_CONFIG``: cuBLAS reads it once, when its first handle is created, so
   ``train.deterministic`` can only make GEMMs reproducible if it is in the environment before
   the first CUDA matmul of the process (a frozen STN pretrained before the trial, a benchmark).
   ``set_process_env`` sets it at process start (``fsweep`` main) and ``worker_env`` puts it into
   every Ray worker's environment. Its cost is a fixed 8 x 4 MiB cuBLAS workspace per stream.
-- ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``: since ray-project/ray#54868 (in the Ray 2.60 installed here) a
-  task or actor given zero GPUs keeps the node's ``CUDA_VISIBLE_DEVICES`` and so sees every GPU;
-  with this variable Ray's worker sets ``CUDA_VISIBLE_DEVICES=""`` for it, as before
-  (``ray._private.utils.set_visible_accelerator_ids``, read in the worker process). So ``gpu: 0``
+- ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``: in Ray 2.60 a task or actor given zero GPUs keeps the
+  node's ``CUDA_VISIBLE_DEVICES`` and so sees every GPU; with this variable Ray's worker process sets
+  ``CUDA_VISIBLE_DEVICES=""`` for it when it assigns the visible accelerators. So ``gpu: 0``
   trials and the store-build tasks never touch a GPU outside Ray's accounting.
 - ``no_cuda_line``: the one line a trial that asked for a GPU and sees none fails with.
 """

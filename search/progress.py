@@ -1,9 +1,9 @@
 """A sweep at a glance: the live view of ``fsweep sweep``/``resume``/``demo`` and ``fsweep status``.
 
 One status, two sources: the driver's ``ProgressView`` (a Ray Tune callback, fed Tune's
-``Trial`` objects) and ``read_progress`` (the experiment directory's Tune state:
-the newest ``experiment_state-*.json`` and each trial's ``result.json``, read from
-another shell without joining Ray). Both become ``TrialSnapshot`` lists that the pure
+``Trial`` objects) and ``read_progress`` (the files Ray Tune documents in each trial's
+directory: ``params.json``, ``result.json``, ``error.txt``; read from another shell
+without joining Ray). Both become ``TrialSnapshot`` lists that the pure
 ``summarize`` / ``format_block`` / ``format_line`` turn into the same text. On a
 terminal the view redraws as one block; otherwise it prints one line per change, at
 most one every ``LINE_INTERVAL_S`` seconds. Ray's and the libraries' own logs go to
@@ -332,51 +332,59 @@ def _last_json_line(text: str | None) -> dict:
         return json.loads(lines[-2]) if len(lines) > 1 else {}
 
 
-def _state_trials(state: dict, metric: str) -> dict[str, TrialSnapshot]:
-    trials = {}
-    for meta, runtime in state.get("trial_data", []):
-        meta, runtime = json.loads(meta), json.loads(runtime)
-        trial_id = meta["trial_id"]
-        trials[trial_id] = snapshot(trial_id, meta.get("status", "PENDING"), meta.get("config", {}),
-                                    runtime.get("last_result"), metric)
-    return trials
+def _ended(result: dict, config: dict) -> bool:
+    """Whether a trial's last result is its last: a scheduler stopped it (``done``), it diverged, or it ran every epoch.
+
+    A function trainable that returns adds no ``done`` line to result.json, so the planned epochs tell.
+    """
+    planned = int(config.get("epochs") or 0)
+    epoch = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
+    return bool(result.get("done")) or bool(result.get("diverged")) or (planned > 0 and epoch >= planned)
+
+
+def _trial_from_files(experiment: str, name: str, metric: str) -> tuple[TrialSnapshot, float]:
+    """One trial from the files Ray Tune documents in its directory, and the time its newest file was written.
+
+    ``params.json``: the config; ``result.json``: one line per reported result; ``error.txt``: written when the
+    trial raised (newer than its last result: it has not run since).
+    """
+    folder = join(experiment, name)
+    files = dict(_list(folder))
+    result = _last_json_line(_read(join(folder, "result.json")))
+    config = json.loads(_read(join(folder, "params.json")) or "{}") or result.get("config", {})
+    errored = "error.txt" in files and files["error.txt"] >= files.get("result.json", 0.0)
+    status = "ERROR" if errored else "TERMINATED" if _ended(result, config) else "RUNNING"
+    return snapshot(dirname_trial_id(name), status, config, result, metric), max(files.values(), default=0.0)
 
 
 def read_progress(experiment: str | Path, cfg: Config, now: float | None = None) -> Progress:
-    """The status of the sweep in ``experiment`` (path or URI; ``cfg`` its sweep config), from its files alone."""
+    """The status of the sweep in ``experiment`` (path or URI; ``cfg`` its sweep config), from its files alone.
+
+    A trial's directory appears when it starts; trials planned (``fsweep_progress.json``) but without one are
+    pending. The elapsed time of a finished sweep is its trials' training time summed (Tune's own total).
+    """
     experiment = str(experiment)
     now = time.time() if now is None else now
-    entries = dict(_list(experiment))
     metric, mode = cfg.search.metric, cfg.search.mode
-    states = sorted(n for n in entries if n.startswith("experiment_state-") and n.endswith(".json"))
-    state = json.loads(_read(join(experiment, states[-1])) or "{}") if states else {}
-    trials = _state_trials(state, metric)
-    for name in (n for n in entries if dirname_trial_id(n)):  # trial_<id> or trial_<id>_<label>
-        trial_id = dirname_trial_id(name)
-        known = trials.get(trial_id)
-        if known is not None and known.status in FINISHED:  # the snapshot has its final state: no read
-            continue
-        result = _last_json_line(_read(join(experiment, name, "result.json")))
-        # a trial directory means the trial started, maybe after the snapshot; its result.json is fresher
-        status = "RUNNING" if known is None or known.status == "PENDING" else known.status
-        if result or known is None:
-            config = known.config if known is not None else result.get("config", {})
-            trials[trial_id] = snapshot(trial_id, status, config, result, metric)
-        else:
-            known.status = status
+    trials, saved = [], 0.0
+    for name, _ in _list(experiment):
+        if dirname_trial_id(name):  # trial_<id> or trial_<id>_<label>
+            trial, written = _trial_from_files(experiment, name, metric)
+            trials.append(trial)
+            saved = max(saved, written)
     planned = json.loads(_read(join(experiment, PROGRESS_FILE)) or "{}")
-    runner = state.get("runner_data", {})
-    saved = entries[states[-1]] if states else now
     progress = summarize(
-        list(trials.values()), name=Path(experiment.rstrip("/")).name, metric=metric, mode=mode,
+        trials, name=Path(experiment.rstrip("/")).name, metric=metric, mode=mode,
         keys=space.searched_keys(cfg), total=planned.get("total_trials"), elapsed_s=0.0, asha=asha_rungs(cfg),
         slots=cfg.search.max_concurrent,
     )
+    trained = sum(t.seconds for t in trials)
     if progress.finished:
-        progress.elapsed_s = float(runner.get("_total_time", 0.0))
-    else:  # since this driver started (fsweep_progress.json), else since Tune's last snapshot
+        progress.elapsed_s = trained
+    else:  # since this driver started (fsweep_progress.json), else the training so far and the time since
         started = planned.get("started")
-        progress.elapsed_s = now - started if started else float(runner.get("_total_time", 0.0)) + now - saved
+        saved = saved or now
+        progress.elapsed_s = now - started if started else trained + now - saved
         progress.age_s = now - saved
     return progress
 

@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cluster.errors import FsweepError
+from cluster.ray_internals import restored_run_config, set_tune_console
 from cluster.storage import exists, is_uri, join, resolve_storage
 from fsmodels.config import Config, config_from_dict, entry_values, key_values, load_config, space_points
 from preprocessing.vocab import ConfigError, is_off
@@ -191,7 +192,7 @@ def run_config(cfg: Config, storage: str, name: str, verbose: bool = False) -> t
 
 def set_output(tuner: tune.Tuner, cfg: Config, experiment: str, verbose: bool) -> None:
     """A restored tuner's console output: Tuner.restore brings back the pickled RunConfig, with no setter for it."""
-    run = tuner._local_tuner.get_run_config()
+    run = restored_run_config(tuner)
     run.callbacks = [cb for cb in run.callbacks or [] if not isinstance(cb, ProgressView)]
     run.callbacks += progress_view(cfg, experiment, Path(experiment.rstrip("/")).name, verbose)
     run.verbose, run.log_to_file = (1 if verbose else 0), True
@@ -206,8 +207,7 @@ def _connect(address: str | None, verbose: bool = False) -> dict:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # Tiny CPU trials checkpoint faster than Tune's snapshot-rate warning assumes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's new output engine prints its header even at verbose=0; the legacy one at 0 prints nothing
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    set_tune_console(verbose)  # quiet: not even Tune's header (cluster.ray_internals says why)
     return connect(address, log_to_driver=verbose)  # quiet: trial output only in the trials' log files
 
 

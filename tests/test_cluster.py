@@ -27,12 +27,12 @@ import psutil
 import pytest
 import ray
 import yaml
-from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from cluster import storage
 from cluster.connect import PROJECT_ROOT, connect, describe
 from cluster.errors import FsweepError
+from cluster.ray_internals import dashboard_url, raylet_process, token_auth, validate_launcher_config
 from preprocessing.phantom import write_phantom
 from preprocessing.recipe import preprocess_image, variant_key
 from preprocessing.store import build_variant
@@ -71,7 +71,7 @@ def ray_cluster():
 
 def raylet_children(node) -> list[psutil.Process]:
     """The worker processes of one simulated node (children of its raylet)."""
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    raylet = raylet_process(node)
     try:
         return psutil.Process(raylet.pid).children()
     except psutil.Error:
@@ -173,8 +173,6 @@ def listening_addresses(process: psutil.Process) -> set[str]:
 
 
 def test_local_ray_listens_on_loopback_only_without_dashboard_and_with_token_auth(monkeypatch):
-    from ray._raylet import AuthenticationMode, get_authentication_mode
-
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -186,8 +184,8 @@ def test_local_ray_listens_on_loopback_only_without_dashboard_and_with_token_aut
         assert addresses, "Ray's services should be listening somewhere"
         assert all(a in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for a in addresses), addresses
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
-        assert not ray._private.worker.global_worker.node.address_info.get("webui_url")  # dashboard off
-        assert get_authentication_mode() == AuthenticationMode.TOKEN
+        assert not dashboard_url()  # dashboard off
+        assert token_auth()
     finally:
         ray.shutdown()
 
@@ -304,11 +302,8 @@ def test_a_failed_download_is_one_line_and_leaves_no_partial_copy(tmp_path, monk
 # --- cluster files -----------------------------------------------------------------------
 
 def test_cluster_launcher_config_validates_and_opens_no_port_to_the_world():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     text = (PROJECT_ROOT / "cluster" / "ray-cluster.yaml").read_text()
-    config = prepare_config(yaml.safe_load(text))
-    validate_config(config)  # Ray's own schema check, as `ray up` runs it
+    config = validate_launcher_config(yaml.safe_load(text))  # Ray's own schema check, as `ray up` runs it
     assert "0.0.0.0" not in yaml.safe_dump(config) and config["provider"]["use_internal_ips"] is True
     node_types = config["available_node_types"]
     # With SecurityGroupIds on every node type Ray creates no group of its own (its default opens SSH to all).

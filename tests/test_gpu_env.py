@@ -15,6 +15,7 @@ import yaml
 
 from cluster.errors import FsweepError
 from cluster.gpuenv import ZERO_GPU_HIDES, set_process_env, worker_env
+from cluster.ray_internals import tune_console_env
 from fsmodels.config import load_config
 from fsmodels.engine import Runtime, amp_dtype, device_share, predict, require_device, train_epoch
 from fsmodels.precision import tf32_state, true_fp32
@@ -60,7 +61,7 @@ print("PROBE " + json.dumps({"trial": result["visible"], "trial_share": result["
 
 @pytest.mark.slow  # a Ray start and one Tune trial in a fresh process: ~1 min on 2 shared cores
 def test_zero_gpu_trials_and_store_tasks_see_no_gpu_when_the_driver_pretends_one(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": str(ROOT), "RAY_AIR_NEW_OUTPUT": "0"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": str(ROOT), **tune_console_env(verbose=False)}
     env.pop(ZERO_GPU_HIDES, None)
     done = subprocess.run([sys.executable, "-c", ZERO_GPU_PROBE, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)

@@ -170,12 +170,14 @@ def test_view_pickles_without_its_stream(tmp_path):
 
 # --- `fsweep status` from the files of a sweep --------------------------------------------
 
-def write_state(experiment: Path, trials: list[tuple[str, str, dict | None]], total_time: float = 30.0) -> None:
-    """A minimal experiment_state-*.json as Tune writes it: (meta json, runtime json) per trial."""
-    data = [[json.dumps({"trial_id": tid, "status": status, "config": {"lr": 0.01, "epochs": 3}}),
-             json.dumps({"last_result": result or {}})] for tid, status, result in trials]
-    state = {"trial_data": data, "runner_data": {"_total_time": total_time}, "stats": {"start_time": 0}}
-    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+def write_trial(experiment: Path, trial_id: str, results: list[dict], error: bool = False) -> None:
+    """A trial directory as Ray Tune writes it: params.json, one result.json line per report, error.txt if it raised."""
+    folder = experiment / f"trial_{trial_id}"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"lr": 0.01, "epochs": 3}))
+    (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
+    if error:
+        (folder / "error.txt").write_text("Failure # 1 (occurred at ...)\nValueError: boom\n")
 
 
 def test_status_reads_a_running_sweep_from_its_files(tmp_path, capsys):
@@ -183,15 +185,10 @@ def test_status_reads_a_running_sweep_from_its_files(tmp_path, capsys):
     experiment.mkdir()
     (experiment / SWEEP_CONFIG).write_text(yaml.safe_dump({"space": {"lr": [0.01, 0.1]}}))
     (experiment / PROGRESS_FILE).write_text(json.dumps({"total_trials": 4}))
-    write_state(experiment, [("t0", "TERMINATED", {"epoch": 3, "best_val_auc": 0.7, "time_total_s": 3.0}),
-                             ("t1", "RUNNING", {"epoch": 1, "best_val_auc": 0.6, "time_total_s": 1.0}),
-                             ("t2", "PENDING", None)])
-    (experiment / "trial_t1").mkdir()  # result.json is fresher than the state snapshot
-    (experiment / "trial_t1" / "result.json").write_text(
-        json.dumps({"epoch": 1, "best_val_auc": 0.6}) + "\n" + json.dumps({"epoch": 2, "best_val_auc": 0.9,
-                                                                             "time_total_s": 2.0}) + "\n")
-    (experiment / "trial_t2").mkdir()  # started since the snapshot: its directory exists, no result yet
-    (experiment / "trial_t2" / "result.json").write_text("")
+    write_trial(experiment, "t0", [{"epoch": e, "best_val_auc": 0.7, "time_total_s": 9.0 * e} for e in (1, 2, 3)])
+    write_trial(experiment, "t1", [{"epoch": 1, "best_val_auc": 0.6}, {"epoch": 2, "best_val_auc": 0.9,
+                                                                       "time_total_s": 3.0}])
+    write_trial(experiment, "t2", [])  # started: its directory exists, no result yet
     cfg = load_config(experiment / SWEEP_CONFIG)
     p = read_progress(experiment, cfg, now=time.time())
     assert (p.done, p.running, p.pending, p.total) == (1, 2, 1, 4)
@@ -202,6 +199,20 @@ def test_status_reads_a_running_sweep_from_its_files(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "sweep exp: 1/4 trials ended (1 done, 0 stopped early, 0 failed), 2 running, 1 pending"
     assert out[1] == "  best val_auc 0.900 (trial t1): lr=0.01"
+
+
+def test_status_tells_stopped_failed_and_diverged_trials_from_their_files(tmp_path):
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / SWEEP_CONFIG).write_text(yaml.safe_dump({"space": {"lr": [0.01, 0.1]}}))
+    write_trial(experiment, "done", [{"epoch": 3, "best_val_auc": 0.8, "time_total_s": 6.0}])
+    write_trial(experiment, "asha", [{"epoch": 1, "best_val_auc": 0.5, "time_total_s": 2.0, "done": True}])
+    write_trial(experiment, "nan", [{"epoch": 1, "time_total_s": 2.0, "diverged": True}])
+    write_trial(experiment, "raised", [{"epoch": 1, "best_val_auc": 0.9, "time_total_s": 2.0}], error=True)
+    p = read_progress(experiment, load_config(experiment / SWEEP_CONFIG), now=time.time())
+    assert (p.done, p.stopped, p.failed, p.running, p.pending) == (1, 1, 2, 0, 0)
+    assert p.finished and p.elapsed_s == 12.0 and p.age_s is None  # the trials' training time, summed
+    assert p.best.trial_id == "raised"  # its best epoch was scored before it raised
 
 
 def test_quiet_run_config_has_the_view_and_verbose_brings_ray_tables_back(tmp_path):
