@@ -244,16 +244,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out, _config(args, **demo_paths(out)), verbose=args.verbose)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every ``fsweep`` subcommand."""
-    parser = _OneLineParser(
-        prog="fsweep",
-        description="Distributed hyperparameter and backbone search for X-ray classifiers.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+# --- the parser: one function per command adds its arguments; COMMANDS lists them in --help's order ---------
 
-    p = sub.add_parser("synth", help="write the synthetic phantom data set (manifest + images)")
+def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (manifest.csv, images/)")
     # checked by write_phantom against preprocessing.phantom.FAMILIES (one list; --help stays free of cv2)
     p.add_argument("--family", default=None,
@@ -270,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=None, help=f"switch off {text}")
     p.add_argument("--label-noise", type=float, default=None, metavar="RATE",
                    help="share of views per side whose label is flipped (default 0.04)")
-    p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("ingest", help="validate and decode a manifest; patient-level 60/20/20 split")
+
+def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="manifest CSV or Parquet (paths relative to it)")
     p.add_argument("--out", required=True, help="DATASET directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
@@ -281,97 +274,139 @@ def build_parser() -> argparse.ArgumentParser:
                    "default $FSWEEP_SALT_FILE): the folder alone then cannot be brute-forced back to patient ids")
     p.add_argument("--folds", type=int, default=0, metavar="K",
                    help="also write K >= 3 rotating patient-level folds (fold_0..; test and val rotate; split = fold 0)")
-    p.set_defaults(func=_cmd_ingest)
 
-    p = sub.add_parser("manifest", help="a manifest from a folder of DICOM files and a labels table")
+
+def _manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dicom_dir", metavar="DIR", help="folder of DICOM files (searched recursively)")
     p.add_argument("--labels", required=True, metavar="CSV", help="labels table: patient_id, view, label")
     p.add_argument("--out", required=True, metavar="MANIFEST", help="manifest CSV to write (+ <stem>_unplaced.csv)")
-    p.set_defaults(func=_cmd_manifest)
 
-    p = sub.add_parser("roi", help="the YOLO ROI detector")
-    roi_sub = p.add_subparsers(dest="roi_command", metavar="ROI_COMMAND")
-    roi_sub.required = True
-    p = roi_sub.add_parser("train", help="train the ROI detector on boxed rows; prints mAP50")
+
+def _roi_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="DATASET directory from `fsweep ingest`")
     p.add_argument("--out", required=True, help="ROI_DIR to write (best.pt, metrics.json)")
     _add_config(p, ROI_SHORTCUTS)
-    p.set_defaults(func=_cmd_roi_train)
 
-    p = sub.add_parser("store", help="the preprocessing store")
-    store_sub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
-    store_sub.required = True
-    p = store_sub.add_parser("build", help="ROI crop + HE + resize once per image and variant (one per space.he value)")
+
+def _store_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="DATASET directory from `fsweep ingest` (= --set data.dataset)")
     p.add_argument("--store", required=True, help="STORE path or URI (= --set data.store)")
     _add_config(p, STORE_SHORTCUTS)
     p.add_argument("--address", default=None, help="Ray address: auto or ray://HOST:PORT (default: a local Ray)")
-    p.set_defaults(func=_cmd_store_build)
 
-    p = sub.add_parser("stn", help="the spatial transformer")
-    stn_sub = p.add_subparsers(dest="stn_command", metavar="STN_COMMAND")
-    stn_sub.required = True
-    p = stn_sub.add_parser("train", help="pretrain the STN on left-vs-right view; saved in the store")
+
+def _stn_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="STORE path")
     p.add_argument("--variant", default=None, help="variant key (default: every variant in the store)")
     _add_config(p, STN_SHORTCUTS)
     p.add_argument("--force", action="store_true", help="retrain even when a frozen STN exists")
-    p.set_defaults(func=_cmd_stn_train)
 
-    p = sub.add_parser("train", help="one trial, no Ray")
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="trial directory (config.yaml, metrics.json, checkpoints)")
     _add_config(p, (("--test", "train.test", bool, "score the best epoch on the test split"),), config_required=True)
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sweep", help="run a Ray Tune sweep")
+
+def _verbose_arg(p: argparse.ArgumentParser, what: str = "Ray's trial tables and the trials' output too") -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help=what)
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
     _add_config(p, config_required=True)
     p.add_argument("--address", default=None, help="Ray address: auto or ray://HOST:PORT (default: local)")
     p.add_argument("--name", default=None, help="experiment name (default: config file stem + time)")
     p.add_argument("--storage", default=None, help="experiment storage path or URI (default: ./runs)")
-    p.add_argument("-v", "--verbose", action="store_true", help="Ray's trial tables and the trials' output too")
-    p.set_defaults(func=_cmd_sweep)
+    _verbose_arg(p)
 
-    p = sub.add_parser("plan", help="the trials a sweep will run and their cost (no Ray, no training)")
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
     _add_config(p, config_required=True)
     p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV")
     p.add_argument("--rate", type=float, default=None, metavar="IMG_PER_S",
                    help="one trial's measured training img/s (leaderboard img_per_s, bench/gpu.py): prints device-hours")
-    p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("resume", help="finish an interrupted sweep")
+
+def _resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment directory (<storage>/<name>)")
     p.add_argument("--address", default=None, help="Ray address (default: local)")
-    p.add_argument("-v", "--verbose", action="store_true", help="Ray's trial tables and the trials' output too")
-    p.set_defaults(func=_cmd_resume)
+    _verbose_arg(p)
 
-    p = sub.add_parser("status", help="a running or finished sweep at a glance (reads its files; no Ray)")
-    p.add_argument("experiment", help="experiment directory (<storage>/<name>)")
-    p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("report", help="leaderboard, ablation tables, ROC plots")
-    p.add_argument("experiment", help="experiment directory")
-    p.set_defaults(func=_cmd_report)
+def _experiment_arg(text: str):
+    """Arguments of a command that takes only an experiment directory, described by ``text``."""
+    return lambda p: p.add_argument("experiment", help=text)
 
-    p = sub.add_parser("export", help="export the sweep's winners: ONNX, TorchScript, weights, model card")
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment directory of a finished sweep")
     p.add_argument("--out", required=True, help="MODEL_DIR to write (must not exist or be empty)")
-    p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="run an exported model on PNG/JPEG/TIFF/DICOM files (no Ray)")
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by `fsweep export`")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, or a manifest CSV/Parquet")
     p.add_argument("--out", default=None, help="predictions CSV (default: print to stdout)")
     p.add_argument("--cam", default=None, metavar="DIR", help="write a Grad-CAM PNG over each ROI crop here")
     p.add_argument("--view", default=None, choices=VIEWS,
                    help="view of images whose manifest row or DICOM header does not give one")
-    p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="everything on the phantom, CPU-sized")
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory")
     _add_config(p)  # --config defaults to configs/demo.yaml
-    p.add_argument("-v", "--verbose", action="store_true", help="Ray's tables, the trials' and YOLO's output too")
-    p.set_defaults(func=_cmd_demo)
+    _verbose_arg(p, "Ray's tables, the trials' and YOLO's output too")
 
+
+GROUPS = {  # commands with subcommands: name -> (help, dest and metavar of the subcommand)
+    "roi": ("the YOLO ROI detector", "roi_command", "ROI_COMMAND"),
+    "store": ("the preprocessing store", "store_command", "STORE_COMMAND"),
+    "stn": ("the spatial transformer", "stn_command", "STN_COMMAND"),
+}
+COMMANDS = (  # (command words, help, arguments, handler), in --help's order
+    (("synth",), "write the synthetic phantom data set (manifest + images)", _synth_args, _cmd_synth),
+    (("ingest",), "validate and decode a manifest; patient-level 60/20/20 split", _ingest_args, _cmd_ingest),
+    (("manifest",), "a manifest from a folder of DICOM files and a labels table", _manifest_args, _cmd_manifest),
+    (("roi", "train"), "train the ROI detector on boxed rows; prints mAP50", _roi_train_args, _cmd_roi_train),
+    (("store", "build"), "ROI crop + HE + resize once per image and variant (one per space.he value)",
+     _store_build_args, _cmd_store_build),
+    (("stn", "train"), "pretrain the STN on left-vs-right view; saved in the store", _stn_train_args, _cmd_stn_train),
+    (("train",), "one trial, no Ray", _train_args, _cmd_train),
+    (("sweep",), "run a Ray Tune sweep", _sweep_args, _cmd_sweep),
+    (("plan",), "the trials a sweep will run and their cost (no Ray, no training)", _plan_args, _cmd_plan),
+    (("resume",), "finish an interrupted sweep", _resume_args, _cmd_resume),
+    (("status",), "a running or finished sweep at a glance (reads its files; no Ray)",
+     _experiment_arg("experiment directory (<storage>/<name>)"), _cmd_status),
+    (("report",), "leaderboard, ablation tables, ROC plots", _experiment_arg("experiment directory"), _cmd_report),
+    (("export",), "export the sweep's winners: ONNX, TorchScript, weights, model card", _export_args, _cmd_export),
+    (("predict",), "run an exported model on PNG/JPEG/TIFF/DICOM files (no Ray)", _predict_args, _cmd_predict),
+    (("demo",), "everything on the phantom, CPU-sized", _demo_args, _cmd_demo),
+)
+
+
+def _subparsers(parser: argparse.ArgumentParser, dest: str, metavar: str):
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
+    sub.required = True
+    return sub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every ``fsweep`` subcommand (``COMMANDS``; ``GROUPS`` for ``roi train`` and the like)."""
+    parser = _OneLineParser(
+        prog="fsweep",
+        description="Distributed hyperparameter and backbone search for X-ray classifiers.",
+    )
+    sub = _subparsers(parser, "command", "COMMAND")
+    groups = {}
+    for words, text, add_arguments, handler in COMMANDS:
+        where = sub
+        if len(words) == 2:
+            if words[0] not in groups:
+                group_help, dest, metavar = GROUPS[words[0]]
+                groups[words[0]] = _subparsers(sub.add_parser(words[0], help=group_help), dest, metavar)
+            where = groups[words[0]]
+        p = where.add_parser(words[-1], help=text)
+        add_arguments(p)
+        p.set_defaults(func=handler)
     return parser
 
 
