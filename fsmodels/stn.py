@@ -35,7 +35,7 @@ from cluster.errors import FsweepError
 from cluster.storage import is_uri, join, resolve_storage
 from fsmodels.metrics import json_safe
 from fsmodels.precision import true_fp32
-from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, local_dir, write_manifest
+from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, open_artifact, write_manifest
 from preprocessing.files import atomic_write, atomic_write_text
 from preprocessing.remote import publish, staging_dir
 from preprocessing.vocab import VIEWS
@@ -229,7 +229,7 @@ class FrozenStn:
 
 def open_stn(store, key: str, expected: str | None = None) -> FrozenStn:
     """Open the pretrained STN ``key`` of ``store`` (cheap check; ``expected``: its recorded manifest sha256)."""
-    path, manifest = local_dir(resolve_storage(store), f"{STN_DIR}/{key}", "frozen STN", expected)
+    path, manifest = open_artifact(resolve_storage(store), f"{STN_DIR}/{key}", "frozen STN", expected)
     return FrozenStn(key=key, manifest=manifest, path=path)
 
 

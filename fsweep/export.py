@@ -130,16 +130,16 @@ def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
 def locate_checkpoint(experiment: str, recorded: str) -> Path:
     """The winner's checkpoint as a local directory (a URI is downloaded); found under a moved ``experiment``."""
     from cluster.storage import exists, is_uri, join
-    from search.expdir import local_dir
+    from search.expdir import as_local_dir
 
     if is_uri(recorded) and exists(recorded):
-        return local_dir(recorded)
+        return as_local_dir(recorded)
     path = Path(recorded)
     if path.is_dir():
         return path
     moved = join(experiment, path.parent.name, path.name)  # <experiment>/<trial dir>/<checkpoint dir>
     if exists(moved):
-        return local_dir(moved)
+        return as_local_dir(moved)
     raise FsweepError(f"{recorded}: the winner's checkpoint is missing (experiment incomplete or moved)")
 
 

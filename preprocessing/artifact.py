@@ -80,7 +80,7 @@ def check(path: Path, what: str, expected: str | None = None, full: bool = False
     return digest
 
 
-def local_dir(store: str, relpath: str, what: str, expected: str | None = None,
+def open_artifact(store: str, relpath: str, what: str, expected: str | None = None,
               full: bool = False) -> tuple[Path, str]:
     """The checked local directory of ``store/relpath`` (in place, or this node's copy of a URI artifact)
     and its manifest's sha256.

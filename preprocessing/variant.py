@@ -26,7 +26,7 @@ import pandas as pd
 
 from cluster.errors import FsweepError
 from cluster.storage import exists, join, open_filesystem, resolve_storage
-from preprocessing.artifact import MANIFEST, local_dir
+from preprocessing.artifact import MANIFEST, open_artifact
 from preprocessing.recipe import VariantSpec
 from preprocessing.roi import BOX_COLUMNS
 from preprocessing.vocab import SPLITS, VIEWS
@@ -71,7 +71,7 @@ def open_variant(store: str | Path, key: str, expected: str | None = None, full:
     Each open does the cheap check of ``preprocessing.artifact`` (sizes, the manifest's hash, and
     ``expected``: the manifest sha256 an experiment recorded); ``full`` re-hashes every file.
     """
-    path, manifest = local_dir(resolve_storage(store), key, "variant", expected, full)
+    path, manifest = open_artifact(resolve_storage(store), key, "variant", expected, full)
     meta = json.loads((path / "variant.json").read_text())
     index = pd.read_parquet(path / "index.parquet")
     return Variant(key=key, path=path, spec=VariantSpec(**meta["spec"]), index=index,

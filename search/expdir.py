@@ -44,7 +44,7 @@ def upload_dir(local: Path, location: str) -> None:
     pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def local_dir(location: str) -> Path:
+def as_local_dir(location: str) -> Path:
     """A local directory with the files of ``location``: the path itself, or a fresh download of a URI."""
     if not is_uri(location):
         return Path(location)

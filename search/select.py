@@ -16,7 +16,7 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 from cluster.storage import join
 from fsmodels.config import SPACE_KEYS, Config
 from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe
-from search.expdir import checkpoint_location, local_dir, put_text
+from search.expdir import as_local_dir, checkpoint_location, put_text
 from search.keep import keep_checkpoints
 
 LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
@@ -154,7 +154,7 @@ def score_on_test(winner: dict) -> dict:
     """The winner's selected checkpoint on the test split: metrics, bootstrap intervals, per-image scores."""
     from fsmodels.train import evaluate_checkpoint
 
-    return evaluate_checkpoint(local_dir(winner["checkpoint"]), split="test")
+    return evaluate_checkpoint(as_local_dir(winner["checkpoint"]), split="test")
 
 
 def _plain(value):

@@ -1,7 +1,7 @@
 """Run and resume a Ray Tune sweep (docs/design.md, sections 'The config' and 'The experiment directory').
 
 The driver builds (or reuses) every store variant and frozen STN the space needs
-before any trial starts; trials (``search.trial``) only open them by absolute path.
+before any trial starts; trials (``search.trainable``) only open them by absolute path.
 Experiment layout: Ray Tune's own (``tuner.pkl``, ``experiment_state-*.json``,
 searcher state, ``trial_<id>/`` with ``result.json``, ``progress.csv``,
 ``checkpoint_*``, ``stdout``/``stderr``), plus fsweep's ``fsweep_sweep.yaml``, ``fsweep_variants.yaml``,
@@ -31,7 +31,7 @@ from search.expdir import get_text, put_text, upload_dir
 from search.keep import CheckpointThinner
 from search.progress import ProgressView, asha_rungs, driver_logs
 from search.tb import TensorBoardCallback, write_experiment_summary
-from search.trial import train_trial
+from search.trainable import train_trial
 
 SWEEP_CONFIG = "fsweep_sweep.yaml"  # the resolved sweep config, in the experiment directory
 STORE_VARIANTS = "fsweep_variants.yaml"  # the variant and STN handles the driver resolved (prepare_store)
