@@ -5,13 +5,17 @@ the top-level run holds the HParams *experiment* (every space key with its domai
 the validation metrics); each trial directory is one HParams *session*: its
 session-start record (written when the trial starts, so running trials are listed),
 its scalars per epoch, and its session-end record. The HParams plugin shows the last
-value of each metric's tag, so the tags named like the leaderboard's columns
-(``val_auc``, ...) carry the *best epoch's* values at every step, as selection, the
-leaderboard, the report and the model card do; each epoch's own values are the
+value of each metric's tag, so the metric tags ``best/val_auc``, ... carry the *best epoch's*
+values at every step, as selection, the leaderboard, the report and the model card do; their
+columns read ``val_auc (best epoch)``, the leaderboard's names. Each epoch's own values are the
 curves under ``epoch/val_auc``, ``epoch/train_loss``, ... in Scalars. The trial process adds sample
 images and the validation ROC curve to the same directory (:func:`write_samples`,
 :func:`write_roc`). Ray's own TensorBoard logger is switched off by the sweep: it
 writes HParams only at a trial's end and drops non-numeric values.
+
+The records come from TensorBoard's own HParams API (``summary_v2``'s ``hparams_config_pb`` and
+``hparams_pb``, which need no TensorFlow); the two things it cannot say are added by hand, each
+where it happens (``_mark_experiment``, ``session_end_summary``).
 """
 from __future__ import annotations
 
@@ -21,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from google.protobuf import struct_pb2
 from ray.tune import Callback
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
 from fsmodels.config import SPACE_KEYS, Config, entry_values, key_values
@@ -32,6 +36,7 @@ from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS
 from search.names import trial_label
 
 EPOCH_PREFIXES = ("val_", "train_")  # this epoch's values: the per-epoch curves, under epoch/<name> in Scalars
+BEST_PREFIX = "best/"  # the best epoch so far: best/val_auc, ... (the HParams metrics)
 FIT_DESCRIPTIONS = {
     "train_auc": "AUC on the training images at the best epoch, scored in the training pass (below 0.8: barely fits)",
     "val_auc_lo": "lower end of val_auc's 95 % interval (bootstrap over validation patients; <= 0.5: chance)",
@@ -40,12 +45,9 @@ FIT_DESCRIPTIONS = {
 BEST_EPOCH_TAG = "best_epoch"  # scalar and HParams metric: the epoch the best-epoch values come from
 
 
-def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-    data.version = metadata.PLUGIN_DATA_VERSION
-    meta = SummaryMetadata(
-        plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
-    )
-    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+def best_tag(name: str) -> str:
+    """The Scalars tag (and HParams metric) of a metric's best-epoch value, e.g. ``best/val_auc``."""
+    return f"{BEST_PREFIX}{name}"
 
 
 def hparam_value(value: Any) -> Any:
@@ -55,64 +57,62 @@ def hparam_value(value: Any) -> Any:
     return str(value)
 
 
-def _struct_value(value: Any) -> struct_pb2.Value:
-    if isinstance(value, bool):
-        return struct_pb2.Value(bool_value=value)
-    if isinstance(value, (int, float)):
-        return struct_pb2.Value(number_value=float(value))
-    return struct_pb2.Value(string_value=str(value))
-
-
-def _hparam_info(key: str, raw: Any, differs: bool = False) -> api_pb2.HParamInfo:
-    # differs: HParams sorts the keys that differ first and shows only the first few as columns by default
+def _domain(key: str, raw: Any) -> hp.Domain:
+    """A space key's HParams domain: a distribution's bounds, else its values (one type: bool, number or string)."""
     finite = entry_values(key, raw)
     if finite is None:  # a numeric distribution: its bounds as the interval
         (_, args), = raw.items()
-        interval = api_pb2.Interval(min_value=float(args[0]), max_value=float(args[1]))
-        return api_pb2.HParamInfo(name=key, type=api_pb2.DATA_TYPE_FLOAT64, domain_interval=interval, differs=differs)
+        return hp.RealInterval(float(args[0]), float(args[1]))
     values = [hparam_value(v) for v in finite]
     if all(isinstance(v, bool) for v in values):
-        kind = api_pb2.DATA_TYPE_BOOL
-    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        kind = api_pb2.DATA_TYPE_FLOAT64
-    else:
-        kind, values = api_pb2.DATA_TYPE_STRING, [str(v) for v in values]
-    domain = struct_pb2.ListValue(values=[_struct_value(v) for v in dict.fromkeys(values)])
-    return api_pb2.HParamInfo(name=key, type=kind, domain_discrete=domain, differs=differs)
+        return hp.Discrete(dict.fromkeys(values), dtype=bool)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return hp.Discrete(dict.fromkeys(float(v) for v in values), dtype=float)
+    return hp.Discrete(dict.fromkeys(str(v) for v in values), dtype=str)
+
+
+def _metric(name: str, description: str, dataset_type: int | None = hp.Metric.VALIDATION) -> hp.Metric:
+    return hp.Metric(best_tag(name), display_name=f"{name} (best epoch)", description=description,
+                     dataset_type=dataset_type)
+
+
+def _mark_experiment(summary: Summary, differs: set[str], description: str) -> Summary:
+    """Set ``differs`` and the description on an ``hparams_config_pb`` record, which has no argument for either.
+
+    TensorBoard computes ``differs`` itself only for an experiment it infers from the sessions, and an inferred
+    experiment would list every scalar tag (the ``epoch/*`` curves too) as a metric, without display names.
+    """
+    value = summary.value[0]
+    data = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+    for info in data.hparam_infos:
+        info.differs = info.name in differs  # HParams sorts these first: its default columns
+    data.description = description
+    value.metadata.CopyFrom(metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(experiment=data)))
+    return summary
 
 
 def experiment_summary(cfg: Config, description: str = "") -> Summary:
     """The HParams experiment: every space key and the best epoch's validation metrics (the leaderboard's).
 
     The searched keys (``search.space.searched_keys``: more than one value) are marked ``differs``,
-    so they are the dashboard's default columns. Metric columns read ``val_auc (best epoch)`` etc.:
-    the tags keep the leaderboard's names, the display names say which epoch they are.
+    so they are the dashboard's default columns. Metric columns read ``val_auc (best epoch)`` etc.,
+    the leaderboard's names; their tags are ``best/val_auc`` etc.
     """
     from search.space import searched_keys
 
-    searched = set(searched_keys(cfg))
     # explicit points: a key's domain is every value it takes over the points
-    hparams = [_hparam_info(key, key_values(cfg, key) if cfg.space.points else getattr(cfg.space, key),
-                            differs=key in searched) for key in SPACE_KEYS]
-    metrics = [
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=f"{tag} (best epoch)",
-                           dataset_type=api_pb2.DATASET_VALIDATION,
-                           description="at the trial's best epoch (selection on validation); "
-                                       f"each epoch's own value: epoch/{tag} in Scalars")
-        for tag in SELECTABLE_METRICS
-    ]
+    hparams = [hp.HParam(key, _domain(key, key_values(cfg, key) if cfg.space.points else getattr(cfg.space, key)))
+               for key in SPACE_KEYS]
+    metrics = [_metric(tag, "at the trial's best epoch (selection on validation); "
+                            f"each epoch's own value: epoch/{tag} in Scalars") for tag in SELECTABLE_METRICS]
     metrics += [  # fit diagnostics beside selection: does the trial fit its training set, is it above chance
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=f"{tag} (best epoch)",
-                           dataset_type=api_pb2.DATASET_TRAINING if tag.startswith("train_") else api_pb2.DATASET_VALIDATION,
-                           description=FIT_DESCRIPTIONS[tag])
+        _metric(tag, FIT_DESCRIPTIONS[tag], hp.Metric.TRAINING if tag.startswith("train_") else hp.Metric.VALIDATION)
         for tag in FIT_METRICS
     ]
-    metrics.append(api_pb2.MetricInfo(name=api_pb2.MetricName(tag=BEST_EPOCH_TAG), display_name=BEST_EPOCH_TAG,
-                                      description="the epoch the best-epoch metrics come from (1-based)"))
-    experiment = api_pb2.Experiment(
-        description=description, time_created_secs=time.time(), hparam_infos=hparams, metric_infos=metrics
-    )
-    return _plugin_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+    metrics.append(hp.Metric(BEST_EPOCH_TAG, display_name=BEST_EPOCH_TAG,
+                             description="the epoch the best-epoch metrics come from (1-based)"))
+    summary = hp.hparams_config_pb(hparams, metrics, time_created_secs=time.time())
+    return _mark_experiment(summary, set(searched_keys(cfg)), description)
 
 
 def session_start_summary(config: dict, group: str = "") -> Summary:
@@ -120,17 +120,16 @@ def session_start_summary(config: dict, group: str = "") -> Summary:
 
     ``group``: the name the HParams table shows for the trial (:func:`session_group`); empty: the run's directory.
     """
-    info = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
-    for key in SPACE_KEYS:
-        if key in config:
-            info.hparams[key].CopyFrom(_struct_value(hparam_value(config[key])))
-    return _plugin_summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info))
+    values = {key: hparam_value(config[key]) for key in SPACE_KEYS if key in config}
+    return hp.hparams_pb(values, trial_id=group, start_time_secs=time.time())
 
 
 def session_end_summary(status: int) -> Summary:
     """The end of one trial's session with an ``api_pb2.Status`` value."""
+    # built by hand: summary_v2 has no session-end record, and summary.session_end_pb needs TensorFlow
     info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
-    return _plugin_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
+    meta = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=info))
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
 
 
 def write_experiment_summary(experiment_dir: str | Path, cfg: Config, description: str = "") -> None:
@@ -195,7 +194,7 @@ class TensorBoardCallback(Callback):
                 writer.add_scalar(f"epoch/{key}", float(value), step)
         for name in (*SELECTABLE_METRICS, *FIT_METRICS):
             if f"best_{name}" in result:
-                writer.add_scalar(name, float(result[f"best_{name}"]), step)
+                writer.add_scalar(best_tag(name), float(result[f"best_{name}"]), step)
         if result.get("best_epoch"):  # which epoch those values come from (0: no finite epoch yet)
             writer.add_scalar(BEST_EPOCH_TAG, float(result["best_epoch"]), step)
         writer.flush()

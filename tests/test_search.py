@@ -221,7 +221,8 @@ def test_tensorboard_has_hparams_scalars_and_images_for_every_trial(grid_sweep):
             assert [e.value for e in acc.Scalars("epoch/val_auc")] == pytest.approx([h["val_auc"] for h in history])
             # what the HParams tab shows (the tag's last value) is the leaderboard's best-epoch number
             for name in SELECTABLE_METRICS:
-                assert acc.Scalars(name)[-1].value == pytest.approx(board.loc[trial_id, name], abs=1e-6, nan_ok=True)
+                assert acc.Scalars(f"best/{name}")[-1].value == pytest.approx(board.loc[trial_id, name], abs=1e-6,
+                                                                               nan_ok=True)
             assert "roc/val" in images
         else:
             assert end.status == api_pb2.STATUS_FAILURE
