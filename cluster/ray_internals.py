@@ -1,4 +1,5 @@
-"""Every use of Ray's internals in fsweep, in one place; ``tests/test_ray_internals.py`` fails when a Ray release changes one.
+"""Every use of Ray's internals in fsweep, in one place; tests/test_ray_internals.py fails when a Ray release
+changes one.
 
 Ray has no public API for these four needs (checked against Ray 2.60). Everything else in fsweep uses
 Ray's public API only, so a Ray upgrade is checked by running that one test file.
@@ -56,7 +57,7 @@ def restored_run_config(tuner):
 
 
 def validate_launcher_config(raw: dict) -> dict:
-    """A cluster launcher YAML (parsed) with Ray's defaults filled in, checked by Ray's own schema as ``ray up`` does."""
+    """A cluster launcher YAML (parsed), Ray's defaults filled in, checked by Ray's own schema as ``ray up`` does."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = prepare_config(raw)

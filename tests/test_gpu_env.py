@@ -1,5 +1,5 @@
-"""Issue 20 on the CPU: no silent CPU fallback, zero-GPU work off the GPUs, honest fp32, process-start determinism,
-native-only bf16, device-seconds outside Ray, and what the cluster files pin and set."""
+"""The GPU lane checked on the CPU: no silent CPU fallback, zero-GPU work off the GPUs, honest fp32, process-start
+determinism, native-only bf16, device-seconds outside Ray, and what the cluster files pin and set."""
 from __future__ import annotations
 
 import json

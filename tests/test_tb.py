@@ -117,8 +117,10 @@ def test_tensorboard_serves_every_trial_searched_keys_first_with_best_epoch_metr
     try:
         port = next(m.group(1) for line in server.stderr if (m := re.search(r"http://127\.0\.0\.1:(\d+)/", line)))
         deadline = time.time() + 60
-        while not (experiment := tensorboard_post(port, "experiment", {})).get("hparamInfos") and time.time() < deadline:
-            time.sleep(0.5)  # the first load of the log directory
+        experiment = tensorboard_post(port, "experiment", {})
+        while not experiment.get("hparamInfos") and time.time() < deadline:  # the first load of the log directory
+            time.sleep(0.5)
+            experiment = tensorboard_post(port, "experiment", {})
         groups = tensorboard_post(port, "session_groups", {
             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
             "startIndex": 0, "sliceSize": 100, "aggregationType": "AGGREGATION_AVG"})["sessionGroups"]
