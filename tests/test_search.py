@@ -200,7 +200,7 @@ def test_tensorboard_has_hparams_scalars_and_images_for_every_trial(grid_sweep):
     root = hparams_records(experiment)["content"]
     exp = metadata.parse_experiment_plugin_data(root[metadata.EXPERIMENT_TAG])
     assert [h.name for h in exp.hparam_infos] == list(space.SPACE_KEYS)
-    assert {m.name.tag for m in exp.metric_infos} >= set(SELECTABLE_METRICS)
+    assert {m.name.tag for m in exp.metric_infos} >= {f"best/{name}" for name in SELECTABLE_METRICS}
     board = pd.read_csv(experiment / LEADERBOARD).set_index("trial_id")
     for trial_id, path in trial_dirs(experiment).items():
         records = hparams_records(path)
