@@ -174,7 +174,8 @@ def handle(artifact) -> dict:
 
 
 def trial_handles(cfg: Config, params: TrialParams) -> dict:
-    """Resolve the trial's variant (and frozen STN, trained if missing) once: ``{"variant": h, "stn": h | None}``."""
+    """Resolve the trial's variant (and frozen STN, trained if missing) once: ``{"variant": h, "stn": h | None}``,
+    plus ``"detector": h`` for a fold's own detector (a DATASET with folds and a detector)."""
     from fsmodels.stn import ensure_frozen_stn
 
     fold = trial_fold(cfg, params)
@@ -183,7 +184,8 @@ def trial_handles(cfg: Config, params: TrialParams) -> dict:
     if params.stn == "frozen":
         stn = handle(ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=params.seed, store=cfg.data.store,
                                        fold=fold))
-    return {"variant": handle(variant), "stn": stn}
+    detector = fold_detector(cfg, fold) if fold is not None else None
+    return {"variant": handle(variant), "stn": stn, **({"detector": handle(detector)} if detector else {})}
 
 
 def open_artifacts(cfg: Config, handles: dict):

@@ -7,8 +7,8 @@ folds each fold k gets its own detector, ``STORE/roi/<key>/`` (``best.pt``, ``me
 from the first ``roi.annotated`` boxed rows of fold k's training patients (dataset order) and
 keeps the epoch best on the fold's other boxed training rows, or on the fitted rows themselves
 when none are left: no validation or test patient of fold k reaches its detector, also not
-through the choice of its best epoch. ``metrics.json`` records the fold and the image ids and
-patients it was fitted and scored on.
+through the choice of its best epoch. ``metrics.json`` (what ``RoiDetector`` and an exported
+model read) records the fold; ``fit.json`` the image ids and patients it was fitted and scored on.
 
 The key, ``fold<k>-<16 hex>``, names the fold and hashes those rows (ids, pixel hashes, patients,
 boxes), the training settings and ``ROI_CODE``. The build holds the key's lock
@@ -35,7 +35,8 @@ from preprocessing.splits import dataset_folds, fold_column
 
 ROI_CODE = "roi-1"  # bump whenever the same rows and settings would train a different detector
 ROI_STORE_DIR = "roi"  # STORE/roi/<key>/: one directory per fold detector
-DETECTOR_FILES = ("best.pt", "metrics.json")  # what a fold detector holds besides its manifest
+FIT_FILE = "fit.json"  # the image ids and patients it was fitted and scored on (never exported with a model)
+DETECTOR_FILES = ("best.pt", "metrics.json", FIT_FILE)  # what a fold detector holds besides its manifest
 KEY_COLUMNS = ["image_id", "pixel_sha256", "patient", *BOX_COLUMNS]  # what a fold detector's key hashes per row
 
 
@@ -126,13 +127,14 @@ def _train_into(out: Path, key: str, fold: int, fit: pd.DataFrame, select: pd.Da
         metrics = fit_detector(scratch, fit, select, epochs=settings.epochs, imgsz=settings.imgsz,
                                model=settings.model, batch=settings.batch, seed=settings.seed)
         atomic_copy(Path(scratch) / "best.pt", out / "best.pt")
-    metrics.update(
-        fold=int(fold), key=key, annotated=settings.annotated, batch=settings.batch, seed=settings.seed,
-        # what the detector saw: every patient here is one of fold `fold`'s training patients
-        fit_image_ids=fit["image_id"].tolist(), select_image_ids=select["image_id"].tolist(),
-        patients=sorted(set(fit["patient"]) | set(select["patient"])),
-    )
+    metrics.update(fold=int(fold), key=key, annotated=settings.annotated, batch=settings.batch, seed=settings.seed)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    # what the detector saw, each patient one of the fold's training patients; kept apart from metrics.json so
+    # that an exported model, which copies metrics.json, carries no patient of the data set
+    seen = {"fold": int(fold), "fit_image_ids": fit["image_id"].tolist(),
+            "select_image_ids": select["image_id"].tolist(),
+            "patients": sorted(set(fit["patient"]) | set(select["patient"]))}
+    atomic_write_text(out / FIT_FILE, json.dumps(seen, indent=2))
     write_manifest(out, key, list(DETECTOR_FILES))
     print(f"fold detector {key}: fold {fold}, fitted on {len(fit)} images of the fold's training patients, "
           f"mAP50 {metrics['map50']:.3f} on {len(select)} of them ({metrics['seconds']} s)")
