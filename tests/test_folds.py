@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from conftest import TINY_SALT, make_spec, tiny_sweep_config
 from fsweep.cli import main
@@ -127,41 +126,56 @@ def test_a_store_shared_by_folds_trains_each_fold_detector_once(fold_dataset, tm
     assert "patients" not in json.loads((other.path / "metrics.json").read_text())  # what an export copies
 
 
-@pytest.mark.slow  # three tiny YOLO detectors, three stores and STNs, three trials: about two minutes
+def fitted_patients(store: Path, dataset: Path, variant, artifacts: dict) -> dict[str, set]:
+    """Patients each artifact a trial used was fitted on, from what the store recorded about it: a fold
+    detector's fit.json, an STN's stn.json; for artifacts that record none, what their builder reads (a ROI_DIR
+    from `fsweep roi train`: its boxed `split` train and val rows; an STN: its variant's stored train split)."""
+    rows = pd.read_parquet(dataset / "dataset.parquet")
+    if variant.meta.get("detector_key"):
+        seen = json.loads((store / "roi" / variant.meta["detector_key"] / "fit.json").read_text())["patients"]
+    else:  # preprocessing.roi._boxed_rows: the first `train_images` boxed split-train rows, every boxed val row
+        trained = json.loads((Path(variant.spec.roi_dir) / "metrics.json").read_text())
+        boxed = rows.dropna(subset=["x0"])
+        seen = [*boxed[boxed["split"] == "train"].head(trained["train_images"])["patient"],
+                *boxed[boxed["split"] == "val"]["patient"]]
+    stn = json.loads((store / "stn" / artifacts["stn"]["key"] / "stn.json").read_text())
+    index = variant.index
+    return {"detector": set(seen),
+            "stn": set(stn["patients"]) if "patients" in stn else set(index.loc[index["split"] == "train", "patient"])}
+
+
+@pytest.mark.slow  # a tiny ROI_DIR, three tiny fold detectors, stores and STNs, three trials: about two minutes
 def test_no_validation_or_test_patient_of_a_fold_reaches_what_its_trials_used(fold_dataset, tmp_path, local_ray):
     from fsmodels.checkpoint import load_state
+    from preprocessing.roi import train_detector
     from preprocessing.variant import open_variant
-    from search.sweep import STORE_VARIANTS, run_sweep
+    from search.sweep import run_sweep
 
     cfg = fold_config(fold_dataset, tmp_path / "store")
+    roi_dir = train_detector(fold_dataset, cfg.roi.detector, model=cfg.roi.model, **TINY_ROI)  # saw every fold
     cfg.search.max_failures, cfg.search.max_concurrent, cfg.search.keep_checkpoints = 0, 2, "all"
     experiment = Path(run_sweep(cfg, name="folds", storage=str(tmp_path / "runs")))
-    record = yaml.safe_load((experiment / STORE_VARIANTS).read_text())
-    assert sorted(record["folds"]) == list(range(FOLDS))
     store = Path(cfg.data.store)
     used = {}
     for checkpoint in experiment.glob("trial_*/checkpoint_*"):
         state = load_state(checkpoint)
         fold, artifacts = int(state["config"]["space"]["fold"]), state["artifacts"]
-        used.setdefault(fold, set()).add(tuple(artifacts[k]["key"] for k in ("detector", "variant", "stn")))
-        splits = patients_of(fold_dataset, fold)
-        held_out = splits["val"] | splits["test"]
-        detector = json.loads((store / "roi" / artifacts["detector"]["key"] / "fit.json").read_text())
-        weights = json.loads((store / "roi" / artifacts["detector"]["key"] / "metrics.json").read_text())["sha256"]
         variant = open_variant(store, artifacts["variant"]["key"], expected=artifacts["variant"]["manifest"])
+        used.setdefault(fold, set()).add((variant.meta["detector_sha256"], variant.key, artifacts["stn"]["key"]))
+        splits = patients_of(fold_dataset, fold)
+        fitted = fitted_patients(store, fold_dataset, variant, artifacts)
+        for what, patients in fitted.items():  # what the trial's crops and STN learned from
+            assert patients and not patients & splits["val"], f"fold {fold}'s {what} saw its validation patients"
+            assert not patients & splits["test"], f"fold {fold}'s {what} saw its test patients"
+            assert patients <= splits["train"]
+        # the recorded detector is the one that cropped the trial's images, and the STN learned from those crops
+        detector = store / "roi" / artifacts["detector"]["key"]
+        assert variant.meta["detector_sha256"] == json.loads((detector / "metrics.json").read_text())["sha256"]
+        assert variant.meta["detector_sha256"] != roi_dir["sha256"]  # the ROI_DIR's weights: never with folds
         stn = json.loads((store / "stn" / artifacts["stn"]["key"] / "stn.json").read_text())
-        # the detector learned from, and picked its epoch on, the fold's training patients only
-        assert detector["fold"] == fold and set(detector["patients"]) <= splits["train"]
-        assert not set(detector["patients"]) & held_out
-        rows = pd.read_parquet(fold_dataset / "dataset.parquet").set_index("image_id")
-        seen = set(rows.loc[detector["fit_image_ids"] + detector["select_image_ids"], "patient"])
-        assert seen == set(detector["patients"])
-        # the trial's crops came from that detector, and its STN learned from those crops' training rows only
-        assert variant.meta["fold"] == fold and variant.meta["detector_key"] == artifacts["detector"]["key"]
-        assert variant.meta["detector_sha256"] == weights
-        assert stn["fold"] == fold and stn["variant"] == variant.key
-        assert set(stn["patients"]) == splits["train"] and not set(stn["patients"]) & held_out
+        assert stn["fold"] == fold and stn["variant"] == variant.key and fitted["stn"] == splits["train"]
     assert sorted(used) == list(range(FOLDS))
-    keys = [key for fold in used.values() for key in fold]
-    assert len({k[0] for k in keys}) == len({k[1] for k in keys}) == len({k[2] for k in keys}) == FOLDS
-    assert all(k[i].startswith(f"fold{fold}-") for fold, trials in used.items() for k in trials for i in range(3))
+    assert all(len(trials) == 1 for trials in used.values())  # one detector, variant and STN per fold
+    keys = [key for trials in used.values() for key in trials]
+    assert all(len({k[i] for k in keys}) == FOLDS for i in range(3))
+    assert all(k[i].startswith(f"fold{fold}-") for fold, trials in used.items() for k in trials for i in (1, 2))
