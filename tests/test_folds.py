@@ -154,6 +154,7 @@ def test_no_validation_or_test_patient_of_a_fold_reaches_what_its_trials_used(fo
     cfg = fold_config(fold_dataset, tmp_path / "store")
     roi_dir = train_detector(fold_dataset, cfg.roi.detector, model=cfg.roi.model, **TINY_ROI)  # saw every fold
     cfg.search.max_failures, cfg.search.max_concurrent, cfg.search.keep_checkpoints = 0, 2, "all"
+    cfg.data.size = 64  # an STN in front of the model exports to ONNX at multiples of 64 px
     experiment = Path(run_sweep(cfg, name="folds", storage=str(tmp_path / "runs")))
     store = Path(cfg.data.store)
     used = {}
@@ -179,3 +180,11 @@ def test_no_validation_or_test_patient_of_a_fold_reaches_what_its_trials_used(fo
     keys = [key for trials in used.values() for key in trials]
     assert all(len({k[i] for k in keys}) == FOLDS for i in range(3))
     assert all(k[i].startswith(f"fold{fold}-") for fold, trials in used.items() for k in trials for i in (1, 2))
+    # the exported winner crops with the detector of its own fold, and the model carries no patient of the data
+    from fsweep.export import export_experiment
+
+    model = export_experiment(experiment, tmp_path / "model")
+    card = json.loads((model / "model_card.json").read_text())
+    winner = card["models"]["right"]
+    assert card["sha256"]["roi/best.pt"] == next(k[0] for k in keys if k[1] == winner["store_variant"])
+    assert not (model / "roi" / "fit.json").exists()
