@@ -2,7 +2,8 @@
 
 As in the paper (YOLOv5 on 100 clinician-annotated images, one class: the cervical
 spine with its foramina), the detector learns from the first ``annotated`` boxed
-train-split rows and is validated on the boxed val-split rows.
+train-split rows and is validated on the boxed val-split rows. On a DATASET with folds each
+fold trains its own from its training patients alone, as a store artifact (``preprocessing.fold_roi``).
 
 Fallback: when the detector finds no box, the store keeps the FULL FRAME and flags the
 row (``fallback`` in the store's index). A classical threshold box was not chosen: on a
