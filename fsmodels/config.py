@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclass
 class RoiConfig:
-    detector: str = "none"  # ROI_DIR from `fsweep roi train`, or none (full frame)
+    detector: str = "none"  # ROI_DIR from `fsweep roi train`, or none (full frame); folds: each fold trains its own
     margin: float = 0.05  # fraction of the box size added on every side of the crop
     annotated: int = 100  # boxed train images the detector learns from (paper: 100 clinician-annotated)
     epochs: int = 30  # detector training epochs

@@ -9,7 +9,8 @@ A pretrained STN is a store artifact like a variant (``preprocessing.artifact``)
 ``STORE/stn/<key>/`` holds the weights, stats (loss, accuracy, and theta's rotation,
 scale and determinant on validation images) and a before/after figure, with a
 checksummed manifest written last. Its key hashes (variant key, epochs, seed,
-``STN_CODE``); it is trained under the key's build lock (concurrent trials and
+``STN_CODE``); with a DATASET of folds, the fold too (``fold<k>-<16 hex>``): fold k's
+STN learns from fold k's training images only, and its stats list those patients. It is trained under the key's build lock (concurrent trials and
 drivers train it once), and a ``s3://``/``gs://`` store gets it uploaded, manifest
 last, and downloaded once per node, so every node uses the same STN. Theta and the
 sampling grid are computed in true float32 even under autocast and with TF32 allowed
@@ -38,7 +39,8 @@ from fsmodels.precision import true_fp32
 from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, open_artifact, write_manifest
 from preprocessing.files import atomic_write, atomic_write_text
 from preprocessing.remote import publish, staging_dir
-from preprocessing.vocab import VIEWS
+from preprocessing.splits import fold_column
+from preprocessing.vocab import SPLITS, VIEWS
 
 STN_CODE = "stn-1"  # bump whenever the same (variant, epochs, seed) would train a different STN
 STN_DIR = "stn"  # STORE/stn/<key>/: one directory per pretrained STN
@@ -106,11 +108,37 @@ class ViewClassifier(nn.Module):
         return self.cnn(standardise(F.adaptive_avg_pool2d(warped, min(128, x.shape[-1])))).squeeze(1)
 
 
-def view_task(variant, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, S, S) uint8 and view labels (0 left, 1 right) of one split, in memory."""
-    images = [np.asarray(variant.images(split, view)) for view in VIEWS]
+def view_task(variant, split: str, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, S, S) uint8 and view labels (0 left, 1 right) of one split, in memory.
+
+    ``fold``: that fold's ``split`` (the rows its column of the variant's index names, from every stored
+    array); None: the stored split.
+    """
+    if fold is None:
+        images = [np.asarray(variant.images(split, view)) for view in VIEWS]
+    else:
+        images = [_fold_images(variant, split, view, fold) for view in VIEWS]
     labels = [np.full(len(imgs), i, dtype=np.float32) for i, imgs in enumerate(images)]
     return np.concatenate(images), np.concatenate(labels)
+
+
+def _fold_images(variant, split: str, view: str, fold: int) -> np.ndarray:
+    """The images of ``view`` in fold ``fold``'s ``split``, in stored-split then array order."""
+    column = fold_column(fold)
+    if column not in variant.index:
+        raise FsweepError(f"{variant.path}: the variant's index has no {column} (a dataset without fold {fold})")
+    of = dict(zip(variant.index["image_id"], variant.index[column]))
+    picked = []
+    for stored in SPLITS:
+        rows = [i for i, image_id in enumerate(variant.image_ids(stored, view)) if of[image_id] == split]
+        picked.append(np.asarray(variant.images(stored, view))[rows])
+    return np.concatenate(picked)
+
+
+def fold_patients(variant, split: str, fold: int) -> list[str]:
+    """Sorted patients (hashed ids) of fold ``fold``'s ``split`` in the variant's index."""
+    index = variant.index
+    return sorted(set(index.loc[index[fold_column(fold)] == split, "patient"]))
 
 
 def _batches(n: int, batch: int, generator: torch.Generator | None):
@@ -135,15 +163,17 @@ def view_accuracy(model: ViewClassifier, images: np.ndarray, labels: np.ndarray,
 
 
 def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16,
-                 val: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu") -> tuple[STN, dict]:
+                 val: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu",
+                 fold: int | None = None) -> tuple[STN, dict]:
     """Train STN + tiny classifier on left vs right; return the STN and its loss/accuracy.
 
-    ``val``: the variant's ``view_task(variant, "val")`` when the caller has read it already.
+    ``val``: the variant's ``view_task(variant, "val", fold)`` when the caller has read it already.
     ``device``: the CPU by default, so the same key gives the same weights on every node (module docstring).
+    ``fold``: learn from that fold's training images only (None: the stored train split).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
-    images, labels = view_task(variant, "train")
+    images, labels = view_task(variant, "train", fold)
     if len(np.unique(labels)) < 2:
         raise FsweepError(f"{variant.path}: STN pretraining needs train images of both views")
     model = ViewClassifier().to(device)
@@ -160,7 +190,7 @@ def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16,
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
-    val_images, val_labels = view_task(variant, "val") if val is None else val
+    val_images, val_labels = view_task(variant, "val", fold) if val is None else val
     stats = dict(
         epochs=epochs, seed=seed, train_loss=float(loss_sum) / len(images),
         train_accuracy=view_accuracy(model, images, labels, device),
@@ -192,9 +222,9 @@ def save_stn_figure(stn: STN, images: np.ndarray, path: Path, count: int = 6) ->
     plt.close(fig)
 
 
-def shown_images(variant, val_images: np.ndarray) -> np.ndarray:
+def shown_images(variant, val_images: np.ndarray, fold: int | None = None) -> np.ndarray:
     """The images theta stats and the figure use: the validation ones, or the train ones when there are none."""
-    return val_images if len(val_images) else view_task(variant, "train")[0]
+    return val_images if len(val_images) else view_task(variant, "train", fold)[0]
 
 
 def theta_stats(stn: STN, images: np.ndarray) -> dict:
@@ -208,16 +238,23 @@ def theta_stats(stn: STN, images: np.ndarray) -> dict:
                    "max": float(v.max())} for name, v in values.items()}
 
 
-def stn_key(variant_key: str, epochs: int, seed: int) -> str:
-    """Content key of the STN pretrained on ``variant_key`` for ``epochs`` with ``seed``."""
-    return content_key({"code": STN_CODE, "variant": variant_key, "epochs": int(epochs), "seed": int(seed)})
+def stn_key(variant_key: str, epochs: int, seed: int, fold: int | None = None) -> str:
+    """Content key of the STN pretrained on ``variant_key`` for ``epochs`` with ``seed``.
+
+    ``fold``: pretrained on that fold's training images only; the key is then ``fold<k>-<16 hex>``, the fold
+    hashed in too (a variant without a detector is shared by every fold, its STNs are not).
+    """
+    payload = {"code": STN_CODE, "variant": variant_key, "epochs": int(epochs), "seed": int(seed)}
+    if fold is None:
+        return content_key(payload)
+    return f"fold{int(fold)}-{content_key({**payload, 'fold': int(fold)})}"
 
 
 @dataclass(frozen=True)
 class FrozenStn:
     """A checked pretrained STN in the store: the handle an experiment records, and its local files."""
 
-    key: str  # stn_key(variant, epochs, seed)
+    key: str  # stn_key(variant, epochs, seed, fold)
     manifest: str  # sha256 of its manifest.json
     path: Path  # local directory (in place, or this node's copy of a URI store's)
 
@@ -233,13 +270,15 @@ def open_stn(store, key: str, expected: str | None = None) -> FrozenStn:
     return FrozenStn(key=key, manifest=manifest, path=path)
 
 
-def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, store=None) -> FrozenStn:
+def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, store=None,
+                      fold: int | None = None) -> FrozenStn:
     """The variant's STN pretrained for ``epochs`` with ``seed``, training it first if missing (once, under its lock).
 
     ``store``: the STORE path or URI (default: the directory holding the variant, for a path store).
+    ``fold``: pretrain on that fold's training images only (a DATASET with folds); None: the stored train split.
     """
     store = resolve_storage(store or Path(variant.path).parent)
-    key = stn_key(variant.key, epochs, seed)
+    key = stn_key(variant.key, epochs, seed, fold)
     workdir = staging_dir(store) if is_uri(store) else Path(store)
     with build_lock(workdir / LOCKS, f"stn-{key}"):
         if not force:
@@ -248,20 +287,22 @@ def ensure_frozen_stn(variant, epochs: int, seed: int, force: bool = False, stor
             except FsweepError as reason:
                 if not isinstance(reason, NotBuilt):
                     print(f"frozen STN {key}: {reason}; training it again")
-        _train_into(workdir / STN_DIR / key, variant, epochs, seed, key)
+        _train_into(workdir / STN_DIR / key, variant, epochs, seed, key, fold)
         if is_uri(store):
             publish(workdir / STN_DIR / key, join(store, STN_DIR, key))
         return open_stn(store, key)
 
 
-def _train_into(stn_dir: Path, variant, epochs: int, seed: int, key: str) -> None:
+def _train_into(stn_dir: Path, variant, epochs: int, seed: int, key: str, fold: int | None = None) -> None:
     """Pretrain, then write weights, stats and figure, then the manifest (last: the STN is complete)."""
     stn_dir.mkdir(parents=True, exist_ok=True)
     (stn_dir / MANIFEST).unlink(missing_ok=True)  # a killed retraining leaves nothing that verifies
-    val = view_task(variant, "val")  # read once: validation accuracy, theta stats and the figure
-    stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed, val=val)
-    images = shown_images(variant, val[0])
+    val = view_task(variant, "val", fold)  # read once: validation accuracy, theta stats and the figure
+    stn, stats = pretrain_stn(variant, epochs=epochs, seed=seed, val=val, fold=fold)
+    images = shown_images(variant, val[0], fold)
     stats["variant"], stats["theta"] = variant.key, theta_stats(stn, images)
+    if fold is not None:  # what it learned from: every patient here is one of the fold's training patients
+        stats["fold"], stats["patients"] = int(fold), fold_patients(variant, "train", fold)
     save_stn_figure(stn, images, stn_dir / STN_FIGURE)
     atomic_write_text(stn_dir / STN_STATS, json.dumps(json_safe(stats), indent=2))
     atomic_write(stn_dir / STN_WEIGHTS, lambda tmp: save_file(stn.state_dict(), str(tmp)))
@@ -291,7 +332,8 @@ def pretrain_stn_cli(store, *, variant: str | None, epochs: int, seed: int, forc
         raise FsweepError(f"{root}: no store variants found (run `fsweep store build` first)")
     for key in keys:
         opened = open_variant(root, key)
-        stn = ensure_frozen_stn(opened, epochs=epochs, seed=seed, force=force, store=root)
+        # a fold's variant (cropped by the fold's own detector) gets that fold's STN
+        stn = ensure_frozen_stn(opened, epochs=epochs, seed=seed, force=force, store=root, fold=opened.meta.get("fold"))
         stats = json.loads((stn.path / STN_STATS).read_text())
         rotation, scale = stats["theta"]["rotation_deg"], stats["theta"]["scale"]
         print(

@@ -141,9 +141,9 @@ def _cmd_roi_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_store_build(args: argparse.Namespace) -> None:
-    from fsmodels.params import build_variants
+    from fsmodels.params import build_fold_variants
 
-    build_variants(_config(args, **{"data.dataset": args.dataset, "data.store": args.store}), args.address)
+    build_fold_variants(_config(args, **{"data.dataset": args.dataset, "data.store": args.store}), args.address)
 
 
 # --- model commands (fsmodels) ----------------------------------------------------------

@@ -107,11 +107,16 @@ def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
     """Export each winner into ``model_dir`` and return the model card (sha256 of every file last)."""
     from fsmodels.train import load_trial_model
 
-    models, detector = {}, None
+    models, detector, source = {}, None, None
     for view, winner in sorted(winners.items()):
         checkpoint = locate_checkpoint(experiment, winner["checkpoint"])
         model, cfg = load_trial_model(checkpoint)
-        detector = copy_detector(cfg.roi.detector, model_dir) if detector is None else detector
+        roi = winner_detector(cfg, checkpoint)
+        if detector is None:
+            detector, source = copy_detector(roi, model_dir), roi
+        elif roi != source:  # one detector per MODEL_DIR (predict crops every input with it)
+            raise FsweepError(f"{checkpoint}: this winner's crops came from the detector {roi}, another view's from "
+                              f"{source} (winners of different folds); a MODEL_DIR holds one detector")
         models[view] = export_view(model, cfg, view, winner, checkpoint, model_dir, detector)
     card = {
         "format": CARD_FORMAT,
@@ -143,6 +148,18 @@ def locate_checkpoint(experiment: str, recorded: str) -> Path:
     raise FsweepError(f"{recorded}: the winner's checkpoint is missing (experiment incomplete or moved)")
 
 
+def winner_detector(cfg, checkpoint: Path) -> str:
+    """The ROI_DIR whose crops a winner trained on: its fold's detector in the store when the trial recorded
+    one (a DATASET with folds: ``preprocessing.fold_roi``), else the config's ``roi.detector``."""
+    from fsmodels.checkpoint import load_state
+    from preprocessing.fold_roi import open_fold_detector
+
+    recorded = load_state(checkpoint).get("artifacts", {}).get("detector")
+    if not recorded:
+        return cfg.roi.detector
+    return str(open_fold_detector(cfg.data.store, recorded["key"], cfg.space.fold, expected=recorded["manifest"]).path)
+
+
 def copy_detector(roi: str, model_dir: Path) -> dict | None:
     """Copy the ROI detector's files into ``model_dir/roi``; its recipe entry (None without a detector)."""
     if is_off(roi):
@@ -171,7 +188,7 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
     variant = open_variant(cfg.data.store, recorded["key"], expected=recorded["manifest"])  # never a recomputed key
     trained_on = variant.meta.get("detector_sha256")
     if detector is not None and trained_on != detector["sha256"]:
-        raise FsweepError(f"{cfg.roi.detector}/best.pt: changed since the store variant was built "
+        raise FsweepError(f"{winner_detector(cfg, checkpoint)}/best.pt: changed since the store variant was built "
                           f"(sha256 {detector['sha256'][:12]} != {str(trained_on)[:12]}); rebuild and re-run the sweep")
     folder = model_dir / view
     folder.mkdir()

@@ -2,7 +2,8 @@
 
 A variant is one recipe (``VariantSpec``: HE mode, size, aspect handling, detector,
 margin) applied to one data set. Its key hashes the data set's decoded-pixel hashes,
-splits and labels, the detector's weights, every recipe parameter and ``CODE_VERSION``,
+splits and labels, the detector's weights, every recipe parameter and ``CODE_VERSION``
+(and, for a variant cropped by one fold's own detector, that fold: ``spec_key``),
 so any change gives a new variant and nothing else does. ``fsweep predict`` applies the
 same recipe to a new radiograph, so training and deployment crop alike.
 """
@@ -53,14 +54,21 @@ class VariantSpec:
         return self
 
 
-def variant_key(dataset_dir: str | Path, spec: VariantSpec) -> str:
-    """Content key of ``spec`` applied to DATASET (no decoding: uses dataset.parquet's pixel hashes)."""
+def variant_key(dataset_dir: str | Path, spec: VariantSpec, fold: int | None = None) -> str:
+    """Content key of ``spec`` applied to DATASET (no decoding: uses dataset.parquet's pixel hashes).
+
+    ``fold``: the fold whose own detector ``spec.roi_dir`` is (``preprocessing.fold_roi``); None for one split.
+    """
     spec.check()
-    return spec_key(read_dataset(dataset_dir), spec, detector_sha256(spec.roi_dir) if spec.roi_dir else None)
+    return spec_key(read_dataset(dataset_dir), spec, detector_sha256(spec.roi_dir) if spec.roi_dir else None, fold)
 
 
-def spec_key(rows: pd.DataFrame, spec: VariantSpec, detector: str | None) -> str:
-    """Content key of ``spec`` applied to ``read_dataset``'s rows, with detector weights of sha256 ``detector``."""
+def spec_key(rows: pd.DataFrame, spec: VariantSpec, detector: str | None, fold: int | None = None) -> str:
+    """Content key of ``spec`` applied to ``read_dataset``'s rows, with detector weights of sha256 ``detector``.
+
+    A variant cropped by fold k's own detector (``fold`` = k) has the key ``fold<k>-<16 hex>``, the fold
+    hashed in too; without ``fold`` (one split, or a fold without a detector) it is the 16 hex alone.
+    """
     folds = [fold_column(k) for k in range(dataset_folds(rows.columns))]  # folds live in the variant's index
     images = hashlib.sha256(rows[KEY_COLUMNS + folds].to_csv(index=False).encode()).hexdigest()
     payload = {
@@ -72,7 +80,9 @@ def spec_key(rows: pd.DataFrame, spec: VariantSpec, detector: str | None) -> str
         "size": spec.size,
         "aspect": spec.aspect,
     }
-    return content_key(payload)
+    if fold is None:
+        return content_key(payload)
+    return f"fold{int(fold)}-{content_key({**payload, 'fold': int(fold)})}"
 
 
 def read_dataset(dataset_dir: str | Path) -> pd.DataFrame:

@@ -2,7 +2,8 @@
 
 As in the paper (YOLOv5 on 100 clinician-annotated images, one class: the cervical
 spine with its foramina), the detector learns from the first ``annotated`` boxed
-train-split rows and is validated on the boxed val-split rows.
+train-split rows and is validated on the boxed val-split rows. On a DATASET with folds each
+fold trains its own from its training patients alone, as a store artifact (``preprocessing.fold_roi``).
 
 Fallback: when the detector finds no box, the store keeps the FULL FRAME and flags the
 row (``fallback`` in the store's index). A classical threshold box was not chosen: on a
@@ -64,9 +65,19 @@ def train_detector(
     ``annotated`` boxed train-split rows train it; every boxed val-split row validates it. Returns the metrics dict (``map50``, ``map50_95``,
     ``train_images``, ``val_images``, ``epochs``, ``imgsz``, ``seconds``, ``sha256``).
     """
+    train_rows, val_rows = _boxed_rows(Path(dataset_dir), annotated)
+    return fit_detector(out, train_rows, val_rows, epochs=epochs, imgsz=imgsz, model=model, batch=batch, seed=seed)
+
+
+def fit_detector(out: str | Path, train_rows: pd.DataFrame, val_rows: pd.DataFrame, *, epochs: int, imgsz: int,
+                 model: str, batch: int, seed: int = 0) -> dict:
+    """Train YOLO on the boxes of ``train_rows``, keeping the epoch best on ``val_rows``; write ``out/best.pt``
+    and ``out/metrics.json`` (ultralytics' own files under ``out/yolo_data`` and ``out/train``).
+
+    The rows are dataset.parquet rows with a box. Returns the metrics dict of ``train_detector``.
+    """
     out = Path(out).resolve()
     yolo = _load_yolo(model)
-    train_rows, val_rows = _boxed_rows(Path(dataset_dir), annotated)
     data_yaml = _write_yolo_data(out / "yolo_data", train_rows, val_rows)
     device = _device()
     started = time.monotonic()

@@ -54,7 +54,7 @@ CHUNK = 16  # images per Ray task: small enough for a smooth progress bar, large
 
 def build_variant(dataset_dir: str | Path, store: str | Path, spec: VariantSpec, address: str | None = None) -> Variant:
     """Build one variant (idempotent: a complete, verified variant is returned without work)."""
-    return _build(Path(dataset_dir), resolve_storage(store), [spec.check()], address)[0]
+    return _build(Path(dataset_dir), resolve_storage(store), [spec.check()], address, None)[0]
 
 
 def build_store(
@@ -66,20 +66,24 @@ def build_store(
     recipes,
     margin: float,
     address: str | None = None,
+    fold_detector: tuple[int, str] | None = None,
 ) -> list[Variant]:
     """Build one variant per ``(he, aspect)`` pair of ``recipes``; each image is decoded and its ROI detected
     once for all of them.
 
     ``address``: the Ray to use (``cluster.connect``): None/local starts a small local one, ``auto`` or
     ``ray://...`` joins a cluster whose nodes all see DATASET's images and the STORE path.
+    ``fold_detector``: ``(fold, detector key)`` when ``roi`` is that fold's own detector
+    (``preprocessing.fold_roi``): the variants are that fold's, keyed ``fold<k>-...``.
     """
     roi_dir = None if is_off(roi) else str(Path(roi).resolve())
     specs = [VariantSpec(he=he.strip(), size=size, aspect=aspect, roi_dir=roi_dir, margin=margin).check()
              for he, aspect in recipes]
-    return _build(Path(dataset_dir), resolve_storage(store), specs, address)
+    return _build(Path(dataset_dir), resolve_storage(store), specs, address, fold_detector)
 
 
-def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str | None) -> list[Variant]:
+def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str | None,
+           fold_detector: tuple[int, str] | None) -> list[Variant]:
     """Build every missing variant of ``specs`` (same detector and margin) in one pass over the images.
 
     Each key's build lock is held throughout (taken in key order, so two builders never deadlock):
@@ -88,7 +92,8 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
     rows = read_dataset(dataset_dir)
     roi_dir = specs[0].roi_dir
     detector = detector_sha256(roi_dir) if roi_dir else None  # hashed once: keys, tasks and variant.json
-    keys = [spec_key(rows, spec, detector) for spec in specs]
+    fold = fold_detector[0] if fold_detector else None
+    keys = [spec_key(rows, spec, detector, fold) for spec in specs]
     workdir = staging_dir(store) if is_uri(store) else Path(store)
     unique = dict(zip(keys, specs))  # a mode given twice (--he off,off) is built once
     with contextlib.ExitStack() as locks:
@@ -104,7 +109,7 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
                     print(f"variant {key}: {reason}; rebuilding")
                 todo.append((key, spec))
         if todo:
-            built = _build_missing(dataset_dir, rows, detector, workdir, todo, address)
+            built = _build_missing(dataset_dir, rows, detector, workdir, todo, address, fold_detector)
             for key in built if is_uri(store) else ():
                 publish(workdir / key, join(store, key))
             done.update(built)
@@ -112,7 +117,7 @@ def _build(dataset_dir: Path, store: str, specs: list[VariantSpec], address: str
 
 
 def _build_missing(dataset_dir: Path, rows: pd.DataFrame, detector: str | None, store: Path, todo,
-                   address) -> dict[str, Variant]:
+                   address, fold_detector: tuple[int, str] | None) -> dict[str, Variant]:
     rows = rows.assign(pos=rows.groupby(["split", "view"]).cumcount())
     specs = [spec for _, spec in todo]
     outputs = {key: _open_outputs(store / key, rows, spec.size) for key, spec in todo}
@@ -131,7 +136,7 @@ def _build_missing(dataset_dir: Path, rows: pd.DataFrame, detector: str | None, 
     dataset = json.loads(summary.read_text()) if summary.is_file() else {}
     built = {}
     for key, spec in todo:
-        _commit(store / key, outputs[key], index, _variant_meta(index, spec, key, detector, dataset))
+        _commit(store / key, outputs[key], index, _variant_meta(index, spec, key, detector, dataset, fold_detector))
         atomic_write_text(store / key / BUILD_FILE, json.dumps({"built_on": built_on}, indent=2))
         variant = open_variant(store, key)
         variant.preprocessed = len(index)
@@ -249,12 +254,15 @@ def _commit(path: Path, outputs: dict, index: pd.DataFrame, meta: dict) -> None:
     write_manifest(path, meta["key"], list(checksums), checksums)
 
 
-def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, detector: str | None, data: dict) -> dict:
+def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, detector: str | None, data: dict,
+                  fold_detector: tuple[int, str] | None = None) -> dict:
     """variant.json: a function of the inputs only (no node ids, no times), so every builder writes the same bytes.
 
-    ``data``: the dataset's summary.json (empty when it has none).
+    ``data``: the dataset's summary.json (empty when it has none). A fold's variant also names its fold and
+    its detector's store key (``fold``, ``detector_key``); a variant of one split has neither.
     """
     counts = index.groupby(["split", "view"]).size()
+    folds = {"fold": fold_detector[0], "detector_key": fold_detector[1]} if fold_detector else {}
     return {
         "key": key,
         "code_version": CODE_VERSION,
@@ -265,6 +273,7 @@ def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, detector: st
                     "counts": data.get("counts")},
         "counts": {f"{s}_{v}": int(counts.get((s, v), 0)) for s in SPLITS for v in VIEWS},
         "fallback": int(index["fallback"].sum()),
+        **folds,
     }
 
 

@@ -4,7 +4,8 @@ Layout of a variant::
 
     STORE/<key>/{train,val,test}_{left,right}.npy   uint8 N x S x S, memory-mappable
     STORE/<key>/index.parquet   image_id, patient, view, label, split, pos, x0..y1, conf, fallback
-    STORE/<key>/variant.json    spec, detector hash, data fingerprint, counts (deterministic: no node ids)
+    STORE/<key>/variant.json    spec, detector hash, data fingerprint, counts (deterministic: no node ids);
+                                a fold's variant (``fold<k>-`` key) also its fold and detector key
     STORE/<key>/manifest.json   sha256 and size of every file above; written last = the variant is complete
     STORE/<key>/build.json      provenance (which Ray nodes built how many images); not checked
     STORE/<key>/.verified       the manifest's sha256 after the last full check

@@ -9,7 +9,10 @@ starts and nothing trains: the plan takes seconds.
 
 Cost: trial-epochs (the sum of ``epochs``) and images x epochs, where a trial's images are
 the training images of its view(s) and fold in DATASET/dataset.parquet, plus the other
-view's mirrored training images with Flip (``preprocessing.loader.train_set``).
+view's mirrored training images with Flip (``preprocessing.loader.train_set``). What is
+fitted before the trials is listed with its images x epochs too: the frozen STNs (one per
+variant and seed, and per fold on a DATASET with folds) and, with folds and a detector, one
+ROI detector per fold (``fsmodels.params``), each on its fold's training patients only.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Domain, _BackwardsCompatibleNumpyRng
 from ray.tune.search.variant_generator import generate_variants
 
+from cluster.errors import FsweepError
 from fsmodels.config import SPACE_KEYS, Config, key_values
 from fsmodels.params import variant_name, variant_recipes
 from preprocessing.ingest import load_dataset
 from preprocessing.loader import train_views
 from preprocessing.splits import dataset_folds, fold_column
+from preprocessing.vocab import ConfigError, is_off
 from search import space
 
 
@@ -86,12 +91,61 @@ def device_hours(cfg: Config, image_epochs: int, rate: float) -> float:
     return image_epochs / rate * share / 3600
 
 
-def plan_summary(cfg: Config, table: pd.DataFrame, known: bool, rate: float | None = None) -> list[str]:
-    """The totals: trial count, trial-epochs, images x epochs and, given a measured ``rate``, device-hours."""
+def fitted_artifacts(cfg: Config, rows: pd.DataFrame | None) -> list[str]:
+    """What is fitted before any trial, one line per fold: its frozen STNs and, on a DATASET with folds and a
+    detector, the fold's ROI detector, each with the images it learns from x epochs."""
+    from search.sweep import frozen_stn_runs
+
+    try:
+        runs = frozen_stn_runs(cfg)
+    except ConfigError as exc:
+        return [f"frozen STNs: unknown ({exc})"]
+    count = dataset_folds(rows.columns) if rows is not None else 0
+    values = key_values(cfg, "fold")
+    folds = ((sorted({int(v) for v in values}) if values is not None else list(range(count))) if count else [None])
+    names = ", ".join(f"{variant_name(he, aspect)}/seed {seed}" for he, aspect, seed in runs)
+    lines = []
+    for fold in folds:
+        where = "" if fold is None else f" of fold {fold}"
+        if fold is not None and not is_off(cfg.roi.detector):
+            lines.append(detector_line(cfg, rows, fold))
+        if not runs:
+            continue
+        column = "split" if fold is None else fold_column(fold)
+        train = int((rows[column] == "train").sum()) if rows is not None else None
+        cost = (f"each {cfg.train.stn_epochs} epochs x {train} training images{where} (both views) = "
+                f"{cfg.train.stn_epochs * train} image-epochs" if train is not None else "images unknown")
+        lines.append(f"frozen STNs{where}: {len(runs)} ({names}; {cost})")
+    if count and not is_off(cfg.roi.detector):
+        recipes = variant_recipes(cfg)
+        lines.append(f"store variants per fold: {len(recipes)} x {len(folds)} folds = {len(recipes) * len(folds)} "
+                     "(each fold's detector crops every image once for its own variants)")
+    return lines
+
+
+def detector_line(cfg: Config, rows: pd.DataFrame, fold: int) -> str:
+    """The plan's line for fold ``fold``'s own ROI detector: its key, the images it learns from, its cost."""
+    from fsmodels.params import detector_settings
+    from preprocessing.fold_roi import fold_detector_key, fold_rows
+
+    try:
+        fit, select = fold_rows(rows, fold, cfg.roi.annotated, f"{cfg.data.dataset}/dataset.parquet")
+        key = fold_detector_key(rows, fold, detector_settings(cfg))
+    except FsweepError as exc:
+        return f"ROI detector of fold {fold}: cannot be trained ({exc})"
+    return (f"ROI detector of fold {fold}: {key}, {cfg.roi.epochs} epochs x {len(fit)} boxed images of "
+            f"{fit['patient'].nunique()} training patients = {cfg.roi.epochs * len(fit)} image-epochs at "
+            f"{cfg.roi.imgsz} px (best epoch picked on {len(select)} training images of the fold)")
+
+
+def plan_summary(cfg: Config, table: pd.DataFrame, known: bool, rate: float | None = None,
+                 rows: pd.DataFrame | None = None) -> list[str]:
+    """The totals: trial count, trial-epochs, images x epochs and, given a measured ``rate``, device-hours;
+    with DATASET's ``rows``, what is fitted before the trials (``fitted_artifacts``)."""
     recipes = variant_recipes(cfg)
     lines = [f"trials: {len(table)}", f"trial-epochs: {int(table['epochs'].sum()) if len(table) else 0}",
              f"store variants: {len(recipes)} (he/aspect: {', '.join(variant_name(*r) for r in recipes)}; "
-             f"each built once at {cfg.data.size} px)"]
+             f"each built once at {cfg.data.size} px)", *fitted_artifacts(cfg, rows)]
     if known:
         lines.append(f"images x epochs: {int(table['image_epochs'].sum()) if len(table) else 0} "
                      f"(training images of each trial's view(s) and fold, Flip doubling; {cfg.data.dataset})")
@@ -118,4 +172,4 @@ def write_plan(cfg: Config, out: str | Path | None = None, rate: float | None = 
         table.to_csv(out, index_label="trial")
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
         text = table.to_string(index_names=False)
-    return "\n".join([text, "", *plan_summary(cfg, table, known, rate)])
+    return "\n".join([text, "", *plan_summary(cfg, table, known, rate, _dataset_rows(cfg))])

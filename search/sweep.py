@@ -93,18 +93,26 @@ def prepare_store(cfg: Config) -> dict:
 
     ``{"variants": {name: handle}, "stns": {name: {seed: handle}}}``, a name being ``he/aspect``
     (``fsmodels.params.variant_name``) and a handle ``{key, manifest}`` (``fsmodels.params.handle``):
-    resolved here once, saved as ``fsweep_variants.yaml``.
+    resolved here once, saved as ``fsweep_variants.yaml``. With a DATASET of folds, what is fitted is
+    fitted per fold (``fsmodels.params``): ``{"folds": {fold: {"detector": handle | None, "variants": ...,
+    "stns": ...}}}``, the fold detector, variants and STNs each trial of that fold opens.
     """
-    from fsmodels.params import build_variants, handle, variant_name
+    from fsmodels.params import build_fold_variants, handle, variant_name
     from fsmodels.stn import ensure_frozen_stn
 
-    variants = build_variants(cfg)
-    record = {"variants": {name: handle(variant) for name, variant in variants.items()}, "stns": {}}
-    for he, aspect, seed in frozen_stn_runs(cfg):  # a trial's STN is pretrained with the trial's own seed
-        name = variant_name(he, aspect)
-        stn = ensure_frozen_stn(variants[name], epochs=cfg.train.stn_epochs, seed=seed, store=cfg.data.store)
-        record["stns"].setdefault(name, {})[seed] = handle(stn)
-    return record
+    built = build_fold_variants(cfg)
+    sections = {}
+    for fold, (detector, variants) in built.items():
+        section = {"variants": {name: handle(variant) for name, variant in variants.items()}, "stns": {}}
+        for he, aspect, seed in frozen_stn_runs(cfg):  # a trial's STN is pretrained with the trial's own seed
+            name = variant_name(he, aspect)
+            stn = ensure_frozen_stn(variants[name], epochs=cfg.train.stn_epochs, seed=seed, store=cfg.data.store,
+                                    fold=fold)
+            section["stns"].setdefault(name, {})[seed] = handle(stn)
+        if fold is None:
+            return section
+        sections[fold] = {"detector": handle(detector) if detector is not None else None, **section}
+    return {"folds": sections}
 
 
 SCRATCH_ROOT = Path(tempfile.gettempdir()) / "fsweep-scratch"  # trials' working checkpoints, one folder per experiment

@@ -34,12 +34,15 @@ def _node_label() -> str:
 
 
 def artifact_handles(cfg: Config, record: dict) -> dict:
-    """This trial's variant and frozen STN handles, looked up in the driver's record (never recomputed)."""
-    from fsmodels.params import record_entry
+    """This trial's variant and frozen STN handles (and, with folds, its fold's detector), looked up in the
+    driver's record (never recomputed)."""
+    from fsmodels.params import fold_record, record_entry
 
     he, aspect = cfg.space.he, cfg.space.aspect
+    record = fold_record(record, cfg.space.fold)  # with folds: this fold's own detector, variants and STNs
     stn = record_entry(record["stns"], he, aspect)[int(cfg.space.seed)] if cfg.space.stn == "frozen" else None
-    return {"variant": record_entry(record["variants"], he, aspect), "stn": stn}
+    detector = {"detector": record["detector"]} if "detector" in record else {}  # recorded in its checkpoints
+    return {"variant": record_entry(record["variants"], he, aspect), "stn": stn, **detector}
 
 
 def _sample_stages(cfg: Config, record: dict, handles: dict) -> dict[str, list]:
@@ -47,9 +50,10 @@ def _sample_stages(cfg: Config, record: dict, handles: dict) -> dict[str, list]:
     after the frozen STN; only artifacts the sweep built anyway are opened."""
     import torch
 
-    from fsmodels.params import open_artifacts, variant_name
+    from fsmodels.params import fold_record, open_artifacts, variant_name
     from fsmodels.stn import load_frozen_stn
 
+    record = fold_record(record, cfg.space.fold)
     view = "right" if cfg.space.view == "both" else cfg.space.view
     variant, weights = open_artifacts(cfg, handles)
     stages = {}
