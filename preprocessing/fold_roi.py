@@ -26,7 +26,7 @@ import pandas as pd
 
 from cluster.errors import FsweepError
 from cluster.storage import is_uri, join, resolve_storage
-from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, local_dir, write_manifest
+from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, content_key, open_artifact, write_manifest
 from preprocessing.files import atomic_copy, atomic_write_text
 from preprocessing.ingest import load_dataset
 from preprocessing.remote import publish, staging_dir
@@ -95,7 +95,7 @@ def fold_detector_key(rows: pd.DataFrame, fold: int, settings: DetectorSettings)
 
 def open_fold_detector(store, key: str, fold: int, expected: str | None = None) -> FoldDetector:
     """Open the fold detector ``key`` of ``store`` (cheap check; ``expected``: its recorded manifest sha256)."""
-    path, manifest = local_dir(resolve_storage(store), f"{ROI_STORE_DIR}/{key}", "fold detector", expected)
+    path, manifest = open_artifact(resolve_storage(store), f"{ROI_STORE_DIR}/{key}", "fold detector", expected)
     return FoldDetector(key=key, manifest=manifest, path=path, fold=fold)
 
 
