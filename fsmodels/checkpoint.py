@@ -6,6 +6,9 @@ Layout of one checkpoint directory (``TRIAL/checkpoints/epoch_NNN/``):
   variant key and the BCE ``pos_weight``: everything to continue exactly.
 - ``best.pt``: the best epoch's model state dict (what export and test use).
 - ``config.yaml``: the resolved config, for people.
+- ``best_scores.parquet`` (``train.test_every_trial`` only): the best epoch's per-image validation
+  and test scores, which the report's test-scored tables read; it lives here, not in the trial's
+  working directory, so a trial restored from its checkpoint on another node still has it.
 Random state is not stored: every epoch reseeds from ``(seed, epoch)``, so a
 resumed epoch draws the same shuffles and augmentations as an uninterrupted one.
 A directory is written under a temporary name and renamed, so a crash never
@@ -31,6 +34,7 @@ from fsmodels.config import Config, config_from_dict, rung_epochs, save_config
 
 STATE_FILE = "state.pt"  # training state (see module docstring)
 BEST_FILE = "best.pt"  # best epoch's model weights
+BEST_SCORES = "best_scores.parquet"  # the best epoch's per-image val and test scores (train.test_every_trial)
 
 
 def plain(value):
@@ -49,8 +53,8 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}"
 
 
-def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config) -> Path:
-    """Write ``root/epoch_NNN`` atomically and return it."""
+def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config, best_scores=None) -> Path:
+    """Write ``root/epoch_NNN`` atomically and return it (``best_scores``: a DataFrame, or None)."""
     final = Path(root) / checkpoint_name(state["epoch"])
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,6 +62,8 @@ def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config) -> P
     torch.save(state, tmp / STATE_FILE)
     torch.save(best_model, tmp / BEST_FILE)
     save_config(cfg, tmp / "config.yaml")
+    if best_scores is not None:
+        best_scores.to_parquet(tmp / BEST_SCORES, index=False)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -86,20 +92,21 @@ class CheckpointWriter:
         self._path: Path | None = None
         self.seconds = 0.0
 
-    def submit(self, root: Path, state: dict, best_model: dict, cfg: Config) -> Path:
+    def submit(self, root: Path, state: dict, best_model: dict, cfg: Config, best_scores=None) -> Path:
         """Copy ``state`` to the CPU now and write it in the background; returns the directory it will be."""
         self.wait()  # one write at a time: the next copy never races the previous file
         start = time.perf_counter()
         state = cpu_copy(state)
         self._path = Path(root) / checkpoint_name(state["epoch"])
-        self._thread = threading.Thread(target=self._write, args=(root, state, best_model, cfg), daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(root, state, best_model, cfg, best_scores),
+                                        daemon=True)
         self._thread.start()
         self.seconds += time.perf_counter() - start
         return self._path
 
-    def _write(self, root: Path, state: dict, best_model: dict, cfg: Config) -> None:
+    def _write(self, root: Path, state: dict, best_model: dict, cfg: Config, best_scores) -> None:
         try:
-            save_checkpoint(root, state, best_model, cfg)
+            save_checkpoint(root, state, best_model, cfg, best_scores)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
 
@@ -175,6 +182,14 @@ def thin_checkpoint(checkpoint_dir: str | Path, keep_best: bool = True) -> None:
         os.replace(tmp, folder / STATE_FILE)
     if not keep_best:
         (folder / BEST_FILE).unlink(missing_ok=True)
+
+
+def load_best_scores(checkpoint_dir: str | Path):
+    """The checkpoint's best-epoch per-image scores (a DataFrame), None when the trial kept none."""
+    import pandas as pd
+
+    path = Path(checkpoint_dir) / BEST_SCORES
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 def load_best_weights(checkpoint_dir: str | Path) -> dict:

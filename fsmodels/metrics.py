@@ -89,6 +89,12 @@ def youden_threshold(y_true, scores) -> float:
     return float(thresholds[best]) if np.isfinite(thresholds[best]) else float(thresholds[1])
 
 
+def operating_threshold(youden: float | None) -> float:
+    """The decision threshold a model is selected, tested and deployed at: its validation Youden threshold,
+    0.5 when that is undefined (one class in validation, or diverged scores)."""
+    return float(youden) if youden is not None and math.isfinite(youden) else 0.5
+
+
 def confusion(y_true, scores, threshold: float = 0.5) -> dict:
     """tp, fp, tn, fn with ``score >= threshold`` predicted abnormal."""
     y, s = _arrays(y_true, scores)

@@ -2,14 +2,16 @@
 
 ``run_trial`` is what ``fsweep train`` runs and what the sweep wraps in a Ray
 Tune trainable. Per epoch it trains, scores the validation split (abnormal =
-positive, threshold 0.5, Youden's threshold recorded), writes a checkpoint
+positive; accuracy, F1, sensitivity and specificity at the epoch's own validation
+Youden threshold, the operating point export and test use), writes a checkpoint
 directory and calls ``on_epoch(metrics, checkpoint_dir)``. The best epoch by
 ``search.metric`` is kept; ``train.test`` scores it on the test split with
-patient-level bootstrap 95 % intervals at the validation threshold (Youden's J on the
-best epoch's validation ROC). With ``train.best_scores`` every new best epoch also
-scores the test split and writes ``best_scores.parquet`` (per image: split, patient,
-label, score), which the sweep report reads; nothing selects on it. On CUDA: AMP (bf16 where supported), channels_last,
-pinned memory, non-blocking copies and no host sync inside an epoch.
+patient-level bootstrap 95 % intervals at the validation threshold. With
+``train.test_every_trial`` every new best epoch also scores the test split, and every
+checkpoint carries those scores (``best_scores.parquet``: per image split, patient,
+label, score), which the sweep report reads; nothing selects on them. On CUDA: AMP
+(bf16 where supported), channels_last, pinned memory, non-blocking copies and no host
+sync inside an epoch.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from fsmodels.checkpoint import (
     checkpoint_config,
     checkpoint_epochs,
     cpu_copy,
+    load_best_scores,
     load_best_weights,
     load_resumable_state,
     load_state,
@@ -66,13 +69,14 @@ from fsmodels.metrics import (
     binary_metrics,
     bootstrap_ci,
     json_safe,
+    operating_threshold,
+    youden_threshold,
 )
 from fsmodels.model import FsNet, build_model, model_skeleton
 from fsmodels.params import TrialParams, open_artifacts, trial_handles, trial_params
 
 __all__ = ["run_trial", "evaluate_checkpoint", "load_trial_model", "trial_params"]
 REPORTED = SPLIT_METRICS  # metrics.json val/test keys
-BEST_SCORES = "best_scores.parquet"  # the best epoch's per-image val and test scores (train.best_scores)
 EVAL_BATCH = 32  # evaluation batch size floor (no gradients: larger batches are cheap and change nothing)
 EpochCallback = Callable[[dict, Path | None], None]
 BestCallback = Callable[[int, np.ndarray, np.ndarray], None]  # (epoch, validation labels, scores)
@@ -86,6 +90,7 @@ class TrainingState:
     best_epoch: int = 0  # epoch of the best ``search.metric`` so far (0 = none yet)
     best_value: float | None = None  # its value
     best_model: dict | None = None  # its model state dict (CPU)
+    best_scores: pd.DataFrame | None = None  # its per-image val and test scores (train.test_every_trial)
     last_epoch: int = 0  # the last finished epoch
     checkpoint: Path | None = None  # directory of the last checkpoint
     device_seconds: float = 0.0  # seconds x device share of earlier attempts (restored on resume)
@@ -116,8 +121,11 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, epochs: int):
 
 
 def split_metrics(labels: np.ndarray, scores: np.ndarray, loss: float) -> dict:
-    """binary_metrics plus the loss."""
-    return {**binary_metrics(labels, scores), "loss": loss}
+    """An epoch's validation metrics plus the loss, with accuracy, F1, sensitivity and specificity at that epoch's
+    own Youden threshold: the operating point export and test use, so a model selected on F1 is deployed at the
+    threshold its F1 was measured at (0.5 would be an arbitrary cut under the class-weighted loss)."""
+    threshold = operating_threshold(youden_threshold(labels, scores) if all_finite(scores) else None)
+    return {**binary_metrics(labels, scores, threshold), "loss": loss}
 
 
 def best_entry(history: list, best_epoch) -> dict:
@@ -172,19 +180,15 @@ def patient_map(variant) -> dict:
     return dict(zip(variant.index["image_id"], variant.index["patient"]))
 
 
-def write_best_scores(path: Path, epoch: int, patient_of: dict, scored: dict) -> None:
-    """``best_scores.parquet``: per image of each scored split (``{split: (dataset, labels, scores)}``) its patient.
-
-    ``patient_of``: ``patient_map`` of the variant.
-    """
+def best_scores_frame(epoch: int, patient_of: dict, scored: dict) -> pd.DataFrame:
+    """``best_scores.parquet``'s rows: per image of each scored split (``{split: (dataset, labels, scores)}``)
+    its epoch, image, patient, label and score. ``patient_of``: ``patient_map`` of the variant."""
     frames = [
         pd.DataFrame({"split": split, "epoch": epoch, "image_id": list(data.image_ids),
                       "patient": [patient_of[i] for i in data.image_ids], "label": labels, "score": scores})
         for split, (data, labels, scores) in scored.items()
     ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
-    tmp.replace(path)  # a reader (the report, a sync) never sees half a file
+    return pd.concat(frames, ignore_index=True)
 
 
 def _build(cfg: Config, params: TrialParams, stn_weights) -> FsNet:
@@ -214,7 +218,8 @@ def _restore(resume_from, model, optimizer, scheduler, scaler) -> TrainingState:
     scaler.load_state_dict(state["scaler"])
     return TrainingState(
         history=list(state["history"]), best_epoch=state["best_epoch"], best_value=state["best_value"],
-        best_model=load_best_weights(resume_from), last_epoch=state["epoch"], checkpoint=Path(resume_from),
+        best_model=load_best_weights(resume_from), best_scores=load_best_scores(resume_from),
+        last_epoch=state["epoch"], checkpoint=Path(resume_from),
         device_seconds=state.get("device_seconds", 0.0),
     )
 
@@ -269,7 +274,7 @@ def run_trial(
     run = TrainingState(history=[])
     if resume_from is not None:
         run = _restore(resume_from, model, optimizer, scheduler, scaler)
-    test_loader = make_loader(test_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None) if cfg.train.best_scores else None
+    test_loader = make_loader(test_data, max(params.batch_size, EVAL_BATCH), rt, cfg, None) if cfg.train.test_every_trial else None
     patient_of = patient_map(variant)  # best_scores.parquet and the validation AUC's patient-bootstrap interval
     val_patients = [patient_of[i] for i in val_data.image_ids]
     train_src, val_src = place_data(rt, cfg, train_data, val_data)  # on the device once when they fit (the DataLoader's order)
@@ -297,7 +302,7 @@ def run_trial(
             run.best_model = cpu_copy(model.state_dict())  # one copy (.cpu().clone() copies twice from CUDA)
             if test_loader is not None:  # kept for the report's test-scored tables; never read by selection
                 test_labels, test_scores, _ = predict(model, test_loader, criterion, rt)
-                write_best_scores(out / BEST_SCORES, epoch, patient_of, {
+                run.best_scores = best_scores_frame(epoch, patient_of, {
                     "val": (val_data, val_labels, val_scores), "test": (test_data, test_labels, test_scores)})
             if on_best is not None:
                 on_best(epoch, val_labels, val_scores)
@@ -314,7 +319,7 @@ def run_trial(
                 pos_weight=pos_weight, device_seconds=account.device_seconds(),
             )
             run.checkpoint = _finish_write(writer, ckpt_root) or run.checkpoint  # the previous write, long done
-            written = writer.submit(ckpt_root, state, run.best_model, cfg)  # a CPU copy, written on a background thread
+            written = writer.submit(ckpt_root, state, run.best_model, cfg, run.best_scores)  # a CPU copy, written on a background thread
         report = {**epoch_report(epoch, run, metric, diverged), **account.report()}
         print(_progress_line(report, params.epochs, metric), flush=True)
         if on_epoch is not None:
@@ -413,8 +418,7 @@ def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
 
 def validation_threshold(state: dict) -> float:
     """The decision threshold: Youden's J on the best epoch's validation ROC (0.5 when undefined, e.g. one class)."""
-    value = best_entry(state.get("history", []), state.get("best_epoch")).get("val_youden_threshold")
-    return float(value) if value is not None and math.isfinite(value) else 0.5
+    return operating_threshold(best_entry(state.get("history", []), state.get("best_epoch")).get("val_youden_threshold"))
 
 
 def evaluate_checkpoint(checkpoint_dir, split: str = "test", n_boot: int = 1000, with_scores: bool = True) -> dict:
