@@ -164,8 +164,9 @@ def score_on_test(winner: dict) -> dict:
     return evaluate_checkpoint(local_dir(winner["checkpoint"]), split="test")
 
 
-def _plain(value):
-    """numpy/pandas scalars as Python values; NaN and pandas' NA as None (JSON null)."""
+def json_scalar(value):
+    """One leaderboard cell for winners.json: numpy/pandas scalars as Python values, NaN and pandas' NA as None
+    (JSON null). Scalars only; ``fsmodels.checkpoint.python_values`` converts nested state for checkpoints."""
     if value is pd.NA:
         return None
     if hasattr(value, "item"):
@@ -186,17 +187,17 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
         put_text(join(experiment, f"winner_{view}_test_scores.csv"), pd.DataFrame(test.pop("scores")).to_csv(index=False))
         winners[view] = {
             "trial_id": row["trial_id"],
-            "config": {k: _plain(row[k]) for k in SPACE_KEYS},
-            "best_epoch": _plain(row["best_epoch"]),
+            "config": {k: json_scalar(row[k]) for k in SPACE_KEYS},
+            "best_epoch": json_scalar(row["best_epoch"]),
             "checkpoint": row["checkpoint"],
             "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation"
                            + (", configuration mean over seeds and folds" if cfg.search.select_by == "config" else ""),
-            "val": {k: _plain(row[k]) for k in (*SELECTABLE_METRICS, *FIT_METRICS) if k.startswith("val_")},
-            "train": {"auc": _plain(row.get("train_auc"))},
+            "val": {k: json_scalar(row[k]) for k in (*SELECTABLE_METRICS, *FIT_METRICS) if k.startswith("val_")},
+            "train": {"auc": json_scalar(row.get("train_auc"))},
             "warnings": fit_warnings(row),
             "test": test,
         }
-    put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=_plain))
+    put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=json_scalar))
     keep_checkpoints(board, {win["trial_id"] for win in winners.values()}, cfg.search.keep_checkpoints)
     print(f"leaderboard: {join(experiment, LEADERBOARD)} ({len(board)} trials)")
     for view, win in winners.items():

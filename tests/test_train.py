@@ -280,15 +280,15 @@ def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_mis
 def test_a_trial_whose_scores_turn_nan_is_diverged_and_never_takes_that_epoch(trial_yaml, tmp_path, monkeypatch):
     import fsmodels.train as train_module
 
-    real_predict = train_module.predict
+    real_score = train_module.score_loader
     calls = []
 
     def predict_nan_from_epoch_2(model, loader, criterion, rt):
-        labels, scores, loss = real_predict(model, loader, criterion, rt)
+        labels, scores, loss = real_score(model, loader, criterion, rt)
         calls.append(1)
         return (labels, np.full_like(scores, np.nan), loss) if len(calls) >= 2 else (labels, scores, loss)
 
-    monkeypatch.setattr(train_module, "predict", predict_nan_from_epoch_2)
+    monkeypatch.setattr(train_module, "score_loader", predict_nan_from_epoch_2)
     reports = []
     cfg = load_config(trial_yaml, ["space.epochs=4"])
     result = run_trial(cfg, tmp_path, on_epoch=lambda report, _: reports.append(report))
@@ -355,19 +355,17 @@ def test_checkpoint_epochs_cover_every_nth_the_last_and_asha_rungs():
     assert checkpoint_epochs(5, 25, (1, 3, 25)) == {1, 3, 5, 9, 10, 15, 20, 25}  # Ray's ASHA rungs: 1, 3, 9
 
 
-def test_a_failed_background_checkpoint_write_surfaces_on_the_training_thread(tmp_path):
-    from fsmodels.checkpoint import CheckpointWriter
+def test_a_failed_checkpoint_write_surfaces_on_the_training_thread(tmp_path):
+    from fsmodels.checkpoint import save_checkpoint
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    writer = CheckpointWriter()
-    writer.submit(blocker / "ckpt", {"epoch": 1, "w": torch.ones(2)}, {}, load_config(None))
     with pytest.raises(OSError):
-        writer.wait()
+        save_checkpoint(blocker / "ckpt", {"epoch": 1, "w": torch.ones(2)}, {}, load_config(None))
 
 
 def test_evaluation_scores_are_fp32_under_forced_amp(tiny_variant):
-    from fsmodels.engine import predict, runtime
+    from fsmodels.engine import runtime, score_loader
     from fsmodels.model import build_model
     from fsmodels.resident import ResidentSet
 
@@ -380,8 +378,8 @@ def test_evaluation_scores_are_fp32_under_forced_amp(tiny_variant):
     data = ResidentSet(eval_set(tiny_variant, "both", "val"), amp.device)
     criterion = torch.nn.BCEWithLogitsLoss()
     assert amp.amp_dtype == amp_dtype(CUDA)  # bf16 on the CPU and on GPUs with native bf16, else fp16
-    _, scores_amp, loss_amp = predict(model, data.batches(32, None), criterion, amp)
-    _, scores_fp32, loss_fp32 = predict(model, data.batches(32, None), criterion, fp32)
+    _, scores_amp, loss_amp = score_loader(model, data.batches(32, None), criterion, amp)
+    _, scores_fp32, loss_fp32 = score_loader(model, data.batches(32, None), criterion, fp32)
     assert np.array_equal(scores_amp, scores_fp32) and loss_amp == loss_fp32
     with torch.no_grad(), torch.autocast(amp.device.type, dtype=amp.amp_dtype):  # what autocast evaluation gives
         x, _ = next(iter(data.batches(32, None)))
