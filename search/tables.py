@@ -35,6 +35,7 @@ from fsmodels.metrics import (
     all_finite,
     auc_score,
     confusion,
+    operating_threshold,
     patient_draws,
     rates,
     youden_threshold,
@@ -93,10 +94,9 @@ def read_best_scores(experiment: str, board: pd.DataFrame) -> dict[str, pd.DataF
 
 
 def trial_threshold(scores: pd.DataFrame) -> float:
-    """Youden's J threshold on the trial's best-epoch validation scores; 0.5 when undefined."""
+    """Youden's J threshold on the trial's best-epoch validation scores; 0.5 when undefined (``operating_threshold``)."""
     val = scores[scores["split"] == "val"]
-    value = youden_threshold(val["label"], val["score"])
-    return value if np.isfinite(value) else 0.5
+    return operating_threshold(youden_threshold(val["label"], val["score"]))
 
 
 def held_out_rows(scores: pd.DataFrame) -> pd.DataFrame:
