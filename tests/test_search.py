@@ -265,8 +265,10 @@ def test_report_has_tables_and_plots(grid_sweep):
     path = write_report(grid_sweep["experiment"])
     text = path.read_text()
     board = pd.read_csv(grid_sweep["experiment"] / LEADERBOARD)
-    for heading in ("## Winners", "## Comparison tables", "### right view", "## Leaderboard", "## Failed trials"):
+    for heading in ("## Winners", "## Comparison tables", "## Leaderboard", "## Failed trials"):
         assert heading in text
+    # a default sweep scores only its winner on test, so its report has no test-scored rows, and says so
+    assert "### right view\n" not in text and "scored only for the winners" in text
     assert all(trial_id in text for trial_id in board["trial_id"])
     assert "auc_ci" not in text and "[" in text  # intervals rendered as [lo, hi]
     for png in ("right_roc.png", "right_confusion.png"):
