@@ -206,7 +206,7 @@ def compile_rates(s: dict, rt: Runtime, steps: int) -> tuple[float, float, float
 
 def backbone_rates(s: dict, rt: Runtime, backbones=PAPER_BACKBONES) -> dict:
     """Per paper backbone at batch 4: training img/s fine-tuned and frozen (the trial's runtime) and fp32
-    evaluation img/s (TF32 off, as ``engine.predict``), at ``s['rate_size']`` px, scaled to 512 px by pixels.
+    evaluation img/s (TF32 off, as ``engine.score_loader``), at ``s['rate_size']`` px, scaled to 512 px by pixels.
 
     On a GPU that size is 512 (measured as is); on the CPU a small size stands in, said so in the output.
     """

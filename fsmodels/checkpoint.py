@@ -6,11 +6,14 @@ Layout of one checkpoint directory (``TRIAL/checkpoints/epoch_NNN/``):
   variant key and the BCE ``pos_weight``: everything to continue exactly.
 - ``best.pt``: the best epoch's model state dict (what export and test use).
 - ``config.yaml``: the resolved config, for people.
+- ``best_scores.parquet`` (``train.test_every_trial`` only): the best epoch's per-image validation
+  and test scores, which the report's test-scored tables read; it lives here, not in the trial's
+  working directory, so a trial restored from its checkpoint on another node still has it.
 Random state is not stored: every epoch reseeds from ``(seed, epoch)``, so a
 resumed epoch draws the same shuffles and augmentations as an uninterrupted one.
 A directory is written under a temporary name and renamed, so a crash never
-leaves a half checkpoint. ``CheckpointWriter`` writes it on a background thread
-from a CPU copy, so training goes on while the file is written; ``checkpoint_epochs``
+leaves a half checkpoint. It is written on the training thread: Ray persists it
+in ``tune.report`` right after, so it must be whole by then; ``checkpoint_epochs``
 says which epochs write one (``train.checkpoint_every``, the last epoch and ASHA's
 rung epochs, where a trial may be stopped).
 """
@@ -19,8 +22,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,18 @@ from fsmodels.config import Config, config_from_dict, rung_epochs, save_config
 
 STATE_FILE = "state.pt"  # training state (see module docstring)
 BEST_FILE = "best.pt"  # best epoch's model weights
+BEST_SCORES = "best_scores.parquet"  # the best epoch's per-image val and test scores (train.test_every_trial)
 
 
-def plain(value):
-    """numpy scalars (e.g. values Ray Tune samples) -> Python numbers, recursively: YAML- and weights_only-safe."""
+def python_values(value):
+    """numpy scalars (e.g. values Ray Tune samples) -> Python numbers, recursively: YAML- and weights_only-safe.
+
+    NaN stays NaN (a checkpoint keeps floats); ``search.select.json_scalar`` is the JSON-side rule.
+    """
     if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
+        return {k: python_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [python_values(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -49,8 +54,8 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}"
 
 
-def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config) -> Path:
-    """Write ``root/epoch_NNN`` atomically and return it."""
+def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config, best_scores=None) -> Path:
+    """Write ``root/epoch_NNN`` atomically and return it (``best_scores``: a DataFrame, or None)."""
     final = Path(root) / checkpoint_name(state["epoch"])
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,13 +63,15 @@ def save_checkpoint(root: Path, state: dict, best_model: dict, cfg: Config) -> P
     torch.save(state, tmp / STATE_FILE)
     torch.save(best_model, tmp / BEST_FILE)
     save_config(cfg, tmp / "config.yaml")
+    if best_scores is not None:
+        best_scores.to_parquet(tmp / BEST_SCORES, index=False)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
 def cpu_copy(value):
-    """A CPU copy of a state (nested dicts/lists of tensors), safe to write while training changes the original."""
+    """A CPU copy of a state (nested dicts/lists of tensors) that later training steps leave unchanged."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
@@ -72,48 +79,6 @@ def cpu_copy(value):
     if isinstance(value, (list, tuple)):
         return type(value)(cpu_copy(v) for v in value)
     return value
-
-
-class CheckpointWriter:
-    """Writes checkpoints on one background thread; ``wait`` joins the pending write (and re-raises its error).
-
-    ``seconds`` is the time the training thread spent on checkpoints: the CPU copy plus any wait.
-    """
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._path: Path | None = None
-        self.seconds = 0.0
-
-    def submit(self, root: Path, state: dict, best_model: dict, cfg: Config) -> Path:
-        """Copy ``state`` to the CPU now and write it in the background; returns the directory it will be."""
-        self.wait()  # one write at a time: the next copy never races the previous file
-        start = time.perf_counter()
-        state = cpu_copy(state)
-        self._path = Path(root) / checkpoint_name(state["epoch"])
-        self._thread = threading.Thread(target=self._write, args=(root, state, best_model, cfg), daemon=True)
-        self._thread.start()
-        self.seconds += time.perf_counter() - start
-        return self._path
-
-    def _write(self, root: Path, state: dict, best_model: dict, cfg: Config) -> None:
-        try:
-            save_checkpoint(root, state, best_model, cfg)
-        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
-            self._error = exc
-
-    def wait(self) -> Path | None:
-        """Block until the pending write is on disk; the directory of the last write (None before the first)."""
-        if self._thread is not None:
-            start = time.perf_counter()
-            self._thread.join()
-            self._thread = None
-            self.seconds += time.perf_counter() - start
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return self._path
 
 
 def checkpoint_epochs(every: int, epochs: int, asha: tuple[int, int, int] | None = None) -> set[int]:
@@ -175,6 +140,14 @@ def thin_checkpoint(checkpoint_dir: str | Path, keep_best: bool = True) -> None:
         os.replace(tmp, folder / STATE_FILE)
     if not keep_best:
         (folder / BEST_FILE).unlink(missing_ok=True)
+
+
+def load_best_scores(checkpoint_dir: str | Path):
+    """The checkpoint's best-epoch per-image scores (a DataFrame), None when the trial kept none."""
+    import pandas as pd
+
+    path = Path(checkpoint_dir) / BEST_SCORES
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 def load_best_weights(checkpoint_dir: str | Path) -> dict:

@@ -107,8 +107,10 @@ class TrainConfig:
     class_weights: bool = True  # BCE pos_weight = n_normal / n_abnormal of the training set
     pretrained: str = "imagenet"  # none / imagenet (local HF cache) / path to weights
     stn_epochs: int = 10  # epochs of the STN's left-vs-right pretraining
-    test: bool = False  # score the best epoch on the test split (winner only)
-    best_scores: bool = True  # keep the best epoch's per-image val and test scores (best_scores.parquet) for the report
+    test: bool = False  # `fsweep train --test`: score the best epoch on the test split (a sweep scores only its winners)
+    # every trial also scores the test split at each new best epoch, for the report's test-scored comparison tables
+    # (the paper's tables); off by default: an ordinary sweep scores only its winners on test. Selection never reads them
+    test_every_trial: bool = False
     amp: str = "auto"  # auto (on with CUDA) / on / off
     channels_last: str = "auto"  # auto (on with CUDA) / on / off
     num_workers: int = 0  # DataLoader workers (data is a memmap: 0 is usually enough)
@@ -356,14 +358,18 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
     return value
 
 
-MOVED_KEYS = {("data", "aspect"): ("space", "aspect")}  # old spelling -> the key it became (read as the new one)
+# old spelling -> (the key it became, why), read as the new key so old configs, checkpoints and experiments load
+MOVED_KEYS = {
+    ("data", "aspect"): (("space", "aspect"), "a searched preprocessing key like space.he"),
+    ("train", "best_scores"): (("train", "test_every_trial"), "off unless asked: a sweep scores only its winners on test"),
+}
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
-    if (section, key) in MOVED_KEYS:  # old configs, checkpoints and experiments keep working
-        old, (section, key) = f"{section}.{key}", MOVED_KEYS[section, key]
-        warnings.warn(f"{where}: {old} is now {section}.{key} (a searched preprocessing key like space.he); "
-                      f"read as {section}.{key}", FutureWarning, stacklevel=3)
+    if (section, key) in MOVED_KEYS:
+        old, ((section, key), why) = f"{section}.{key}", MOVED_KEYS[section, key]
+        warnings.warn(f"{where}: {old} is now {section}.{key} ({why}); read as {section}.{key}",
+                      FutureWarning, stacklevel=3)
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section {section!r} (valid: {', '.join(SECTIONS)})")
     sec = getattr(cfg, section)

@@ -1,4 +1,4 @@
-"""Epoch mechanics: device choice, loaders, one training pass, prediction.
+"""Epoch mechanics: device choice, loaders, one training pass, scoring a loader.
 
 On CUDA: AMP (bf16 where the GPU has it natively, compute capability 8.0 or newer; else fp16
 with a grad scaler), channels_last, pinned memory and non-blocking copies; losses and scores stay
@@ -213,8 +213,8 @@ def train_epoch(model: FsNet, loader: DataLoader, criterion, optimizer, scaler, 
 
 
 @torch.no_grad()
-def predict(model: FsNet, loader: DataLoader, criterion, rt: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
-    """Labels, abnormal probabilities and the mean loss over ``loader``."""
+def score_loader(model: FsNet, loader: DataLoader, criterion, rt: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+    """Evaluate ``model`` over ``loader`` (fp32, no gradients): labels, abnormal probabilities and the mean loss."""
     model.eval()
     scores, targets = [], []
     total = torch.zeros((), device=rt.device)

@@ -24,8 +24,11 @@ FIT_METRICS = ("train_auc", "val_auc_lo", "val_auc_hi")
 BINARY_KEYS = (*CI_METRICS, "youden_threshold", "tp", "fp", "tn", "fn")  # binary_metrics' keys, in its order
 
 
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den else NAN
+def _ratio(num, den):
+    """num / den, nan where den is 0; numbers or arrays (a bootstrap's counts per resample)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    out = np.divide(num, den, out=np.full(np.broadcast(num, den).shape, NAN), where=den != 0)
+    return float(out) if out.ndim == 0 else out
 
 
 def _arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +92,12 @@ def youden_threshold(y_true, scores) -> float:
     return float(thresholds[best]) if np.isfinite(thresholds[best]) else float(thresholds[1])
 
 
+def operating_threshold(youden: float | None) -> float:
+    """The decision threshold a model is selected, tested and deployed at: its validation Youden threshold,
+    0.5 when that is undefined (one class in validation, or diverged scores)."""
+    return float(youden) if youden is not None and math.isfinite(youden) else 0.5
+
+
 def confusion(y_true, scores, threshold: float = 0.5) -> dict:
     """tp, fp, tn, fn with ``score >= threshold`` predicted abnormal."""
     y, s = _arrays(y_true, scores)
@@ -101,8 +110,8 @@ def confusion(y_true, scores, threshold: float = 0.5) -> dict:
     )
 
 
-def rates(tp: int, fp: int, tn: int, fn: int) -> dict:
-    """accuracy, f1, sensitivity, specificity from a confusion matrix (nan when undefined)."""
+def rates(tp, fp, tn, fn) -> dict:
+    """accuracy, f1, sensitivity, specificity from a confusion matrix (nan when undefined); counts may be arrays."""
     return dict(
         accuracy=_ratio(tp + tn, tp + fp + tn + fn),
         f1=_ratio(2 * tp, 2 * tp + fp + fn),
@@ -125,29 +134,41 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     )
 
 
+def _units(patients, size: int) -> tuple[np.ndarray, int]:
+    """Each image's resampling unit (its patient, so both views move together; else the image) and the unit count."""
+    if patients is None:
+        return np.arange(size), size
+    codes = np.unique(np.asarray(patients).astype(str), return_inverse=True)[1].ravel()
+    return codes, int(codes.max()) + 1 if codes.size else 0
+
+
+def _picks(units: int, n: int, seed: int) -> np.ndarray:
+    """(n, units): the units each of ``n`` resamples draws with replacement. Every bootstrap in fsweep draws here."""
+    if not units:
+        return np.zeros((n, 0), dtype=np.int64)
+    return np.random.default_rng(seed).integers(0, units, size=(n, units))
+
+
 def patient_draws(patients, n: int, seed: int) -> list[np.ndarray]:
     """``n`` bootstrap resamples of image indices that draw whole PATIENTS with replacement.
 
     All images of a drawn patient enter together (both views), so the images of one
-    patient, which are not independent, never count as independent evidence.
+    patient, which are not independent, never count as independent evidence. The same
+    draws as ``bootstrap_ci`` with ``patients``, as index arrays (paired comparisons apply
+    one resample to several trials).
     """
-    codes = np.unique(np.asarray(patients).astype(str), return_inverse=True)[1].ravel()
-    members = [np.flatnonzero(codes == c) for c in range(int(codes.max()) + 1)] if codes.size else []
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n):
-        picked = rng.integers(0, len(members), size=len(members)) if members else []
-        draws.append(np.concatenate([members[p] for p in picked]) if len(picked) else np.zeros(0, dtype=np.int64))
-    return draws
+    codes, units = _units(patients, len(patients))
+    members = [np.flatnonzero(codes == c) for c in range(units)]
+    return [np.concatenate([members[p] for p in row]) if row.size else np.zeros(0, dtype=np.int64)
+            for row in _picks(units, n, seed)]
 
 
-def _bootstrap_draws(y: np.ndarray, patients, n: int, seed: int):
-    """Resampled index arrays: whole patients when ``patients`` is given, else single images."""
-    if patients is not None:
-        return patient_draws(patients, n, seed)
-    if y.size:
-        return np.random.default_rng(seed).integers(0, y.size, size=(n, y.size))
-    return np.zeros((n, 0), dtype=np.int64)
+def bootstrap_weights(size: int, patients, n: int, seed: int) -> np.ndarray:
+    """(n, size): how many times each image is in each resample (``patient_draws``' draws as multiplicities)."""
+    codes, units = _units(patients, size)
+    counts = np.zeros((n, units))
+    np.add.at(counts, (np.repeat(np.arange(n), units), _picks(units, n, seed).ravel()), 1.0)
+    return counts[:, codes]
 
 
 def _percentile_interval(values: np.ndarray, level: float) -> list[float]:
@@ -158,6 +179,16 @@ def _percentile_interval(values: np.ndarray, level: float) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def _weighted_aucs(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each resample's AUC: the Mann-Whitney count (ties 1/2) with every image weighted by its multiplicity,
+    which equals the mid-rank AUC of the resampled images (nan for a resample with one class)."""
+    pos, neg = y == 1, y == 0
+    wins = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+    w_pos, w_neg = weights[:, pos], weights[:, neg]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((w_pos @ wins) * w_neg).sum(1) / (w_pos.sum(1) * w_neg.sum(1))
+
+
 def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float = 0.5, level: float = 0.95,
                  patients=None) -> dict:
     """Percentile bootstrap intervals ``{'<metric>_ci': [lo, hi]}`` over resampled patients (or images).
@@ -165,50 +196,22 @@ def bootstrap_ci(y_true, scores, n: int = 1000, seed: int = 0, threshold: float 
     With ``patients`` (one id per image) whole patients are resampled (``patient_draws``);
     without, single images. Resamples where a metric is undefined (e.g. one class drawn) are
     left out of that metric's interval; an interval with no defined resample is [nan, nan].
+    Vectorised over resamples (weighted counts), so it is cheap enough for every epoch.
     """
     y, s = _arrays(y_true, scores)
     if not all_finite(s):
         return {f"{name}_ci": [NAN, NAN] for name in CI_METRICS}
-    draws = _bootstrap_draws(y, patients, n, seed)
-    values = {name: np.empty(n) for name in CI_METRICS}
-    for i, idx in enumerate(draws):
-        yi, si = y[idx], s[idx]
-        values["auc"][i] = auc_score(yi, si)
-        for name, value in rates(**confusion(yi, si, threshold)).items():
-            values[name][i] = value
-    return {f"{name}_ci": _percentile_interval(vals, level) for name, vals in values.items()}
-
-
-def _draw_weights(y: np.ndarray, patients, n: int, seed: int) -> np.ndarray:
-    """(n, images) multiplicities of each image in ``_bootstrap_draws``' resamples, drawn with the same generator."""
-    if patients is not None:
-        codes = np.unique(np.asarray(patients).astype(str), return_inverse=True)[1].ravel()
-        groups = int(codes.max()) + 1 if codes.size else 0
-    else:
-        codes, groups = np.arange(y.size), y.size
-    counts = np.zeros((n, groups))
-    if groups:
-        picked = np.random.default_rng(seed).integers(0, groups, size=(n, groups))  # patient_draws' stream, at once
-        np.add.at(counts, (np.repeat(np.arange(n), groups), picked.ravel()), 1.0)
-    return counts[:, codes] if groups else np.zeros((n, y.size))
+    weights = bootstrap_weights(y.size, patients, n, seed)
+    pred = s >= threshold
+    counts = {name: weights @ mask.astype(np.float64) for name, mask in (
+        ("tp", pred & (y == 1)), ("fp", pred & (y == 0)), ("tn", ~pred & (y == 0)), ("fn", ~pred & (y == 1)))}
+    values = {"auc": _weighted_aucs(y, s, weights), **rates(**counts)}
+    return {f"{name}_ci": _percentile_interval(values[name], level) for name in CI_METRICS}
 
 
 def auc_interval(y_true, scores, patients=None, n: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
-    """``bootstrap_ci``'s ``auc_ci`` alone, the same resamples, in a few milliseconds: cheap enough for every epoch.
-
-    A resample's AUC is the weighted Mann-Whitney count (ties 1/2) with each image weighted by how often
-    its patient was drawn, which equals the mid-rank AUC of the resampled images.
-    """
-    y, s = _arrays(y_true, scores)
-    if not all_finite(s):
-        return [NAN, NAN]
-    pos, neg = y == 1, y == 0
-    wins = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
-    weights = _draw_weights(y, patients, n, seed)
-    w_pos, w_neg = weights[:, pos], weights[:, neg]
-    with np.errstate(invalid="ignore", divide="ignore"):  # a resample with one class has no AUC: nan, left out
-        aucs = np.einsum("bi,ij,bj->b", w_pos, wins, w_neg) / (w_pos.sum(1) * w_neg.sum(1))
-    return _percentile_interval(aucs, level)
+    """``bootstrap_ci``'s ``auc_ci`` (the same computation, so the card's interval is the leaderboard's)."""
+    return bootstrap_ci(y_true, scores, n=n, seed=seed, level=level, patients=patients)["auc_ci"]
 
 
 def json_safe(value):

@@ -64,7 +64,7 @@ class ResidentSet:
 
 
 class ResidentBatches:
-    """An iterable over one epoch of a ``ResidentSet`` (what ``train_epoch``/``predict`` loop over)."""
+    """An iterable over one epoch of a ``ResidentSet`` (what ``train_epoch``/``score_loader`` loop over)."""
 
     def __init__(self, data: ResidentSet, order: torch.Tensor, batch_size: int, drop_last: bool):
         self.data, self.order, self.batch_size = data, order, batch_size

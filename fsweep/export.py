@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cluster.errors import FsweepError
-from fsmodels.checkpoint import plain
+from fsmodels.checkpoint import python_values
 from fsmodels.metrics import json_safe
 from fsweep.modelcard import (
     CARD,
@@ -76,7 +76,7 @@ def export_experiment(experiment: str | Path, out: str | Path) -> Path:
     try:
         card = build_card(experiment, winners, tmp)
         # json.dumps writes float nan as a bare NaN (not JSON) and never asks `default` about it: json_safe first
-        (tmp / CARD).write_text(json.dumps(json_safe(plain(card)), indent=2))
+        (tmp / CARD).write_text(json.dumps(json_safe(python_values(card)), indent=2))
         if out.exists():
             out.rmdir()
         tmp.rename(out)

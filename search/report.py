@@ -34,8 +34,8 @@ from search.tables import (
 )
 
 REPORT = "report.md"
-# the leaderboard's threshold-dependent columns, named with their threshold (search.select.RATES_THRESHOLD)
-LEADERBOARD_HEADERS = {f"val_{m}": f"val_{m}@0.5" for m in ("accuracy", "f1", "sensitivity", "specificity")}
+# the leaderboard's threshold-dependent columns, named with their threshold (each trial's validation Youden threshold)
+LEADERBOARD_HEADERS = {f"val_{m}": f"val_{m}@youden" for m in ("accuracy", "f1", "sensitivity", "specificity")}
 
 
 def scheduler_warnings(cfg, board: pd.DataFrame) -> list[str]:
@@ -151,19 +151,32 @@ def write_report(experiment: str | Path) -> Path | str:
     board["best_epoch"] = board["best_epoch"].astype("Int64")
     winners = json.loads((work / WINNERS).read_text())
     write_plots(work, winners)
-    finished = board.loc[board["status"] == "TERMINATED", "trial_id"]  # the only trials the tables score
-    sections = [section_markdown(s, markdown_table) for s in
-                comparison_sections(cfg, board, read_best_scores(experiment, finished))]
+    finished = board[board["status"] == "TERMINATED"]  # the only trials the tables score
+    best_scores = read_best_scores(experiment, finished)
+    sections = [section_markdown(s, markdown_table) for s in comparison_sections(cfg, board, best_scores)]
     write_tensorboard_text(work, sections)
     for line in scheduler_warnings(cfg, board):
         print(f"warning: {line}", file=sys.stderr)
-    (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners, sections))
+    (work / REPORT).write_text(report_text(Path(experiment).name, cfg, board, winners, sections,
+                                           test_scored=sorted(best_scores)))
     upload_dir(work, experiment)
     return join(experiment, REPORT) if is_uri(experiment) else Path(experiment) / REPORT
 
 
-def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: list[str] = ()) -> str:
-    """The markdown of report.md."""
+def split_scoring_line(winners: dict, test_scored: list[str]) -> str:
+    """The header's word on the test split: which trials were scored on it, and that selection never read it."""
+    won = ", ".join(f"`{win['trial_id']}` ({view})" for view, win in winners.items()) or "none"
+    if not test_scored:
+        return (f"**Test split:** scored only for the winners ({won}), once, after selection; no other trial was "
+                "scored on test (`train.test_every_trial` is off), so there are no comparison tables.")
+    return (f"**Test split:** the winners ({won}) and the {len(test_scored)} trial(s) of the comparison tables "
+            f"(`train.test_every_trial`: {', '.join(f'`{t}`' for t in test_scored)}) were scored on test; selection "
+            "never read those scores: it ranks validation only.")
+
+
+def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: list[str] = (),
+                test_scored: list[str] = ()) -> str:
+    """The markdown of report.md; ``test_scored``: the trials whose test scores the comparison tables read."""
     metric, mode = cfg.search.metric, cfg.search.mode
     status = board["status"].value_counts().to_dict()
     early = stopped_early(board)
@@ -187,19 +200,22 @@ def report_text(name: str, cfg, board: pd.DataFrame, winners: dict, sections: li
         "The comparison tables are scored on the TEST split, each trial at its best-on-validation epoch with "
         "its validation threshold (Youden's J); the leaderboard shows validation metrics.",
         "",
+        split_scoring_line(winners, list(test_scored)),
+        "",
         "## Winners (test split)",
         "",
         *_winner_lines(winners, metric),
         "## Comparison tables (test split, rows at their best-on-validation epoch)",
         "",
-        *(sections or ["No trial kept test scores (train.best_scores off, or none finished)."]),
+        *(sections or ["No trial kept test scores (train.test_every_trial off, or none finished)."]),
         "",
         *device_hours_lines(board),
         "## Leaderboard",
         "",
         "Validation split, each trial at its best epoch by validation "
-        f"{metric}; accuracy, F1, sensitivity and specificity at the score threshold 0.5 (`@0.5`), not at the "
-        "validation-chosen (Youden) threshold the tables and winners above use. `epochs_run`: epochs the trial "
+        f"{metric}; accuracy, F1, sensitivity and specificity at each trial's best-epoch validation Youden "
+        "threshold (`@youden`, column `val_rates_threshold` of leaderboard.csv): the operating point selection, "
+        "the tables and winners above and the exported model use. `epochs_run`: epochs the trial "
         "trained; `stopped early`: ended by the scheduler before its configured epochs. `train_auc`: the best "
         "epoch's AUC on the training images it trained on (scored in the training pass); `val_auc_lo`/`val_auc_hi`: "
         "the 95 % interval of val_auc from a bootstrap over validation patients.",

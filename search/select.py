@@ -1,8 +1,10 @@
-"""Leaderboard and honest selection (DESIGN §3, §4.5).
+"""Leaderboard and honest selection.
 
 Every trial is ranked by its best epoch's *validation* metric; the best trial per
 view is the winner; only then is the winner's checkpoint scored on the test split
 (with bootstrap intervals). Nothing here reads a test metric before the choice.
+Threshold-dependent metrics (accuracy, F1, sensitivity, specificity) are at each
+epoch's validation Youden threshold, the one the exported model uses.
 """
 from __future__ import annotations
 
@@ -15,14 +17,13 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 from cluster.storage import join
 from fsmodels.config import SPACE_KEYS, Config
-from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe
+from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe, operating_threshold
 from search.expdir import as_local_dir, checkpoint_location, put_text
 from search.keep import keep_checkpoints
 
-LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
+LEADERBOARD = "leaderboard.csv"  # one row per trial
 WINNERS = "winners.json"  # per view: the winning trial, its validation and test metrics
 ACCOUNTING = {"device": "", "device_seconds": float("nan"), "img_per_s": float("nan")}  # leaderboard columns
-RATES_THRESHOLD = 0.5  # the score threshold of each epoch's reported accuracy, F1, sensitivity and specificity
 
 
 def best_epoch_metrics(history: pd.DataFrame | None, best_epoch) -> dict:
@@ -60,10 +61,10 @@ def trial_rows(experiment: str | Path, metric: str, mode: str) -> list[dict]:
         # ended by the scheduler (ASHA) before its own epochs: its best epoch is from a shorter training
         row["stopped_early"] = bool(trial.status == "TERMINATED" and row["status"] != "diverged"
                                     and row["epochs_run"] < int(trial.config.get("epochs") or 0))
-        # the leaderboard's accuracy/f1/sensitivity/specificity are at RATES_THRESHOLD; the tables, the winners
-        # and the export use the best epoch's validation Youden threshold
-        row["val_rates_threshold"] = RATES_THRESHOLD
+        # accuracy/f1/sensitivity/specificity are at the best epoch's validation Youden threshold (0.5 when
+        # undefined): the operating point the tables, the winners' test figures and the export use
         row["val_youden_threshold"] = best.get("val_youden_threshold", float("nan"))
+        row["val_rates_threshold"] = operating_threshold(row["val_youden_threshold"]) if best else float("nan")
         row["node"] = last.get("node", last.get("node_ip", ""))
         # GPU-hours accounting (run_trial): cumulative device-seconds, the device and the training rate
         row.update({key: last.get(key, default) for key, default in ACCOUNTING.items()})
@@ -123,9 +124,15 @@ def best_config(group: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     """
     keys = [k for k in SPACE_KEYS if k not in ("seed", "fold") and k in group]
     labels = group[keys].astype(str).agg("|".join, axis=1)
-    means = group.groupby(labels)[[metric, "val_loss"]].mean()
-    order = means.sort_values([metric, "val_loss"], ascending=[mode == "min", True], kind="stable")
+    ranked = _ranking(metric)
+    means = group.groupby(labels)[ranked].mean()
+    order = means.sort_values(ranked, ascending=[mode == "min"] + [True] * (len(ranked) - 1), kind="stable")
     return group[labels == order.index[0]]
+
+
+def _ranking(metric: str) -> list[str]:
+    """The columns that rank trials: ``metric``, then the lower validation loss (once, when it is the metric)."""
+    return list(dict.fromkeys([metric, "val_loss"]))
 
 
 def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max", by: str = "trial") -> dict[str, dict]:
@@ -143,7 +150,7 @@ def pick_winners(board: pd.DataFrame, metric: str = "val_auc", mode: str = "max"
     for view, group in usable.groupby("view", sort=True):
         if by == "config":
             group = best_config(group, metric, mode)
-        keys = [metric, "val_loss", "best_epoch"] if metric != "val_loss" else [metric, "best_epoch"]
+        keys = [*_ranking(metric), "best_epoch"]
         ascending = [mode == "min"] + [True] * (len(keys) - 1)
         order = group.sort_values(keys, ascending=ascending, kind="stable")
         winners[str(view)] = order.iloc[0].to_dict()
@@ -157,8 +164,9 @@ def score_on_test(winner: dict) -> dict:
     return evaluate_checkpoint(as_local_dir(winner["checkpoint"]), split="test")
 
 
-def _plain(value):
-    """numpy/pandas scalars as Python values; NaN and pandas' NA as None (JSON null)."""
+def json_scalar(value):
+    """One leaderboard cell for winners.json: numpy/pandas scalars as Python values, NaN and pandas' NA as None
+    (JSON null). Scalars only; ``fsmodels.checkpoint.python_values`` converts nested state for checkpoints."""
     if value is pd.NA:
         return None
     if hasattr(value, "item"):
@@ -179,17 +187,17 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
         put_text(join(experiment, f"winner_{view}_test_scores.csv"), pd.DataFrame(test.pop("scores")).to_csv(index=False))
         winners[view] = {
             "trial_id": row["trial_id"],
-            "config": {k: _plain(row[k]) for k in SPACE_KEYS},
-            "best_epoch": _plain(row["best_epoch"]),
+            "config": {k: json_scalar(row[k]) for k in SPACE_KEYS},
+            "best_epoch": json_scalar(row["best_epoch"]),
             "checkpoint": row["checkpoint"],
             "selected_by": f"{cfg.search.metric} ({cfg.search.mode}) on validation"
                            + (", configuration mean over seeds and folds" if cfg.search.select_by == "config" else ""),
-            "val": {k: _plain(row[k]) for k in (*SELECTABLE_METRICS, *FIT_METRICS) if k.startswith("val_")},
-            "train": {"auc": _plain(row.get("train_auc"))},
+            "val": {k: json_scalar(row[k]) for k in (*SELECTABLE_METRICS, *FIT_METRICS) if k.startswith("val_")},
+            "train": {"auc": json_scalar(row.get("train_auc"))},
             "warnings": fit_warnings(row),
             "test": test,
         }
-    put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=_plain))
+    put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=json_scalar))
     keep_checkpoints(board, {win["trial_id"] for win in winners.values()}, cfg.search.keep_checkpoints)
     print(f"leaderboard: {join(experiment, LEADERBOARD)} ({len(board)} trials)")
     for view, win in winners.items():

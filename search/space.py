@@ -74,6 +74,9 @@ def check_search(cfg: Config) -> None:
         raise ConfigError(
             f"search.metric: {s.metric!r} is not one of {', '.join(SELECTABLE_METRICS)} (validation only: test never selects)"
         )
+    if cfg.train.test:
+        raise ConfigError("train.test: a sweep scores only its winners on test, after selection (train.test is "
+                          "`fsweep train --test`); set train.test_every_trial to score every trial for the report")
     if s.num_samples < 1:
         raise ConfigError(f"search.num_samples: must be >= 1, got {s.num_samples}")
     if cfg.space.points and s.algorithm != "grid":

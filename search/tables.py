@@ -8,7 +8,8 @@ else the section's first row.
 
 Rules, so a researcher can trust the numbers:
 - each trial is scored on test at its best epoch by validation ``search.metric`` (the scores
-  ``fsmodels.train`` keeps in ``best_scores.parquet``); selection never reads them;
+  ``fsmodels.train`` keeps in its checkpoint's ``best_scores.parquet`` under ``train.test_every_trial``);
+  selection never reads them;
 - the decision threshold of each trial is Youden's J on its best epoch's VALIDATION ROC
   (0.5 when undefined), applied unchanged on test;
 - a row gives mean ± std over its trials (seeds x folds), the test images per trial (n)
@@ -34,6 +35,7 @@ from fsmodels.metrics import (
     all_finite,
     auc_score,
     confusion,
+    operating_threshold,
     patient_draws,
     rates,
     youden_threshold,
@@ -65,26 +67,36 @@ def trial_dir_names(experiment: str) -> dict[str, str]:
     return {dirname_trial_id(name): name for name in names if dirname_trial_id(name)}
 
 
-def read_best_scores(experiment: str, trial_ids) -> dict[str, pd.DataFrame]:
-    """trial id -> its best_scores.parquet (trials without one are left out)."""
-    from fsmodels.train import BEST_SCORES  # the trial loop names the file
+def read_best_scores(experiment: str, board: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """trial id -> the best_scores.parquet inside the checkpoint the leaderboard recorded for it.
 
-    out = {}
-    dirs = trial_dir_names(experiment)
-    for trial_id in trial_ids:
-        location = join(str(experiment), dirs.get(trial_id, f"trial_{trial_id}"), BEST_SCORES)
+    The file travels in the checkpoint Ray persists, so a trial restored on another node reads the
+    same. A checkpoint recorded under another path (the experiment was moved) is looked for under
+    ``experiment``'s trial directory of the same id. Trials without one (test scoring off) are left out.
+    """
+    from fsmodels.checkpoint import BEST_SCORES  # every checkpoint names the file
+
+    out, dirs = {}, None
+    for trial_id, recorded in zip(board["trial_id"], board["checkpoint"]):
+        if not isinstance(recorded, str) or not recorded:
+            continue
+        location = join(recorded, BEST_SCORES)
+        if not exists(location):
+            dirs = trial_dir_names(experiment) if dirs is None else dirs
+            parts = recorded.rstrip("/").rsplit("/", 2)  # [..., trial dir, checkpoint dir]
+            if len(parts) == 3:
+                location = join(str(experiment), dirs.get(str(trial_id), parts[1]), parts[2], BEST_SCORES)
         if exists(location):
             fs, path = open_filesystem(location)
             with fs.open_input_file(path) as handle:
-                out[trial_id] = pd.read_parquet(handle)
+                out[str(trial_id)] = pd.read_parquet(handle)
     return out
 
 
 def trial_threshold(scores: pd.DataFrame) -> float:
-    """Youden's J threshold on the trial's best-epoch validation scores; 0.5 when undefined."""
+    """Youden's J threshold on the trial's best-epoch validation scores; 0.5 when undefined (``operating_threshold``)."""
     val = scores[scores["split"] == "val"]
-    value = youden_threshold(val["label"], val["score"])
-    return value if np.isfinite(value) else 0.5
+    return operating_threshold(youden_threshold(val["label"], val["score"]))
 
 
 def held_out_rows(scores: pd.DataFrame) -> pd.DataFrame:

@@ -25,7 +25,7 @@ def trial_config(base: dict, params: dict) -> Config:
     raw = {section: dict(values) for section, values in base.items()}
     raw["space"] = {key: params[key] for key in SPACE_KEYS if key in params}  # an older sweep's trials lack newer keys
     cfg = config_from_dict(raw)
-    cfg.train.test = False  # selection is on validation; only the winner is ever scored on test
+    cfg.train.test = False  # selection is on validation; the driver scores the winners on test after it
     return cfg
 
 
@@ -78,7 +78,7 @@ def train_trial(params: dict, *, base: dict, variants: dict, scratch_root: str) 
     TensorBoard images. The driver removes ``scratch_root`` when the sweep ends.
     ``variants``: the driver's record of variant and STN handles (``search.sweep.prepare_store``).
     """
-    from fsmodels.train import BEST_SCORES, run_trial
+    from fsmodels.train import run_trial
     from search.tb import write_roc, write_samples
 
     cfg = trial_config(base, params)
@@ -96,8 +96,6 @@ def train_trial(params: dict, *, base: dict, variants: dict, scratch_root: str) 
     def on_best(epoch: int, labels: np.ndarray, scores: np.ndarray) -> None:
         # every new best gets its ROC (written before the report syncs it), also for trials ASHA stops later
         write_roc(out, labels, scores, step=epoch, title=f"validation ROC, epoch {epoch}")
-        if (scratch / BEST_SCORES).is_file():  # the report's test-scored rows, synced with the trial directory
-            shutil.copy2(scratch / BEST_SCORES, out / BEST_SCORES)
 
     def on_epoch(metrics: dict, checkpoint_dir: Path | None) -> None:
         # only epochs that wrote a checkpoint (train.checkpoint_every) hand one to Ray to persist

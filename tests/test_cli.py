@@ -152,3 +152,19 @@ def test_off_is_one_word_for_every_command(spelling, tmp_path):
     cfg = load_config(None, [f"roi.detector={spelling}", f"train.pretrained={spelling}"])
     assert cfg.roi.detector == "none" and cfg.train.pretrained == "none"
     assert absolute_paths(cfg).roi.detector == "none"
+
+
+def test_test_scoring_of_every_trial_is_off_unless_asked_and_the_old_key_still_loads(tmp_path):
+    import warnings
+
+    from fsmodels.config import load_config
+
+    assert load_config(None).train.test_every_trial is False  # a sweep scores only its winners on test
+    (tmp_path / "old.yaml").write_text("train: {best_scores: true}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(tmp_path / "old.yaml")
+    assert cfg.train.test_every_trial is True
+    (warning,) = caught
+    assert warning.category is FutureWarning and "\n" not in str(warning.message)
+    assert "train.best_scores is now train.test_every_trial" in str(warning.message)

@@ -17,7 +17,7 @@ from cluster.errors import FsweepError
 from cluster.gpuenv import ZERO_GPU_HIDES, set_process_env, worker_env
 from cluster.ray_internals import tune_console_env
 from fsmodels.config import load_config
-from fsmodels.engine import Runtime, amp_dtype, device_share, predict, require_device, train_epoch
+from fsmodels.engine import Runtime, amp_dtype, device_share, require_device, score_loader, train_epoch
 from fsmodels.precision import tf32_state, true_fp32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_evaluation_and_the_stn_run_without_tf32_and_training_keeps_it():
     model, criterion = Probe(), torch.nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     train_epoch(model, batches, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False), rt)
-    predict(model, batches, criterion, rt)
+    score_loader(model, batches, criterion, rt)
     assert seen["train"] == before and seen["eval"] in (("ieee", "ieee"), (False, False))
     assert tf32_state() == before  # restored after the pass
 

@@ -108,7 +108,7 @@ def test_table4_shaped_sweep_reports_both_arms_on_test_with_paired_intervals(loc
     cfg = tiny_sweep_config(tiny_dataset, tmp_path / "store", view=["left", "right"], finetune=[False, True],
                             he="off", flip=False, stn="off", seed=[0, 1], epochs=1)
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
-    cfg.report.baseline = {"finetune": False}
+    cfg.report.baseline, cfg.train.test_every_trial = {"finetune": False}, True
     experiment = Path(run_sweep(cfg, name="table4", storage=str(tmp_path / "runs")))
     assert leaderboard_trials(experiment) == plan_trials(cfg)  # plan == what ran
     text = write_report(experiment).read_text()
@@ -130,6 +130,7 @@ def test_table5_shaped_sweep_over_folds_gives_the_spread_over_folds(local_ray, t
     cfg.space.points = [{"he": "off", "flip": False}, {"he": "global", "flip": False},
                         {"he": "off", "flip": True}, {"he": "global", "flip": True}]
     cfg.search.max_failures, cfg.search.max_concurrent, cfg.search.select_by = 0, 2, "config"
+    cfg.train.test_every_trial = True
     experiment = Path(run_sweep(cfg, name="table5", storage=str(tmp_path / "runs")))
     assert leaderboard_trials(experiment) == plan_trials(cfg)
     board = pd.read_csv(experiment / LEADERBOARD)
@@ -143,12 +144,13 @@ def test_table5_shaped_sweep_over_folds_gives_the_spread_over_folds(local_ray, t
     assert " ± " in rows and "configuration mean over seeds and folds" in text
     from search.names import dirname_trial_id
 
-    trials = [p for p in experiment.glob("trial_*") if (p / "best_scores.parquet").is_file()]
-    assert len(trials) == 8 and all("_he=" in p.name and "_fold=" in p.name for p in trials)  # readable runs
+    trials = [p for p in experiment.glob("trial_*/checkpoint_*/best_scores.parquet")]
+    assert len(trials) == 8 and all("_he=" in p.parent.parent.name and "_fold=" in p.parent.parent.name
+                                    for p in trials)  # readable runs
     by_fold = {}
-    for trial in trials:
-        scores = pd.read_parquet(trial / "best_scores.parquet")
-        fold = int(pd.read_csv(experiment / LEADERBOARD).set_index("trial_id").loc[dirname_trial_id(trial.name), "fold"])
+    for path in trials:
+        scores = pd.read_parquet(path)
+        fold = int(board.set_index("trial_id").loc[dirname_trial_id(path.parent.parent.name), "fold"])
         by_fold.setdefault(fold, set()).update(scores.loc[scores["split"] == "test", "patient"])
     assert not by_fold[0] & by_fold[1]  # rotating test: no patient is tested in two folds
 
@@ -217,14 +219,14 @@ def test_report_on_a_sweep_with_a_stopped_trial_marks_it_warns_and_leaves_it_out
 
     cfg = tiny_sweep_config(tiny_dataset, tmp_path / "store", he=["off", "global"], flip=[False, True], epochs=2)
     cfg.search.scheduler, cfg.search.grace_period = "asha", 1  # what the config says: the report must warn
-    cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
+    cfg.search.max_failures, cfg.search.max_concurrent, cfg.train.test_every_trial = 0, 2, True
     monkeypatch.setattr(search.space, "scheduler", lambda cfg: StopOne())
     experiment = Path(run_sweep(cfg, name="stopped", storage=str(tmp_path / "runs")))
     board = pd.read_csv(experiment / LEADERBOARD)
     stopped = board[(board["he"] == "off") & board["flip"]]
     assert stopped["stopped_early"].tolist() == [True] and stopped["epochs_run"].tolist() == [1]
     assert (~board.loc[board.index != stopped.index[0], "stopped_early"]).all()
-    assert (board["val_rates_threshold"] == 0.5).all()
+    assert board["val_rates_threshold"].tolist() == board["val_youden_threshold"].fillna(0.5).tolist()
     text = write_report(experiment).read_text()
     assert "asha" in capsys.readouterr().err  # fsweep report warns on the console too
     assert "> **Warning:** search.scheduler is asha" in text
@@ -237,7 +239,7 @@ def test_report_on_a_sweep_with_a_stopped_trial_marks_it_warns_and_leaves_it_out
     compared = [line for line in diffs.splitlines() if line.startswith("| global |")]
     assert len(compared) == 2 and all("[" in line and "baseline" in line for line in compared)
     leader = text.split("## Leaderboard")[1]
-    assert "val_accuracy@0.5" in leader and "epochs_run" in leader and "| yes |" in leader
+    assert "val_accuracy@youden" in leader and "epochs_run" in leader and "| yes |" in leader
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -281,13 +283,18 @@ def test_a_winner_trained_on_shuffled_labels_is_named_so_in_the_sweep_and_the_re
     assert "train_auc" in text.split("## Leaderboard")[1] and "val_auc_lo" in text
 
 
-def test_best_scores_are_found_in_labelled_trial_directories(tmp_path):
+def test_best_scores_are_read_from_the_checkpoint_also_when_the_experiment_moved(tmp_path):
     from search.names import trial_dirname_text
     from search.tables import read_best_scores
 
     frame = scores_frame(([0, 1], [0.2, 0.8]), ([0, 1], [0.3, 0.7]))
-    for trial_id, label in (("3206b_00000", "he=global_flip=on"), ("3206b_00001", "")):
-        (tmp_path / trial_dirname_text(trial_id, label)).mkdir()
-        frame.to_parquet(tmp_path / trial_dirname_text(trial_id, label) / "best_scores.parquet")
-    found = read_best_scores(str(tmp_path), ["3206b_00000", "3206b_00001", "3206b_00002"])
+    board = []
+    for trial_id, label in (("3206b_00000", "he=global_flip=on"), ("3206b_00001", ""), ("3206b_00002", "")):
+        checkpoint = tmp_path / trial_dirname_text(trial_id, label) / "checkpoint_000001"
+        checkpoint.mkdir(parents=True)
+        if trial_id != "3206b_00002":  # a trial that kept no test scores
+            frame.to_parquet(checkpoint / "best_scores.parquet")
+        # the leaderboard recorded the checkpoints where the sweep ran, before the experiment was moved here
+        board.append({"trial_id": trial_id, "checkpoint": f"/elsewhere/{checkpoint.parent.name}/{checkpoint.name}"})
+    found = read_best_scores(str(tmp_path), pd.DataFrame(board))
     assert sorted(found) == ["3206b_00000", "3206b_00001"] and len(found["3206b_00000"]) == 4

@@ -4,6 +4,7 @@ Sweeps run on a private 2-CPU Ray at 32 px with timm's tiny ``test_resnet`` for 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -97,6 +98,7 @@ def test_space_lists_become_grid_axes_or_choices_and_distributions_pass_through(
     ("space", "stn", ["off", "sideways"], "space.stn"),
     ("search", "algorithm", "hyperband", "search.algorithm"),
     ("search", "metric", "test_auc", "validation only"),
+    ("train", "test", True, "train.test: a sweep scores only its winners"),  # trial_config would drop it silently
 ])
 def test_bad_sweep_configs_fail_with_one_line_reason(section, key, value, needle):
     cfg = Config()
@@ -147,6 +149,19 @@ def test_pick_winners_reads_validation_only():
     assert {v: w["trial_id"] for v, w in winners.items()} == {"left": "b", "right": "d"}
     assert pick_winners(board, "test_auc", "max") == {}  # a test column can never select
     assert pick_winners(board.assign(val_auc=-board["val_auc"]), "val_auc", "min")["left"]["trial_id"] == "b"
+
+
+def test_select_by_config_on_validation_loss_ranks_configurations_by_their_mean_loss():
+    board = pd.DataFrame([
+        dict(trial_id="a0", status="TERMINATED", view="right", he="off", seed=0, val_auc=0.9, val_loss=0.10, best_epoch=2),
+        dict(trial_id="a1", status="TERMINATED", view="right", he="off", seed=1, val_auc=0.6, val_loss=0.90, best_epoch=2),
+        dict(trial_id="b0", status="TERMINATED", view="right", he="global", seed=0, val_auc=0.8, val_loss=0.30,
+             best_epoch=1),
+        dict(trial_id="b1", status="TERMINATED", view="right", he="global", seed=1, val_auc=0.8, val_loss=0.35,
+             best_epoch=2),
+    ])
+    assert pick_winners(board, "val_loss", "min", by="config")["right"]["trial_id"] == "b0"  # mean 0.325 < 0.5
+    assert pick_winners(board, "val_loss", "min", by="trial")["right"]["trial_id"] == "a0"
 
 
 def test_pick_winners_breaks_a_saturated_metric_by_validation_loss():
@@ -251,8 +266,10 @@ def test_report_has_tables_and_plots(grid_sweep):
     path = write_report(grid_sweep["experiment"])
     text = path.read_text()
     board = pd.read_csv(grid_sweep["experiment"] / LEADERBOARD)
-    for heading in ("## Winners", "## Comparison tables", "### right view", "## Leaderboard", "## Failed trials"):
+    for heading in ("## Winners", "## Comparison tables", "## Leaderboard", "## Failed trials"):
         assert heading in text
+    # a default sweep scores only its winner on test, so its report has no test-scored rows, and says so
+    assert "### right view\n" not in text and "scored only for the winners" in text
     assert all(trial_id in text for trial_id in board["trial_id"])
     assert "auc_ci" not in text and "[" in text  # intervals rendered as [lo, hi]
     for png in ("right_roc.png", "right_confusion.png"):
@@ -345,3 +362,101 @@ def test_uri_storage_keeps_the_experiment_and_report_there(local_ray, tiny_datas
     assert list(board["status"]) == ["TERMINATED"]
     assert json.loads((local / WINNERS).read_text())["right"]["trial_id"] == board["trial_id"][0]
     assert "## Leaderboard" in (local / "report.md").read_text() and (local / "right_roc.png").is_file()
+
+
+# --- every selection option on a real leaderboard -------------------------------------------
+
+@pytest.fixture(scope="module")
+def option_sweep(local_ray, tiny_dataset, tmp_path_factory):
+    """A real 4-trial sweep (HE x 2 seeds, 2 epochs, ASHA stopping some at epoch 1) at the default train settings."""
+    tmp = tmp_path_factory.mktemp("options")
+    cfg = tiny_config(tiny_dataset, tmp / "store", he=["off", "global"], seed=[0, 1])
+    cfg.search.scheduler, cfg.search.grace_period, cfg.search.reduction_factor = "asha", 1, 2
+    cfg.search.keep_checkpoints = "all"  # every combination below may pick another winner: keep every weight
+    return dict(cfg=cfg, experiment=Path(run_sweep(cfg, name="options", storage=str(tmp / "runs"))))
+
+
+def test_no_trial_of_a_default_config_sweep_writes_a_test_split_score(option_sweep):
+    """train.test_every_trial is off by default: the test split scores just the winner, after selection."""
+    experiment = option_sweep["experiment"]
+    dirs = trial_dirs(experiment)
+    assert len(dirs) == 4
+    for path in dirs.values():
+        assert not list(path.rglob("*.parquet"))  # no per-image scores at all, in the trial dir or its checkpoints
+        reported = [json.loads(line) for line in (path / "result.json").read_text().splitlines() if line]
+        assert reported and not [k for r in reported for k in r if k.startswith("test")]
+        if (path / "metrics.json").is_file():  # a trial ASHA stopped ends inside its report, before metrics.json
+            assert "test" not in json.loads((path / "metrics.json").read_text())
+    winners = json.loads((experiment / WINNERS).read_text())
+    assert set(winners) == {"right"} and 0 <= winners["right"]["test"]["auc"] <= 1  # the winner alone, scored
+
+
+@pytest.mark.parametrize("scheduler", ["fifo", "asha"])
+@pytest.mark.parametrize("select_by", ["trial", "config"])
+@pytest.mark.parametrize("mode", ["max", "min"])
+@pytest.mark.parametrize("metric", SELECTABLE_METRICS)
+def test_every_selectable_option_goes_through_selection_winners_report_and_export(
+        option_sweep, metric, mode, select_by, scheduler, monkeypatch):
+    """The config check accepts the option (or refuses it in one line), and a finished sweep picks a winner,
+    writes winners.json and report.md, and export finds the winner's checkpoint and operating threshold."""
+    import search.select
+    from fsmodels.checkpoint import load_state
+    from fsmodels.train import load_trial_model, validation_threshold
+    from fsweep.export import locate_checkpoint, read_winners
+    from search.report import write_report
+    from search.select import finish_experiment
+    from search.sweep import SWEEP_CONFIG
+
+    experiment, cfg = option_sweep["experiment"], copy.deepcopy(option_sweep["cfg"])
+    cfg.search.metric, cfg.search.mode, cfg.search.select_by, cfg.search.scheduler = metric, mode, select_by, scheduler
+    space.param_space(cfg), space.scheduler(cfg)  # what the sweep checks and builds before any trial runs
+    tested = _scored_once(search.select.score_on_test)
+    monkeypatch.setattr(search.select, "score_on_test", tested)  # the same checkpoint scores the same: once
+    (experiment / SWEEP_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # what report reads
+    finish_experiment(experiment, cfg)
+    board = pd.read_csv(experiment / LEADERBOARD)
+    winner = read_winners(str(experiment))["right"]
+    assert winner["selected_by"].startswith(f"{metric} ({mode}) on validation")
+    row = board.set_index("trial_id").loc[winner["trial_id"]]
+    done = board[(board["status"] == "TERMINATED") & board[metric].notna()]
+    if select_by == "trial":  # the best value of the metric, in the direction asked
+        assert row[metric] == (done[metric].max() if mode == "max" else done[metric].min())
+    text = write_report(experiment).read_text()
+    assert f"trial `{winner['trial_id']}`" in text and "selection never read" not in text  # no test-scored rows
+    assert "scored only for the winners" in text
+    checkpoint = locate_checkpoint(str(experiment), winner["checkpoint"])
+    load_trial_model(checkpoint)
+    threshold = validation_threshold(load_state(checkpoint))
+    # one operating point: the leaderboard's rates, the winner's test figures and the export share the threshold
+    assert row["val_rates_threshold"] == pytest.approx(threshold) == pytest.approx(winner["test"]["threshold"])
+
+
+def _scored_once(score):
+    cache = {}
+
+    def scored(winner: dict) -> dict:
+        if winner["checkpoint"] not in cache:
+            cache[winner["checkpoint"]] = score(winner)
+        return {**cache[winner["checkpoint"]], "scores": list(cache[winner["checkpoint"]]["scores"])}
+
+    return scored
+
+
+@pytest.mark.slow  # a real Ray Tune sweep and a full export
+def test_a_sweep_selecting_configurations_by_validation_loss_finishes_and_exports(local_ray, tiny_dataset, tmp_path):
+    from fsweep.export import export_experiment
+    from search.report import write_report
+
+    cfg = tiny_config(tiny_dataset, tmp_path / "store", he=["off", "global"], seed=[0, 1], epochs=1)
+    cfg.search.select_by, cfg.search.metric, cfg.search.mode = "config", "val_loss", "min"
+    experiment = Path(run_sweep(cfg, name="by_loss", storage=str(tmp_path / "runs")))
+    board = pd.read_csv(experiment / LEADERBOARD)
+    winner = json.loads((experiment / WINNERS).read_text())["right"]
+    means = board.groupby("he")["val_loss"].mean()
+    assert winner["config"]["he"] == means.idxmin()  # the configuration with the lowest mean validation loss
+    mine = board[board["he"] == means.idxmin()]
+    assert winner["trial_id"] == mine.sort_values("val_loss").iloc[0]["trial_id"]  # then its best trial
+    assert "configuration mean over seeds and folds" in write_report(experiment).read_text()
+    card = json.loads((export_experiment(experiment, tmp_path / "model") / "model_card.json").read_text())
+    assert card["models"]["right"]["trial_id"] == winner["trial_id"]
+    assert card["models"]["right"]["operating_threshold"]["value"] == pytest.approx(winner["test"]["threshold"])

@@ -96,6 +96,10 @@ def test_checkpoint_loads_weights_only_and_evaluates(full_run):
     result = evaluate_checkpoint(ckpt, split="val", n_boot=50)
     metrics = json.loads((full_run[0] / "metrics.json").read_text())
     assert result["auc"] == pytest.approx(metrics["val"]["auc"])
+    # one operating point: the threshold-dependent figures a trial is selected on are the ones the card's
+    # validation scoring (at the exported threshold) gives
+    for name in ("accuracy", "f1", "sensitivity", "specificity"):
+        assert result[name] == pytest.approx(metrics["val"][name]), name
     assert len(result["scores"]) == result["n"] and {"image_id", "label", "score"} <= set(result["scores"][0])
 
 
@@ -197,6 +201,60 @@ def test_frozen_stn_trains_once_under_concurrency_and_stays_frozen(tiny_variant,
     assert load_state(tmp_path / "checkpoints" / "epoch_001")["history"][0]["epoch"] == 1
 
 
+def test_validation_rates_are_at_the_epochs_youden_threshold_the_model_is_exported_at():
+    from fsmodels.metrics import binary_metrics
+    from fsmodels.train import split_metrics
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.55, 0.6, 0.65, 0.75, 0.8, 0.9])  # separable at 0.75; at 0.5 every normal is abnormal
+    val = split_metrics(labels, scores, loss=0.3)
+    assert val["youden_threshold"] == pytest.approx(0.75)
+    assert (val["accuracy"], val["f1"], val["sensitivity"], val["specificity"]) == (1.0, 1.0, 1.0, 1.0)
+    assert binary_metrics(labels, scores)["specificity"] == 0.0  # what a 0.5 cut would have selected on
+    one_class = split_metrics(np.array([1, 1]), np.array([0.2, 0.7]), loss=0.1)  # no Youden threshold: 0.5
+    assert one_class["sensitivity"] == 0.5
+
+
+def test_a_trial_restored_from_its_checkpoint_elsewhere_ends_with_the_report_rows_of_an_undisturbed_run(
+        trial_yaml, tmp_path):
+    """Everything the report reads travels in the checkpoint: a trial that loses its node (and working directory)
+    after its best epoch and resumes from the persisted checkpoint in another directory reports the same rows."""
+    import shutil
+
+    import pandas as pd
+
+    from fsmodels.config import validate
+    from search.tables import comparison_sections, read_best_scores
+
+    cfg = load_config(trial_yaml, ["space.epochs=4", "train.checkpoint_every=1", "train.test_every_trial=true"])
+    undisturbed = run_trial(cfg, tmp_path / "a")
+    crash_at = min(undisturbed["best_epoch"], 3)  # after the best epoch, with an epoch left to train
+    persisted = tmp_path / "ray_storage" / "checkpoint"
+
+    def lose_the_node(metrics, checkpoint_dir):
+        if metrics["epoch"] == crash_at:
+            shutil.copytree(checkpoint_dir, persisted)  # what tune.report persists
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, tmp_path / "b", on_epoch=lose_the_node)
+    shutil.rmtree(tmp_path / "b")  # the node's working directory is gone
+    restored = run_trial(cfg, tmp_path / "c", resume_from=persisted)
+    assert restored["best_epoch"] == undisturbed["best_epoch"]
+    rows = []
+    for result in (undisturbed, restored):
+        board = pd.DataFrame([{"trial_id": "t0", "status": "TERMINATED", "view": "both", "seed": 0, "fold": 0,
+                               "he": "global", "checkpoint": result["checkpoint"]}])
+        scores = read_best_scores(str(tmp_path), board)
+        assert list(scores) == ["t0"] and set(scores["t0"]["split"]) == {"val", "test"}
+        (section,) = comparison_sections(validate(load_config(trial_yaml)), board, scores, n_boot=20)
+        rows.append(section.rows)
+        state = load_state(result["checkpoint"])  # thresholds and fit diagnostics: the best epoch's history entry
+        rows.append(pd.DataFrame([h for h in state["history"] if h["epoch"] == state["best_epoch"]]))
+    pd.testing.assert_frame_equal(rows[0], rows[2])
+    pd.testing.assert_frame_equal(rows[1], rows[3])
+
+
 def test_best_epoch_tie_goes_to_the_lower_validation_loss():
     from fsmodels.train import TrainingState, _is_new_best
 
@@ -222,15 +280,15 @@ def test_a_trial_opens_its_variant_from_a_uri_store_and_names_the_build_when_mis
 def test_a_trial_whose_scores_turn_nan_is_diverged_and_never_takes_that_epoch(trial_yaml, tmp_path, monkeypatch):
     import fsmodels.train as train_module
 
-    real_predict = train_module.predict
+    real_score = train_module.score_loader
     calls = []
 
     def predict_nan_from_epoch_2(model, loader, criterion, rt):
-        labels, scores, loss = real_predict(model, loader, criterion, rt)
+        labels, scores, loss = real_score(model, loader, criterion, rt)
         calls.append(1)
         return (labels, np.full_like(scores, np.nan), loss) if len(calls) >= 2 else (labels, scores, loss)
 
-    monkeypatch.setattr(train_module, "predict", predict_nan_from_epoch_2)
+    monkeypatch.setattr(train_module, "score_loader", predict_nan_from_epoch_2)
     reports = []
     cfg = load_config(trial_yaml, ["space.epochs=4"])
     result = run_trial(cfg, tmp_path, on_epoch=lambda report, _: reports.append(report))
@@ -297,19 +355,17 @@ def test_checkpoint_epochs_cover_every_nth_the_last_and_asha_rungs():
     assert checkpoint_epochs(5, 25, (1, 3, 25)) == {1, 3, 5, 9, 10, 15, 20, 25}  # Ray's ASHA rungs: 1, 3, 9
 
 
-def test_a_failed_background_checkpoint_write_surfaces_on_the_training_thread(tmp_path):
-    from fsmodels.checkpoint import CheckpointWriter
+def test_a_failed_checkpoint_write_surfaces_on_the_training_thread(tmp_path):
+    from fsmodels.checkpoint import save_checkpoint
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    writer = CheckpointWriter()
-    writer.submit(blocker / "ckpt", {"epoch": 1, "w": torch.ones(2)}, {}, load_config(None))
     with pytest.raises(OSError):
-        writer.wait()
+        save_checkpoint(blocker / "ckpt", {"epoch": 1, "w": torch.ones(2)}, {}, load_config(None))
 
 
 def test_evaluation_scores_are_fp32_under_forced_amp(tiny_variant):
-    from fsmodels.engine import predict, runtime
+    from fsmodels.engine import runtime, score_loader
     from fsmodels.model import build_model
     from fsmodels.resident import ResidentSet
 
@@ -322,8 +378,8 @@ def test_evaluation_scores_are_fp32_under_forced_amp(tiny_variant):
     data = ResidentSet(eval_set(tiny_variant, "both", "val"), amp.device)
     criterion = torch.nn.BCEWithLogitsLoss()
     assert amp.amp_dtype == amp_dtype(CUDA)  # bf16 on the CPU and on GPUs with native bf16, else fp16
-    _, scores_amp, loss_amp = predict(model, data.batches(32, None), criterion, amp)
-    _, scores_fp32, loss_fp32 = predict(model, data.batches(32, None), criterion, fp32)
+    _, scores_amp, loss_amp = score_loader(model, data.batches(32, None), criterion, amp)
+    _, scores_fp32, loss_fp32 = score_loader(model, data.batches(32, None), criterion, fp32)
     assert np.array_equal(scores_amp, scores_fp32) and loss_amp == loss_fp32
     with torch.no_grad(), torch.autocast(amp.device.type, dtype=amp.amp_dtype):  # what autocast evaluation gives
         x, _ = next(iter(data.batches(32, None)))
