@@ -9,7 +9,8 @@ starts and nothing trains: the plan takes seconds.
 
 Cost: trial-epochs (the sum of ``epochs``) and images x epochs, where a trial's images are
 the training images of its view(s) and fold in DATASET/dataset.parquet, plus the other
-view's mirrored training images with Flip (``preprocessing.loader.train_set``).
+view's mirrored training images with Flip (``preprocessing.loader.train_set``); column
+``flip_as`` says which Flip a trial gets (cross-view, horizontal, or off).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from fsmodels.params import variant_name, variant_recipes
 from preprocessing.ingest import load_dataset
 from preprocessing.loader import train_views
 from preprocessing.splits import dataset_folds, fold_column
+from preprocessing.vocab import flip_kind, store_views
 from search import space
 
 
@@ -58,7 +60,7 @@ def train_images(rows: pd.DataFrame, view: str, flip: bool, fold: int) -> int:
     """Training images one epoch of a trial reads (its view(s) in its fold; Flip adds the mirrored other view)."""
     column = fold_column(fold) if fold else "split"
     train = rows[rows[column] == "train"] if column in rows else rows.iloc[:0]
-    views, mirrored = train_views(view, flip)
+    views, mirrored = train_views(view, flip, store_views(rows["view"]))
     return int(train["view"].isin(views).sum()) + int(train["view"].isin(mirrored).sum())
 
 
@@ -72,6 +74,7 @@ def plan_table(cfg: Config) -> tuple[pd.DataFrame, bool]:
     if rows is not None and len(table):
         table["images"] = [train_images(rows, t["view"], t["flip"], t["fold"]) for t in trials]
         table["image_epochs"] = table["images"] * table["epochs"]
+        table["flip_as"] = [flip_kind(t["view"], store_views(rows["view"])) if t["flip"] else "off" for t in trials]
     return table, rows is not None
 
 

@@ -59,6 +59,24 @@ def check_data(cfg: Config) -> None:
     if not cfg.data.store:
         raise ConfigError("data.store: empty (give the STORE path of `fsweep store build`)")
     _check_folds(cfg)
+    _check_views(cfg)
+
+
+def _check_views(cfg: Config) -> None:
+    """space.view values the dataset has, and a frozen STN only where there are views to recognise, before
+    any variant is built or trial started."""
+    import pyarrow.parquet as pq
+
+    from preprocessing.vocab import check_view_choice, store_views
+
+    views = store_views(pq.read_table(Path(cfg.data.dataset) / "dataset.parquet", columns=["view"])["view"]
+                        .to_pylist())
+    for view in key_values(cfg, "view") or []:
+        check_view_choice(view, views, "space.view")
+    if len(views) < 2 and "frozen" in (key_values(cfg, "stn") or []):
+        # the frozen STN learns its alignment by recognising the view; one view gives it nothing to tell apart
+        raise ConfigError(f"space.stn: frozen needs two or more views to pretrain on (this data set has one, "
+                          f"{views[0]}); use stn: joint (trained with the classifier) or stn: off")
 
 
 def _check_folds(cfg: Config) -> None:
