@@ -469,6 +469,23 @@ def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int, f
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+def dataset_views(dataset_dir: str | Path) -> tuple[str, ...]:
+    """The views of an ingested DATASET (``store_views`` of its rows: left, right for the paper's shape)."""
+    import pyarrow.parquet as pq
+
+    path = Path(dataset_dir) / "dataset.parquet"
+    if not path.is_file():
+        raise FsweepError(f"{dataset_dir}: no dataset.parquet (run `fsweep ingest MANIFEST --out {dataset_dir}`)")
+    return store_views(pq.read_table(path, columns=["view"])["view"].to_pylist())
+
+
+def dataset_classes(dataset_dir: str | Path) -> tuple[str, str]:
+    """(negative, positive) class names of an ingested DATASET (normal / abnormal unless it named its own)."""
+    summary = Path(dataset_dir) / "summary.json"
+    named = json.loads(summary.read_text()).get("classes") if summary.is_file() else None
+    return (named["negative"], named["positive"]) if named else LABEL_NAMES
+
+
 def load_dataset(dataset_dir: str | Path) -> pd.DataFrame:
     """Read ``DATASET/dataset.parquet``; FsweepError when it is missing or lacks the contract columns."""
     path = Path(dataset_dir) / "dataset.parquet"

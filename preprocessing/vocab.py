@@ -120,6 +120,11 @@ def flip_kind(view: str, views) -> str:
     return "horizontal"
 
 
+def flip_as(view: str, flip: bool, views) -> str:
+    """What a trial's Flip setting ran as: 'off', 'cross-view' or 'horizontal' (``flip_kind``)."""
+    return flip_kind(view, views) if flip else "off"
+
+
 def check_view_choice(view: str, views, where: str) -> None:
     """ConfigError unless ``view`` (a space.view value) is one of the data set's ``views`` or both/all."""
     if view not in EVERY_VIEW and view not in set(views):

@@ -65,12 +65,10 @@ def check_data(cfg: Config) -> None:
 def _check_views(cfg: Config) -> None:
     """space.view values the dataset has, and a frozen STN only where there are views to recognise, before
     any variant is built or trial started."""
-    import pyarrow.parquet as pq
+    from preprocessing.ingest import dataset_views
+    from preprocessing.vocab import check_view_choice
 
-    from preprocessing.vocab import check_view_choice, store_views
-
-    views = store_views(pq.read_table(Path(cfg.data.dataset) / "dataset.parquet", columns=["view"])["view"]
-                        .to_pylist())
+    views = dataset_views(cfg.data.dataset)
     for view in key_values(cfg, "view") or []:
         check_view_choice(view, views, "space.view")
     if len(views) < 2 and "frozen" in (key_values(cfg, "stn") or []):
