@@ -181,15 +181,17 @@ def _classes(frame: pd.DataFrame, path: Path, positive, negative) -> tuple[str, 
     shared = {v for v, n in values.items() if n >= 2}
     found = sorted({str(parse(v)) if parse(v) is not None else v for v in shared})
     if len(found) > 2:
-        names = [classes[int(v)] if v in ("0", "1") else v for v in found]
+        names = sorted(classes[int(v)] if v in ("0", "1") else v for v in found)
         raise FsweepError(f"{path}: {len(found)} label classes ({', '.join(names[:6])}"
                           f"{', ...' if len(names) > 6 else ''}); fsweep trains binary classifiers: "
                           "map yours to one positive and one negative class first")
     words = [v for v in found if v not in ("0", "1")]
-    if len(words) == 2 and positive is None and negative is None:
-        raise FsweepError(f"{path}: labels are {words[0]!r} and {words[1]!r}, not abnormal/normal: name the "
-                          "positive class, e.g. `fsweep ingest ... --positive "
-                          f"{words[0]} --negative {words[1]}`")
+    if words and len(found) == 2 and positive is None and negative is None:
+        known = [classes[int(v)] for v in found if v in ("0", "1")]
+        pair = words if not known else [words[0], known[0]] if known[0] == classes[0] else [known[0], words[0]]
+        raise FsweepError(f"{path}: labels are {found[0] if not known else known[0]!r} and {words[-1]!r}, not "
+                          f"{classes[1]}/{classes[0]}: name the classes, e.g. `fsweep ingest ... --positive "
+                          f"{pair[0]} --negative {pair[1]}`")
     return classes
 
 
