@@ -74,7 +74,7 @@ def _cmd_manifest(args: argparse.Namespace) -> None:
     summary = write_manifest(args.dicom_dir, args.labels, args.out)
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(summary["unplaced_by_reason"].items()))
     print(f"wrote {summary['manifest']}: {summary['placed']} of {summary['files']} files placed "
-          f"({summary['patients']} patients, {summary['views']['left']} left, {summary['views']['right']} right)")
+          f"({summary['patients']} patients, {', '.join(f'{n} {v}' for v, n in summary['views'].items())})")
     if summary["unplaced"]:
         print(f"{summary['unplaced']} files not placed ({reasons}): see {summary['unplaced_csv']}")
 

@@ -126,6 +126,38 @@ def test_a_left_right_manifest_still_rejects_other_view_names_unless_they_are_de
     assert result.rejected_by_reason.get("unknown view") is None and result.views == ("left", "right", "ap")
 
 
+# --- DICOM folders without a view column -----------------------------------------------------------
+
+def test_manifest_reads_views_from_the_header_and_takes_study_labels(tmp_path):
+    from conftest import write_dicom
+    from preprocessing.dicom_manifest import write_manifest
+
+    scans = tmp_path / "export"
+    scans.mkdir()
+    files = {  # name: (PatientID, StudyInstanceUID, header tags)
+        "a.dcm": ("P1", "1.2.1", {"ViewPosition": "PA", "BodyPartExamined": "CHEST", "ImageLaterality": "L"}),
+        "b.dcm": ("P1", "1.2.1", {"BodyPartExamined": "ELBOW", "Laterality": "R"}),  # laterality before body part
+        "c.dcm": ("P2", "1.2.2", {"BodyPartExamined": "WRIST"}),
+        "d.dcm": ("P2", "1.2.2", {}),  # no view tag at all
+        "e.dcm": ("P3", "1.2.3", {"ViewPosition": "AP"}),  # study not labelled
+    }
+    for seed, (name, (patient, study, tags)) in enumerate(files.items()):
+        stored = np.random.default_rng(seed).integers(0, 4096, (40, 30))
+        write_dicom(scans / name, stored, headers={"PatientID": patient, "StudyInstanceUID": study, **tags})
+    (tmp_path / "labels.csv").write_text("study_id,label\n1.2.1,fracture\n1.2.2,normal\n")
+    summary = write_manifest(scans, tmp_path / "labels.csv", tmp_path / "manifest.csv")
+    manifest = pd.read_csv(tmp_path / "manifest.csv", keep_default_na=False)
+    assert manifest[["patient_id", "view", "label"]].values.tolist() == [
+        ["P1", "PA", "fracture"], ["P1", "right", "fracture"], ["P2", "WRIST", "normal"]]
+    unplaced = pd.read_csv(tmp_path / "manifest_unplaced.csv")
+    assert dict(zip(unplaced["file"], unplaced["reason"])) == {
+        "export/d.dcm": "no ViewPosition, laterality or BodyPartExamined", "export/e.dcm": "study not in labels table"}
+    assert summary["views"] == {"PA": 1, "WRIST": 1, "right": 1}
+    (tmp_path / "by_patient.csv").write_text("patient_id,label\nP2,1\nP2,0\n")
+    with pytest.raises(FsweepError, match="row 2: patient_id 'P2' is labelled both 1 and 0"):
+        write_manifest(scans, tmp_path / "by_patient.csv", tmp_path / "m2.csv")
+
+
 # --- what a sweep is told before any work ----------------------------------------------------------
 
 def test_views_not_in_the_data_and_a_frozen_stn_on_one_view_are_refused_in_one_line(tiny_phantom, tmp_path):
