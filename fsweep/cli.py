@@ -233,8 +233,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.out is None:
         print(table.to_csv(index=False), end="")
     else:
-        abnormal = int(table["label"].sum())
-        print(f"wrote {len(table)} predictions ({abnormal} abnormal) to {args.out}", file=sys.stderr)
+        positive = table.loc[table["label"] == 1, "prediction"]  # the class name the card gives label 1
+        name = positive.iloc[0] if len(positive) else "positive"
+        print(f"wrote {len(table)} predictions ({int(table['label'].sum())} {name}) to {args.out}", file=sys.stderr)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
