@@ -128,7 +128,7 @@ def flip_as(view: str, flip: bool, views) -> str:
 def check_view_choice(view: str, views, where: str) -> None:
     """ConfigError unless ``view`` (a space.view value) is one of the data set's ``views`` or both/all."""
     if view not in EVERY_VIEW and view not in set(views):
-        raise ConfigError(f"{where}: view {view!r} is not in the data set (its views: "
+        raise ConfigError(f"{where}: view={view!r} is not in the data set (its views: "
                           f"{', '.join(order_views(views))}; or all for one model over every view)")
 
 

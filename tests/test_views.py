@@ -163,7 +163,7 @@ def test_manifest_reads_views_from_the_header_and_takes_study_labels(tmp_path):
 def test_views_not_in_the_data_and_a_frozen_stn_on_one_view_are_refused_in_one_line(tiny_phantom, tmp_path):
     ingest(reshape(tiny_phantom, "pa", "pa.csv"), tmp_path / "pa", salt=TINY_SALT, echo=False)
     cfg = tiny_sweep_config(tmp_path / "pa", tmp_path / "store", view="knee")
-    with pytest.raises(ConfigError, match="view 'knee' is not in the data set .*: pa; or all"):
+    with pytest.raises(ConfigError, match="view='knee' is not in the data set .*: pa; or all"):
         check_data(cfg)
     cfg = tiny_sweep_config(tmp_path / "pa", tmp_path / "store", view="PA", stn="frozen")
     with pytest.raises(ConfigError, match="frozen needs two or more views.*use stn: joint .* or stn: off") as error:
