@@ -31,6 +31,7 @@ from preprocessing.vocab import (
     is_off,
     normalise_choice,
     parse_flag,
+    parse_pair,
     view_name,
 )
 
@@ -47,6 +48,7 @@ class DataConfig:
     dataset: str = ""  # DATASET directory written by `fsweep ingest`
     store: str = ""  # STORE path (or s3:// / gs:// URI) of the preprocessing cache
     size: int = 512  # square input size in pixels (paper: 512)
+    mirror_pair: Any = "left,right"  # the two views cross-view Flip mirrors into each other, or none (Flip is then horizontal)
 
 
 @dataclass
@@ -329,6 +331,7 @@ def validate(cfg: Config) -> Config:
     for key in SPACE_KEYS:
         setattr(cfg.space, key, space_entry(key, getattr(cfg.space, key)))
     _check_points(cfg)
+    cfg.data.mirror_pair = parse_pair(cfg.data.mirror_pair, "data.mirror_pair")
     cfg.search.select_by = normalise_choice(cfg.search.select_by, "search.select_by", SELECT_BY)
     for section, key in PATH_KEYS:
         if is_off(getattr(getattr(cfg, section), key)):

@@ -158,12 +158,13 @@ def _is_new_best(val: dict, metric: str, mode: str, run: TrainingState) -> bool:
     return value == best and val["loss"] < best_entry(run.history, run.best_epoch)["val_loss"]
 
 
-def _datasets(variant, params: TrialParams):
-    """Train, val and test sets of the trial's view and fold."""
+def _datasets(variant, params: TrialParams, mirror_pair: str):
+    """Train, val and test sets of the trial's view and fold (``mirror_pair``: data.mirror_pair)."""
     from preprocessing.loader import eval_set, fold_splits, train_set
+    from preprocessing.vocab import pair_views
 
     splits = fold_splits(variant, params.fold)
-    return (train_set(variant, params.view, params.flip, splits), eval_set(variant, params.view, "val", splits),
+    return (train_set(variant, params.view, params.flip, splits, pair_views(mirror_pair)), eval_set(variant, params.view, "val", splits),
             eval_set(variant, params.view, "test", splits))
 
 
@@ -262,7 +263,7 @@ def run_trial(
         # the trial's share of cores: more threads than that makes OpenMP spin against the other trials
         torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     set_determinism(cfg.train.deterministic)
-    train_data, val_data, test_data = _datasets(variant, params)
+    train_data, val_data, test_data = _datasets(variant, params, cfg.data.mirror_pair)
     model, optimizer, scheduler, scaler, criterion, pos_weight = _setup(
         cfg, params, stn_weights, rt, np.asarray(train_data.labels)
     )

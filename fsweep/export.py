@@ -49,7 +49,7 @@ from fsweep.modelcard import (
     recipe_card,
 )
 from preprocessing.files import atomic_write, file_sha256
-from preprocessing.vocab import flip_kind, is_off, model_views
+from preprocessing.vocab import flip_as, is_off, model_views, pair_views
 
 ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
 PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
@@ -195,7 +195,7 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "selected_by": winner.get("selected_by"),
         "views": list(model_views(view, variant.views)),
         "classes": {"negative": variant.classes[0], "positive": variant.classes[1]},
-        "flip": flip_kind(view, variant.views) if params.flip else "off",
+        "flip": flip_as(view, params.flip, variant.views, pair_views(cfg.data.mirror_pair)),
         "backbone": params.backbone,
         "space": {k: getattr(params, k) for k in params.__dataclass_fields__},
         "preprocessing": recipe,

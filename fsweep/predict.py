@@ -44,7 +44,8 @@ class Item:
     """One input image and the view it was given by a manifest (None: not given)."""
 
     path: Path  # the image file
-    view: str | None  # left / right from a manifest row
+    view: str | None  # left / right, or another view name, from a manifest row
+    where: str = ""  # the manifest and row that gave the view
 
 
 def predict(model_dir, inputs, out=None, cam_dir=None, view: str | None = None) -> pd.DataFrame:
@@ -57,6 +58,9 @@ def predict(model_dir, inputs, out=None, cam_dir=None, view: str | None = None) 
     card = load_card(model_dir)
     items = collect_inputs([Path(p) for p in inputs])
     default = normalise_view(view, "--view") if view else None
+    for given, where in [(item.view, item.where) for item in items] + [(default, "--view")]:
+        if given is not None and given not in card["views"]:  # a view no model of this card was trained on
+            raise FsweepError(f"{where}: unknown view {given!r} (this model's views: {', '.join(card['views'])})")
     views = [resolve_view(item, default, card) for item in items]
     keys = [model_key(card, v, item.path, model_dir) for item, v in zip(items, views)]
     rows = [None] * len(items)
@@ -166,7 +170,8 @@ def manifest_items(path: Path) -> list[Item]:
     for number, row in enumerate(frame.to_dict("records"), start=1):
         given = str(row.get("view") or "").strip()
         where = f"{path} row {number}"
-        items.append(Item(path.parent / str(row["image"]).strip(), normalise_view(given, where) if given else None))
+        items.append(Item(path.parent / str(row["image"]).strip(), normalise_view(given, where) if given else None,
+                          where))
     return items
 
 

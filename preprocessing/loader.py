@@ -76,27 +76,30 @@ def fold_splits(variant: Variant, fold: int) -> dict[str, str] | None:
     return dict(zip(rows["image_id"], rows[fold_column(fold)]))
 
 
-def train_set(variant: Variant, view: str, flip: bool, splits: dict[str, str] | None = None) -> ArraySet:
-    """Training set of ``view`` (left/right/both); with ``flip`` plus the mirrored train images of the other view(s).
+def train_set(variant: Variant, view: str, flip: bool, splits: dict[str, str] | None = None,
+              pair: tuple[str, ...] = VIEWS) -> ArraySet:
+    """Training set of ``view`` (a view, or both/all); with ``flip`` plus mirrored train images (``train_views``).
 
-    ``splits`` (``fold_splits``) picks another fold's train rows; None keeps the store's split.
+    ``splits`` (``fold_splits``) picks another fold's train rows; None keeps the store's split. ``pair``: the
+    mirrored pair of cross-view Flip (``data.mirror_pair``).
     """
-    views, mirror_views = train_views(view, flip, variant.views)
+    views, mirror_views = train_views(view, flip, variant.views, pair)
     parts = [p for v in views for p in _parts(variant, "train", v, False, splits)]
     parts += [p for v in mirror_views for p in _parts(variant, "train", v, True, splits)]
     return ArraySet(parts)
 
 
-def train_views(view: str, flip: bool, data_views: tuple[str, ...] = VIEWS) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def train_views(view: str, flip: bool, data_views: tuple[str, ...] = VIEWS, pair: tuple[str, ...] = VIEWS
+                ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(views a training set reads as stored, views it reads mirrored) for a data set of ``data_views``:
-    with cross-view Flip one view of the pair mirrors the other view in, and both/all mirrors every train
-    image; with horizontal Flip each view mirrors its own train images in."""
+    with cross-view Flip one view of the ``pair`` mirrors the other view in, and both/all mirrors every
+    train image; with horizontal Flip each view mirrors its own train images in."""
     views = _views(view, data_views)
     if not flip:
         return views, ()
-    if flip_kind(view, data_views) == "horizontal" or view in ("both", "all"):
+    if flip_kind(view, data_views, pair) == "horizontal" or view in ("both", "all"):
         return views, views
-    return views, tuple(v for v in VIEWS if v != view)
+    return views, tuple(v for v in pair if v != view)
 
 
 def eval_set(variant: Variant, view: str, split: str, splits: dict[str, str] | None = None) -> ArraySet:

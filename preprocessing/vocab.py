@@ -106,23 +106,44 @@ def model_views(view: str, views: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(views) if view in EVERY_VIEW else (view,)
 
 
-def has_mirrored_pair(views) -> bool:
-    """True when the data set holds both views of the mirrored pair, so cross-view Flip has a partner."""
-    return all(v in set(views) for v in VIEWS)
+def parse_pair(value: Any, where: str) -> str:
+    """data.mirror_pair as 'a,b' (two different view names, from 'a,b' or a list) or 'none'; ConfigError."""
+    if is_off(value):
+        return "none"
+    # a YAML list reaches here as its str() ("['lao', 'rao']"): brackets and quotes are not part of a name
+    names = value if isinstance(value, (list, tuple)) else str(value).strip("[]() ").split(",")
+    names = [str(n).strip().strip("'\"") for n in names]
+    try:
+        pair = [view_name(v) for v in names]
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if len(pair) != 2 or pair[0] == pair[1]:
+        raise ConfigError(f"{where}: expected two different views, e.g. left,right (or none), got {value!r}")
+    return ",".join(pair)
 
 
-def flip_kind(view: str, views) -> str:
+def pair_views(text: str) -> tuple[str, ...]:
+    """The two views of a ``parse_pair`` value ('none': no pair)."""
+    return () if text == "none" else tuple(text.split(","))
+
+
+def has_mirrored_pair(views, pair: tuple[str, ...] = VIEWS) -> bool:
+    """True when the data set holds both views of the mirrored ``pair``, so cross-view Flip has a partner."""
+    return bool(pair) and all(v in set(views) for v in pair)
+
+
+def flip_kind(view: str, views, pair: tuple[str, ...] = VIEWS) -> str:
     """Which Flip a model of ``view`` gets: 'cross-view' (the paper's: the mirrored pair's other view joins,
     mirrored) when the data holds the pair and ``view`` is in it or spans it, else 'horizontal' (each view's
     own training images join, mirrored)."""
-    if has_mirrored_pair(views) and (view in VIEWS or view in EVERY_VIEW):
+    if has_mirrored_pair(views, pair) and (view in pair or view in EVERY_VIEW):
         return "cross-view"
     return "horizontal"
 
 
-def flip_as(view: str, flip: bool, views) -> str:
+def flip_as(view: str, flip: bool, views, pair: tuple[str, ...] = VIEWS) -> str:
     """What a trial's Flip setting ran as: 'off', 'cross-view' or 'horizontal' (``flip_kind``)."""
-    return flip_kind(view, views) if flip else "off"
+    return flip_kind(view, views, pair) if flip else "off"
 
 
 def check_view_choice(view: str, views, where: str) -> None:

@@ -26,7 +26,7 @@ from fsmodels.params import variant_name, variant_recipes
 from preprocessing.ingest import load_dataset
 from preprocessing.loader import train_views
 from preprocessing.splits import dataset_folds, fold_column
-from preprocessing.vocab import flip_kind, store_views
+from preprocessing.vocab import VIEWS, flip_as, pair_views, store_views
 from search import space
 
 
@@ -56,11 +56,11 @@ def _dataset_rows(cfg: Config) -> pd.DataFrame | None:
     return load_dataset(cfg.data.dataset) if exists else None
 
 
-def train_images(rows: pd.DataFrame, view: str, flip: bool, fold: int) -> int:
+def train_images(rows: pd.DataFrame, view: str, flip: bool, fold: int, pair: tuple[str, ...] = VIEWS) -> int:
     """Training images one epoch of a trial reads (its view(s) in its fold; Flip adds the mirrored other view)."""
     column = fold_column(fold) if fold else "split"
     train = rows[rows[column] == "train"] if column in rows else rows.iloc[:0]
-    views, mirrored = train_views(view, flip, store_views(rows["view"]))
+    views, mirrored = train_views(view, flip, store_views(rows["view"]), pair)
     return int(train["view"].isin(views).sum()) + int(train["view"].isin(mirrored).sum())
 
 
@@ -72,9 +72,10 @@ def plan_table(cfg: Config) -> tuple[pd.DataFrame, bool]:
     keys = [k for k in SPACE_KEYS if k != "fold" or folds_used]
     table = pd.DataFrame([{k: t[k] for k in keys} for t in trials], columns=keys)
     if rows is not None and len(table):
-        table["images"] = [train_images(rows, t["view"], t["flip"], t["fold"]) for t in trials]
+        pair = pair_views(cfg.data.mirror_pair)
+        table["images"] = [train_images(rows, t["view"], t["flip"], t["fold"], pair) for t in trials]
         table["image_epochs"] = table["images"] * table["epochs"]
-        table["flip_as"] = [flip_kind(t["view"], store_views(rows["view"])) if t["flip"] else "off" for t in trials]
+        table["flip_as"] = [flip_as(t["view"], t["flip"], store_views(rows["view"]), pair) for t in trials]
     return table, rows is not None
 
 

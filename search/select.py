@@ -18,7 +18,7 @@ from fsmodels.config import SPACE_KEYS, Config
 from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe
 from search.expdir import as_local_dir, checkpoint_location, put_text
 from preprocessing.ingest import dataset_classes, dataset_views
-from preprocessing.vocab import flip_as
+from preprocessing.vocab import flip_as, pair_views
 from search.keep import keep_checkpoints
 
 LEADERBOARD = "leaderboard.csv"  # one row per trial (DESIGN §4.5)
@@ -177,7 +177,8 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
     if len(board) and (Path(cfg.data.dataset) / "dataset.parquet").is_file():  # which Flip each trial ran
         views = dataset_views(cfg.data.dataset)
         board.insert(board.columns.get_loc("flip") + 1, "flip_as",
-                     [flip_as(v, bool(f), views) for v, f in zip(board["view"], board["flip"])])
+                     [flip_as(v, bool(f), views, pair_views(cfg.data.mirror_pair))
+                      for v, f in zip(board["view"], board["flip"])])
     put_text(join(experiment, LEADERBOARD), board.to_csv(index=False))
     winners = {}
     for view, row in pick_winners(board, cfg.search.metric, cfg.search.mode, cfg.search.select_by).items():

@@ -71,6 +71,19 @@ def test_flip_is_cross_view_only_with_the_mirrored_pair():
     assert train_views("all", False, ("pa",)) == (("pa",), ())
 
 
+def test_the_mirrored_pair_can_be_named_in_the_config_or_switched_off():
+    assert load_config(None, []).data.mirror_pair == "left,right"
+    assert load_config(None, ["data.mirror_pair=[LAO, rao]"]).data.mirror_pair == "lao,rao"
+    assert load_config(None, ["data.mirror_pair=none"]).data.mirror_pair == "none"
+    for bad in ("left", "left,left", "a,b,c"):
+        with pytest.raises(ConfigError, match="data.mirror_pair: expected two different views"):
+            load_config(None, [f"data.mirror_pair={bad}"])
+    hip = ("lao", "rao", "ap")
+    assert train_views("lao", True, hip, ("lao", "rao")) == (("lao",), ("rao",))
+    assert train_views("ap", True, hip, ("lao", "rao")) == (("ap",), ("ap",))
+    assert flip_kind("left", ("left", "right"), ()) == "horizontal"  # mirror_pair none: no cross-view Flip
+
+
 # --- ingest -----------------------------------------------------------------------------------------
 
 def test_a_single_view_set_ingests_every_row_with_or_without_a_view_column(tiny_phantom, tmp_path, capsys):
