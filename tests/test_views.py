@@ -30,14 +30,16 @@ from conftest import TINY_SALT, TINY_SIZE, tiny_sweep_config
 MURA_VIEWS = ("elbow", "wrist", "shoulder")
 
 
-def reshape(phantom: Path, shape: str, name: str) -> Path:
-    """A manifest beside the phantom's images in another data shape.
+def reshape(phantom: Path, shape: str, out: Path) -> Path:
+    """A manifest ``out`` of the phantom's images (absolute paths, so the shared phantom folder is not written
+    to) in another data shape.
 
     ``pa``: the right views only, every one named ``PA`` (one image per patient, one view).
     ``mura``: every image its own patient (a study), its view elbow / wrist / shoulder by the patient number,
     labels spelled fracture / normal.
     """
     rows = pd.read_csv(phantom / "manifest.csv", dtype=str, keep_default_na=False)
+    rows["image"] = [str(phantom / image) for image in rows["image"]]
     if shape == "pa":
         rows = rows[rows["view"] == "right"].assign(view="PA")
     else:
@@ -46,9 +48,8 @@ def reshape(phantom: Path, shape: str, name: str) -> Path:
         rows = rows.assign(patient_id=rows["patient_id"] + "-" + rows["view"],
                            view=[MURA_VIEWS[(2 * n + s) % 3] for n, s in zip(number, side)],
                            label=rows["label"].map({"abnormal": "fracture", "normal": "normal"}))
-    path = phantom / name
-    rows.to_csv(path, index=False)
-    return path
+    rows.to_csv(out, index=False)
+    return out
 
 
 # --- vocabulary ------------------------------------------------------------------------------------
@@ -87,21 +88,21 @@ def test_the_mirrored_pair_can_be_named_in_the_config_or_switched_off():
 # --- ingest -----------------------------------------------------------------------------------------
 
 def test_a_single_view_set_ingests_every_row_with_or_without_a_view_column(tiny_phantom, tmp_path, capsys):
-    named = reshape(tiny_phantom, "pa", "pa.csv")
+    named = reshape(tiny_phantom, "pa", tmp_path / "pa.csv")
     result = ingest(named, tmp_path / "pa", seed=0, salt=TINY_SALT)
     table = capsys.readouterr().out
     assert result.rejected == 0 and result.accepted == 40 and result.views == ("pa",)
     assert "both (flip)" not in table and sum(line.startswith("pa ") for line in table.splitlines()) == 2
     bare = pd.read_csv(named).drop(columns=["view"])
-    bare.to_csv(tiny_phantom / "pa_no_view.csv", index=False)
-    result = ingest(tiny_phantom / "pa_no_view.csv", tmp_path / "all", seed=0, salt=TINY_SALT, echo=False)
+    bare.to_csv(tmp_path / "pa_no_view.csv", index=False)
+    result = ingest(tmp_path / "pa_no_view.csv", tmp_path / "all", seed=0, salt=TINY_SALT, echo=False)
     assert result.rejected == 0 and dataset_views(tmp_path / "all") == ("all",)
     rows = load_dataset(tmp_path / "pa")
     assert set(rows["split"]) == {"train", "val", "test"} and rows["patient"].is_unique
 
 
 def test_named_views_and_named_classes_ingest_with_one_table_row_per_view_and_class(tiny_phantom, tmp_path, capsys):
-    manifest = reshape(tiny_phantom, "mura", "mura.csv")
+    manifest = reshape(tiny_phantom, "mura", tmp_path / "mura.csv")
     result = ingest(manifest, tmp_path / "mura", seed=0, salt=TINY_SALT, positive="fracture")
     lines = capsys.readouterr().out.splitlines()
     assert result.rejected == 0 and result.accepted == 80 and result.views == ("elbow", "shoulder", "wrist")
@@ -118,23 +119,24 @@ def test_named_views_and_named_classes_ingest_with_one_table_row_per_view_and_cl
 
 
 def test_class_names_must_be_given_and_more_than_two_classes_are_refused(tiny_phantom, tmp_path):
-    manifest = reshape(tiny_phantom, "mura", "mura.csv")
+    manifest = reshape(tiny_phantom, "mura", tmp_path / "mura.csv")
     with pytest.raises(FsweepError, match="--positive fracture --negative normal"):
         ingest(manifest, tmp_path / "a", salt=TINY_SALT, echo=False)
     rows = pd.read_csv(manifest)
     rows.loc[rows.index[:5], "label"] = "tumour"
-    rows.to_csv(tiny_phantom / "three.csv", index=False)
+    rows.to_csv(tmp_path / "three.csv", index=False)
     with pytest.raises(FsweepError, match=r"3 label classes \(fracture, normal, tumour\); fsweep trains binary"):
-        ingest(tiny_phantom / "three.csv", tmp_path / "b", salt=TINY_SALT, positive="fracture", echo=False)
+        ingest(tmp_path / "three.csv", tmp_path / "b", salt=TINY_SALT, positive="fracture", echo=False)
 
 
 def test_a_left_right_manifest_still_rejects_other_view_names_unless_they_are_declared(tiny_phantom, tmp_path):
     rows = pd.read_csv(tiny_phantom / "manifest.csv", dtype=str, keep_default_na=False)
+    rows["image"] = [str(tiny_phantom / image) for image in rows["image"]]
     rows.loc[0, "view"] = "AP"
-    rows.to_csv(tiny_phantom / "with_ap.csv", index=False)
-    result = ingest(tiny_phantom / "with_ap.csv", tmp_path / "a", salt=TINY_SALT, echo=False)
+    rows.to_csv(tmp_path / "with_ap.csv", index=False)
+    result = ingest(tmp_path / "with_ap.csv", tmp_path / "a", salt=TINY_SALT, echo=False)
     assert result.rejected_by_reason == {"unknown view": 1}
-    result = ingest(tiny_phantom / "with_ap.csv", tmp_path / "b", salt=TINY_SALT, echo=False,
+    result = ingest(tmp_path / "with_ap.csv", tmp_path / "b", salt=TINY_SALT, echo=False,
                     views=["left", "right", "AP"])
     assert result.rejected_by_reason.get("unknown view") is None and result.views == ("left", "right", "ap")
 
@@ -174,7 +176,7 @@ def test_manifest_reads_views_from_the_header_and_takes_study_labels(tmp_path):
 # --- what a sweep is told before any work ----------------------------------------------------------
 
 def test_views_not_in_the_data_and_a_frozen_stn_on_one_view_are_refused_in_one_line(tiny_phantom, tmp_path):
-    ingest(reshape(tiny_phantom, "pa", "pa.csv"), tmp_path / "pa", salt=TINY_SALT, echo=False)
+    ingest(reshape(tiny_phantom, "pa", tmp_path / "pa.csv"), tmp_path / "pa", salt=TINY_SALT, echo=False)
     cfg = tiny_sweep_config(tmp_path / "pa", tmp_path / "store", view="knee")
     with pytest.raises(ConfigError, match="view='knee' is not in the data set .*: pa; or all"):
         check_data(cfg)
@@ -187,7 +189,7 @@ def test_views_not_in_the_data_and_a_frozen_stn_on_one_view_are_refused_in_one_l
 
 
 def test_plan_says_which_flip_runs_and_counts_the_mirrored_images(tiny_phantom, tiny_dataset, tmp_path, capsys):
-    ingest(reshape(tiny_phantom, "pa", "pa.csv"), tmp_path / "pa", salt=TINY_SALT, echo=False)
+    ingest(reshape(tiny_phantom, "pa", tmp_path / "pa.csv"), tmp_path / "pa", salt=TINY_SALT, echo=False)
     rows = load_dataset(tmp_path / "pa")
     train = int((rows["split"] == "train").sum())
     assert train_images(rows, "pa", True, 0) == 2 * train and train_images(rows, "pa", False, 0) == train
@@ -206,7 +208,7 @@ def _new_patients(tmp: Path, shape: str) -> tuple[Path, np.ndarray]:
     """Newly generated patients (another phantom seed) in ``shape``: the manifest and its labels (1 positive)."""
     phantom = tmp / f"new_{shape}"
     write_phantom(phantom, patients=20, seed=77, size=TINY_SIZE)
-    manifest = reshape(phantom, shape, "new.csv")
+    manifest = reshape(phantom, shape, tmp / "new.csv")
     labels = pd.read_csv(manifest)["label"].isin(["abnormal", "fracture"]).astype(int).to_numpy()
     return manifest, labels
 
@@ -219,7 +221,7 @@ def test_a_new_shape_goes_through_sweep_export_and_predict(tiny_phantom, tmp_pat
     from search.sweep import run_sweep
 
     classes = {"positive": "fracture"} if shape == "mura" else {}
-    ingest(reshape(tiny_phantom, shape, f"{shape}.csv"), tmp_path / "data", salt=TINY_SALT, echo=False, **classes)
+    ingest(reshape(tiny_phantom, shape, tmp_path / f"{shape}.csv"), tmp_path / "data", salt=TINY_SALT, echo=False, **classes)
     cfg = tiny_sweep_config(tmp_path / "data", tmp_path / "store", view=view, stn=stn, epochs=4, lr=[0.01, 0.003])
     cfg.data.size = 64  # an STN in the ONNX graph pools to 64 px: the input is a multiple of 64
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
