@@ -26,12 +26,13 @@ import yaml
 from preprocessing.vocab import (
     ASPECTS,
     HE_MODES,
-    VIEW_CHOICES,
+    EVERY_VIEW,
     ConfigError,
     is_off,
     normalise_choice,
     parse_flag,
-    parse_view,
+    parse_pair,
+    view_name,
 )
 
 STN_MODES = ("off", "frozen", "joint")  # space.stn: none, pretrained then frozen (the paper), trained with the classifier
@@ -47,6 +48,7 @@ class DataConfig:
     dataset: str = ""  # DATASET directory written by `fsweep ingest`
     store: str = ""  # STORE path (or s3:// / gs:// URI) of the preprocessing cache
     size: int = 512  # square input size in pixels (paper: 512)
+    mirror_pair: Any = "left,right"  # the two views cross-view Flip mirrors into each other, or none (Flip is then horizontal)
 
 
 @dataclass
@@ -63,13 +65,13 @@ class RoiConfig:
 @dataclass
 class SpaceConfig:
     backbone: Any = "resnet50"  # registry or timm name (paper: ResNet50)
-    view: Any = "right"  # left / right (one model per view, as the paper) / both
+    view: Any = "right"  # a view of the data set (one model per view; the paper: left / right) / all (or both): one model for every view
     batch_size: Any = 4  # paper: 4 (8 was worse)
     epochs: Any = 25  # paper: 25
     lr: Any = 1e-3  # initial learning rate (paper: 0.001)
     he: Any = "global"  # histogram equalization: off / global (paper eq. 1-4) / clahe
     aspect: Any = "stretch"  # crop to square: stretch (the paper's plain resize) / pad (keep the aspect, black borders)
-    flip: Any = True  # cross-view left-right Flip augmentation of the training set
+    flip: Any = True  # Flip: cross-view (the mirrored pair left/right, the paper's) or else horizontal flip of each view's training images
     stn: Any = "frozen"  # spatial transformer: off / frozen (pretrained, paper) / joint
     finetune: Any = True  # train all backbone layers (paper) or only the head
     seed: Any = 0  # seed for initialisation, shuffling and augmentation
@@ -193,7 +195,7 @@ def _number(value: Any, where: str) -> float:
 # How one value of each space key is read: the type every trial and the search see.
 SPACE_TYPES = {
     "backbone": lambda v, where: str(v),
-    "view": lambda v, where: parse_view(v) or normalise_choice(v, where, VIEW_CHOICES),
+    "view": lambda v, where: _view(v, where),
     "batch_size": _positive_int,
     "epochs": _positive_int,
     "lr": _positive_float,
@@ -205,6 +207,17 @@ SPACE_TYPES = {
     "seed": _int,
     "fold": lambda v, where: _nonnegative_int(v, where),
 }
+
+
+def _view(value: Any, where: str) -> str:
+    """A space.view value: left / right (any spelling), both / all, or a view name of the data set (checked
+    against DATASET's views by the sweep driver, before any work)."""
+    if str(value).strip().lower() in EVERY_VIEW:
+        return str(value).strip().lower()
+    try:
+        return view_name(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def space_value(key: str, value: Any) -> Any:
@@ -320,6 +333,7 @@ def validate(cfg: Config) -> Config:
     for key in SPACE_KEYS:
         setattr(cfg.space, key, space_entry(key, getattr(cfg.space, key)))
     _check_points(cfg)
+    cfg.data.mirror_pair = parse_pair(cfg.data.mirror_pair, "data.mirror_pair")
     cfg.search.select_by = normalise_choice(cfg.search.select_by, "search.select_by", SELECT_BY)
     for section, key in PATH_KEYS:
         if is_off(getattr(getattr(cfg, section), key)):

@@ -3,7 +3,10 @@
 Localization net -> affine theta (initialised to the identity) -> ``affine_grid``
 -> ``grid_sample``. The paper trains it separately and freezes it; it does not say
 on what task, so we use the natural auxiliary one: left vs right view, with a
-tiny classifier behind the STN, on the store variant's train split.
+tiny classifier behind the STN, on the store variant's train split. On a data set
+with other views the task is recognising which of its N views an image is (one
+logit and BCE for two views, N logits and cross-entropy for more); a one-view
+set has nothing to recognise, and the sweep refuses ``stn: frozen`` there.
 
 A pretrained STN is a store artifact like a variant (``preprocessing.artifact``):
 ``STORE/stn/<key>/`` holds the weights, stats (loss, accuracy, and theta's rotation,
@@ -40,7 +43,7 @@ from preprocessing.artifact import LOCKS, MANIFEST, NotBuilt, build_lock, conten
 from preprocessing.files import atomic_write, atomic_write_text
 from preprocessing.remote import publish, staging_dir
 from preprocessing.splits import fold_column
-from preprocessing.vocab import SPLITS, VIEWS
+from preprocessing.vocab import SPLITS
 
 STN_CODE = "stn-1"  # bump whenever the same (variant, epochs, seed) would train a different STN
 STN_DIR = "stn"  # STORE/stn/<key>/: one directory per pretrained STN
@@ -92,32 +95,34 @@ class STN(nn.Module):
 
 
 class ViewClassifier(nn.Module):
-    """STN + a tiny CNN for the left-vs-right pretraining task."""
+    """STN + a tiny CNN for the view-recognition pretraining task (``classes`` views)."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 2):
         super().__init__()
         self.stn = STN()
         self.cnn = nn.Sequential(
             nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(True),
             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(True),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, 1),  # 4x4 keeps where things are
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(32 * 16, 1 if classes == 2 else classes),  # 4x4 keeps where things are
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         warped = self.stn(x)
-        return self.cnn(standardise(F.adaptive_avg_pool2d(warped, min(128, x.shape[-1])))).squeeze(1)
+        logits = self.cnn(standardise(F.adaptive_avg_pool2d(warped, min(128, x.shape[-1]))))
+        return logits.squeeze(1) if logits.shape[1] == 1 else logits
 
 
 def view_task(variant, split: str, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, S, S) uint8 and view labels (0 left, 1 right) of one split, in memory.
+    """Images (N, S, S) uint8 and view labels (0 left, 1 right; else the index in the data set's views) of one split.
 
     ``fold``: that fold's ``split`` (the rows its column of the variant's index names, from every stored
     array); None: the stored split.
     """
     if fold is None:
-        images = [np.asarray(variant.images(split, view)) for view in VIEWS]
+        images = [np.asarray(variant.images(split, view)) for view in variant.views]
     else:
-        images = [_fold_images(variant, split, view, fold) for view in VIEWS]
+        images = [_fold_images(variant, split, view, fold) for view in variant.views]
     labels = [np.full(len(imgs), i, dtype=np.float32) for i, imgs in enumerate(images)]
     return np.concatenate(images), np.concatenate(labels)
 
@@ -158,7 +163,8 @@ def view_accuracy(model: ViewClassifier, images: np.ndarray, labels: np.ndarray,
     with torch.no_grad():
         for idx in _batches(len(images), 64, None):
             logits = model(_to_device(images, idx, device))
-            correct += int(((logits > 0).float().cpu().numpy() == labels[idx]).sum())
+            guess = (logits > 0).float() if logits.ndim == 1 else logits.argmax(1).float()
+            correct += int((guess.cpu().numpy() == labels[idx]).sum())
     return correct / max(len(images), 1)
 
 
@@ -175,8 +181,9 @@ def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16,
     torch.manual_seed(seed)
     images, labels = view_task(variant, "train", fold)
     if len(np.unique(labels)) < 2:
-        raise FsweepError(f"{variant.path}: STN pretraining needs train images of both views")
-    model = ViewClassifier().to(device)
+        raise FsweepError(f"{variant.path}: STN pretraining needs train images of two or more views "
+                          "(one view: use stn joint or off)")
+    model = ViewClassifier(len(variant.views)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     target_all = torch.from_numpy(labels).to(device)
@@ -185,7 +192,9 @@ def pretrain_stn(variant, epochs: int, seed: int, batch: int = 16,
         model.train()
         loss_sum.zero_()
         for idx in _batches(len(images), batch, generator):
-            loss = F.binary_cross_entropy_with_logits(model(_to_device(images, idx, device)), target_all[idx])
+            logits = model(_to_device(images, idx, device))
+            loss = (F.binary_cross_entropy_with_logits(logits, target_all[idx]) if logits.ndim == 1
+                    else F.cross_entropy(logits, target_all[idx].long()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

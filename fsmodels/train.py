@@ -260,9 +260,10 @@ def trial_runtime(cfg: Config) -> Runtime:
 def build_data(cfg: Config, params: TrialParams, variant, rt: Runtime) -> TrialData:
     """Train, val and test sets of the trial's view and fold; train and val on the device once when they fit."""
     from preprocessing.loader import eval_set, fold_splits, train_set
+    from preprocessing.vocab import pair_views
 
     splits = fold_splits(variant, params.fold)
-    train = train_set(variant, params.view, params.flip, splits)
+    train = train_set(variant, params.view, params.flip, splits, pair_views(cfg.data.mirror_pair))
     val, test = (eval_set(variant, params.view, split, splits) for split in ("val", "test"))
     train_src, val_src = place_data(rt, cfg, train, val)  # the DataLoader's order either way
     eval_batch, patient_of = max(params.batch_size, EVAL_BATCH), patient_map(variant)

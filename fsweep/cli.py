@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from cluster.errors import FsweepError
-from preprocessing.vocab import VIEWS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -62,7 +61,9 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
 
     salt_file = args.salt_file or os.environ.get(SALT_FILE_ENV)
     salt = args.salt or (salt_from_file(salt_file) if salt_file else None)
-    result = ingest(args.manifest, args.out, seed=args.seed, salt=salt, folds=args.folds)
+    views = [v for v in (args.views or "").split(",") if v.strip()] or None
+    result = ingest(args.manifest, args.out, seed=args.seed, salt=salt, folds=args.folds,
+                    positive=args.positive, negative=args.negative, views=views)
     print(f"wrote {result.dataset / 'dataset.parquet'} (fingerprint {result.fingerprint[:12]}), "
           f"{result.dataset / 'rejected.csv'}, {result.dataset / 'summary.json'}")
 
@@ -73,7 +74,7 @@ def _cmd_manifest(args: argparse.Namespace) -> None:
     summary = write_manifest(args.dicom_dir, args.labels, args.out)
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(summary["unplaced_by_reason"].items()))
     print(f"wrote {summary['manifest']}: {summary['placed']} of {summary['files']} files placed "
-          f"({summary['patients']} patients, {summary['views']['left']} left, {summary['views']['right']} right)")
+          f"({summary['patients']} patients, {', '.join(f'{n} {v}' for v, n in summary['views'].items())})")
     if summary["unplaced"]:
         print(f"{summary['unplaced']} files not placed ({reasons}): see {summary['unplaced_csv']}")
 
@@ -232,8 +233,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.out is None:
         print(table.to_csv(index=False), end="")
     else:
-        abnormal = int(table["label"].sum())
-        print(f"wrote {len(table)} predictions ({abnormal} abnormal) to {args.out}", file=sys.stderr)
+        positive = table.loc[table["label"] == 1, "prediction"]  # the class name the card gives label 1
+        name = positive.iloc[0] if len(positive) else "positive"
+        print(f"wrote {len(table)} predictions ({int(table['label'].sum())} {name}) to {args.out}", file=sys.stderr)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -274,6 +276,13 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
                    "default $FSWEEP_SALT_FILE): the folder alone then cannot be brute-forced back to patient ids")
     p.add_argument("--folds", type=int, default=0, metavar="K",
                    help="also write K >= 3 rotating patient-level folds (fold_0..; test and val rotate; split = fold 0)")
+    p.add_argument("--positive", default=None, metavar="NAME",
+                   help="the positive class's name in the label column (default abnormal; 1 always means positive)")
+    p.add_argument("--negative", default=None, metavar="NAME",
+                   help="the negative class's name in the label column (default normal; 0 always means negative)")
+    p.add_argument("--views", default=None, metavar="A,B,..",
+                   help="the data set's views; rows naming another are rejected (default: the manifest's names; "
+                        "left/right only when it names left or right)")
 
 
 def _manifest_args(p: argparse.ArgumentParser) -> None:
@@ -347,8 +356,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, or a manifest CSV/Parquet")
     p.add_argument("--out", default=None, help="predictions CSV (default: print to stdout)")
     p.add_argument("--cam", default=None, metavar="DIR", help="write a Grad-CAM PNG over each ROI crop here")
-    p.add_argument("--view", default=None, choices=VIEWS,
-                   help="view of images whose manifest row or DICOM header does not give one")
+    p.add_argument("--view", default=None,
+                   help="view of images whose manifest row or DICOM header does not give one (left, right, "
+                        "or a view the model was trained on)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -49,7 +49,7 @@ from fsweep.modelcard import (
     recipe_card,
 )
 from preprocessing.files import atomic_write, file_sha256
-from preprocessing.vocab import VIEWS, is_off
+from preprocessing.vocab import flip_as, is_off, model_views, pair_views
 
 ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
 PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
@@ -210,7 +210,9 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "store_variant": variant.key,
         "best_epoch": winner.get("best_epoch"),
         "selected_by": winner.get("selected_by"),
-        "views": list(VIEWS) if view == "both" else [view],
+        "views": list(model_views(view, variant.views)),
+        "classes": {"negative": variant.classes[0], "positive": variant.classes[1]},
+        "flip": flip_as(view, params.flip, variant.views, pair_views(cfg.data.mirror_pair)),
         "backbone": params.backbone,
         "space": {k: getattr(params, k) for k in params.__dataclass_fields__},
         "preprocessing": recipe,
@@ -256,7 +258,7 @@ def card_metrics(val: dict, test: dict | None) -> dict:
 
 def parity_inputs(variant, view: str, size: int) -> torch.Tensor:
     """Real validation images of ``view`` (both views for a two-view model) plus random ones, in [0, 1]."""
-    views = VIEWS if view == "both" else (view,)
+    views = model_views(view, variant.views)
     real = [np.asarray(variant.images("val", v)[:PARITY_IMAGES]) for v in views]
     images = torch.from_numpy(np.concatenate(real)).float().div(255.0).unsqueeze(1)
     noise = torch.rand(PARITY_RANDOM, 1, size, size, generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ import pandas as pd
 from cluster.errors import FsweepError
 from fsweep.modelcard import CARD, CARD_FORMAT, ONNX_INPUT, detector_dir, recipe_spec
 from preprocessing.files import file_sha256
-from preprocessing.vocab import LABEL_NAMES, parse_view
+from preprocessing.vocab import ALL_VIEWS, LABEL_NAMES, VIEWS, ConfigError, view_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
@@ -44,7 +44,8 @@ class Item:
     """One input image and the view it was given by a manifest (None: not given)."""
 
     path: Path  # the image file
-    view: str | None  # left / right from a manifest row
+    view: str | None  # left / right, or another view name, from a manifest row
+    where: str = ""  # the manifest and row that gave the view
 
 
 def predict(model_dir, inputs, out=None, cam_dir=None, view: str | None = None) -> pd.DataFrame:
@@ -57,7 +58,10 @@ def predict(model_dir, inputs, out=None, cam_dir=None, view: str | None = None) 
     card = load_card(model_dir)
     items = collect_inputs([Path(p) for p in inputs])
     default = normalise_view(view, "--view") if view else None
-    views = [resolve_view(item, default) for item in items]
+    for given, where in [(item.view, item.where) for item in items] + [(default, "--view")]:
+        if given is not None and given not in card["views"]:  # a view no model of this card was trained on
+            raise FsweepError(f"{where}: unknown view {given!r} (this model's views: {', '.join(card['views'])})")
+    views = [resolve_view(item, default, card) for item in items]
     keys = [model_key(card, v, item.path, model_dir) for item, v in zip(items, views)]
     rows = [None] * len(items)
     detector = load_detector(model_dir, card)
@@ -117,7 +121,7 @@ def load_detector(model_dir: Path, card: dict):
 
 def model_key(card: dict, view: str, path: Path, model_dir: Path) -> str:
     """The card's model for ``view``: the view's own model, else a two-view (``both``) model."""
-    for key in (view, "both"):
+    for key in (view, "both", ALL_VIEWS):
         if key in card["models"]:
             return key
     raise FsweepError(f"{path}: view {view}, but {model_dir} only has a model for {', '.join(card['views'])}")
@@ -166,23 +170,31 @@ def manifest_items(path: Path) -> list[Item]:
     for number, row in enumerate(frame.to_dict("records"), start=1):
         given = str(row.get("view") or "").strip()
         where = f"{path} row {number}"
-        items.append(Item(path.parent / str(row["image"]).strip(), normalise_view(given, where) if given else None))
+        items.append(Item(path.parent / str(row["image"]).strip(), normalise_view(given, where) if given else None,
+                          where))
     return items
 
 
 def normalise_view(value: str, where: str) -> str:
-    """left / right from left, right, L, R (any case)."""
-    view = parse_view(value)
-    if view is None:
-        raise FsweepError(f"{where}: unknown view {value!r} (use left or right)")
-    return view
+    """left / right from left, right, L, R (any case); any other view name as ingest spells it."""
+    try:
+        return view_name(value)
+    except ConfigError as exc:
+        raise FsweepError(f"{where}: unknown view {value!r} ({exc})") from None
 
 
-def resolve_view(item: Item, default: str | None) -> str:
-    """Manifest view, else DICOM laterality, else ``--view``; FsweepError when none says."""
+def resolve_view(item: Item, default: str | None, card: dict | None = None) -> str:
+    """Manifest view; else a card whose model covers every view (``all``) or whose data set had one view
+    takes it (a DICOM laterality there would name no model); else DICOM laterality, else ``--view``;
+    FsweepError when none says."""
     from preprocessing.decode import dicom_laterality
 
-    view = item.view or dicom_laterality(item.path) or default
+    view = item.view
+    if view is None and card is not None and ALL_VIEWS in card["models"]:
+        view = ALL_VIEWS  # a model over every view needs no view to pick it
+    elif view is None and card is not None and len(card["views"]) == 1 and card["views"][0] not in VIEWS:
+        view = card["views"][0]  # a single-view data set: there is nothing to choose
+    view = view or dicom_laterality(item.path) or default
     if view is None:
         raise FsweepError(f"{item.path}: no view (no manifest `view`, no DICOM ImageLaterality); "
                           "pass --view left or --view right")
@@ -204,6 +216,8 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
     spec = VariantSpec(**fields)
     session = onnx_session(model_dir / entry["files"]["onnx"])
     threshold = float(entry["operating_threshold"]["value"])
+    named = entry.get("classes")  # cards of data sets with their own class names; older cards: the defaults
+    classes = (named["negative"], named["positive"]) if named else LABEL_NAMES
     cam = cam_writer(model_dir, entry, Path(cam_dir), spec, threshold, cam_names) if cam_dir is not None else None
     rows = []
     for start in range(0, len(items), BATCH):
@@ -219,7 +233,7 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
         for row, logit in zip(found, session.run(None, {ONNX_INPUT: x})[0]):
             probability = float(1.0 / (1.0 + np.exp(-float(logit))))
             row.update(probability=probability, label=int(probability >= threshold),
-                       prediction=LABEL_NAMES[int(probability >= threshold)], threshold=threshold)
+                       prediction=classes[int(probability >= threshold)], threshold=threshold)
         rows += found
     return rows
 

@@ -16,6 +16,13 @@ Warnings that pydicom, numpy or a decoder raise while a file decodes are not pri
 each goes to ``warnings.csv`` (row, image, warning), and ``summary.json``'s
 ``warnings`` counts the rows per warning (file-specific numbers and tags blanked).
 
+Views are the data set's own names (``preprocessing.vocab.view_name``); without a ``view`` column
+every row is one view, ``all``. A manifest that names the mirrored pair (left/right, L/R) is the
+paper's shape, and a row there naming another view is rejected as an unknown view: a typo would
+otherwise become a third view silently. ``views`` (``--views``) declares the view set outright.
+Labels are binary: 1/0 always, plus the class names (``abnormal``/``normal`` unless ``positive`` /
+``negative`` name the data set's own); a label column with more than two classes stops ingestion.
+
 A file that is not a manifest at all (not found, empty, not CSV/Parquet, missing
 required columns) stops ingestion with one ``FsweepError`` line.
 
@@ -44,9 +51,21 @@ from cluster.errors import FsweepError
 from preprocessing.decode import DecodeError, decode_with_warnings
 from preprocessing.files import atomic_write_parquet, atomic_write_text
 from preprocessing.splits import fold_column, patient_folds, patient_splits
-from preprocessing.vocab import LABEL_NAMES, SPLITS, VIEWS, parse_label, parse_view
+from preprocessing.vocab import (
+    ALL_VIEWS,
+    LABEL_NAMES,
+    SPLITS,
+    VIEWS,
+    ConfigError,
+    class_names,
+    has_mirrored_pair,
+    label_parser,
+    order_views,
+    store_views,
+    view_name,
+)
 
-REQUIRED = ("image", "patient_id", "view", "label")
+REQUIRED = ("image", "patient_id", "label")  # `view` may be absent: one view, ALL_VIEWS
 BOX = ("x0", "y0", "x1", "y1")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 MISSING_CELLS = {"na", "nan", "null", "none"}  # how R, pandas and SQL exports spell an empty box cell
@@ -62,6 +81,8 @@ class IngestResult:
     rejected: int  # rows in rejected.csv
     patients: int  # distinct accepted patients
     counts: dict = field(default_factory=dict)  # counts[split][view][label name] -> images
+    views: tuple = VIEWS  # the data set's views, in order (preprocessing.vocab.order_views)
+    classes: tuple = LABEL_NAMES  # (negative, positive) class names: label 0 and label 1
     rejected_by_reason: dict = field(default_factory=dict)  # reason kind -> rows
     fingerprint: str = ""  # sha256 over sorted image_id,label,split lines
     warnings: dict = field(default_factory=dict)  # library warning (file-specific parts blanked) -> rows
@@ -69,15 +90,19 @@ class IngestResult:
     def table(self) -> str:
         """Images per view x label x split, laid out like the paper's Table 2, then the rejections.
 
-        The last two rows add both views up: the per-view set that cross-view Flip yields.
+        With the mirrored pair, the last two rows add both views up: the per-view set that cross-view Flip
+        yields; with another view set, one row per view and label.
         """
-        header = f"{'view':<12} {'label':<8} {'train':>6} {'val':>6} {'test':>6} {'total':>6}"
+        width = max(12, *(len(v) + 1 for v in self.views))
+        named = max(8, *(len(c) for c in self.classes))
+        header = f"{'view':<{width}} {'label':<{named}} {'train':>6} {'val':>6} {'test':>6} {'total':>6}"
         lines = [header]
-        for view in (*VIEWS, "both (flip)"):
-            for label in reversed(LABEL_NAMES):
+        pair = has_mirrored_pair(self.views)
+        for view in (*self.views, *(("both (flip)",) if pair else ())):
+            for label in reversed(self.classes):
                 sides = VIEWS if view.startswith("both") else (view,)
                 n = [sum(self.counts[split][side][label] for side in sides) for split in SPLITS]
-                lines.append(f"{view:<12} {label:<8} {n[0]:>6} {n[1]:>6} {n[2]:>6} {sum(n):>6}")
+                lines.append(f"{view:<{width}} {label:<{named}} {n[0]:>6} {n[1]:>6} {n[2]:>6} {sum(n):>6}")
         lines.append(f"accepted {self.accepted} images of {self.patients} patients; rejected {self.rejected} rows")
         lines += [f"  rejected {n:>4}: {kind}" for kind, n in sorted(self.rejected_by_reason.items())]
         lines += [f"  warning  {n:>4}: {text}" for text, n in sorted(self.warnings.items())]
@@ -85,22 +110,27 @@ class IngestResult:
 
 
 def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | None = None,
-           echo: bool = True, folds: int = 0) -> IngestResult:
+           echo: bool = True, folds: int = 0, positive: str | None = None, negative: str | None = None,
+           views: list[str] | None = None) -> IngestResult:
     """Validate and decode every row of ``manifest``; write ``out``/dataset.parquet, rejected.csv, summary.json.
 
     ``seed`` fixes the patient-level 60/20/20 split (independent of the salt). ``echo`` prints the table.
     ``folds`` K >= 3 adds K rotating patient-level folds (columns ``fold_0..``; ``split`` = fold 0).
+    ``positive`` / ``negative`` name the data set's classes (default abnormal / normal); ``views``
+    declares the view set (default: the names the manifest uses; see the module doc).
     """
     if seed < 0:
         raise FsweepError(f"--seed must be 0 or more, got {seed}")
     manifest = Path(manifest)
     frame = read_manifest(manifest)
+    classes = _classes(frame, manifest, positive, negative)
+    allowed = _allowed_views(frame, manifest, views)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FsweepError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    accepted, rejected, heard = _check_rows(frame, manifest.resolve().parent)
-    accepted, rejected = _reject_label_conflicts(accepted, rejected)
+    accepted, rejected, heard = _check_rows(frame, manifest.resolve().parent, label_parser(classes), allowed)
+    accepted, rejected = _reject_label_conflicts(accepted, rejected, classes)
     _write_rejected(out, rejected)
     _write_warnings(out, heard)
     if not accepted:
@@ -109,7 +139,7 @@ def ingest(manifest: str | Path, out: str | Path, seed: int = 0, salt: str | Non
         raise FsweepError(f"{manifest}: no usable rows, all {len(rejected)} rejected (see {out / 'rejected.csv'})")
     table = _dataset_table(accepted, seed, _salt(out, salt), folds)
     atomic_write_parquet(table, out / "dataset.parquet")  # a reader never sees half a dataset
-    result = _summarise(out, table, rejected, heard)
+    result = _summarise(out, table, rejected, heard, classes)
     _write_summary(out, result, manifest, seed, folds)
     if echo:
         print(result.table())
@@ -129,7 +159,61 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
                           f"(need {', '.join(REQUIRED)})")
     if frame.empty:
         raise FsweepError(f"{path}: manifest has no data rows")
+    if "view" not in frame.columns:  # one view: every row is the same kind of radiograph
+        frame["view"] = ALL_VIEWS
     return frame
+
+
+def _classes(frame: pd.DataFrame, path: Path, positive, negative) -> tuple[str, str]:
+    """(negative, positive) class names; FsweepError for a label column of more than two classes, or of
+    two classes that are not the default words when no names were given.
+
+    A class is a label value that two or more rows share (its spellings, such as abnormal and 1, counted
+    as one); a value on one row only is a typo, and that row alone is rejected as an unknown label.
+    """
+    try:
+        classes = class_names(positive, negative)
+    except ConfigError as exc:
+        raise FsweepError(f"{path}: {exc}") from None
+    parse = label_parser(classes)
+    values = Counter(str(v).strip().lower() for v in frame["label"])
+    values.pop("", None)
+    shared = {v for v, n in values.items() if n >= 2}
+    found = sorted({str(parse(v)) if parse(v) is not None else v for v in shared})
+    if len(found) > 2:
+        names = sorted(classes[int(v)] if v in ("0", "1") else v for v in found)
+        raise FsweepError(f"{path}: {len(found)} label classes ({', '.join(names[:6])}"
+                          f"{', ...' if len(names) > 6 else ''}); fsweep trains binary classifiers: "
+                          "map yours to one positive and one negative class first")
+    words = [v for v in found if v not in ("0", "1")]
+    if words and len(found) == 2 and positive is None and negative is None:
+        known = [classes[int(v)] for v in found if v in ("0", "1")]
+        pair = words if not known else [words[0], known[0]] if known[0] == classes[0] else [known[0], words[0]]
+        raise FsweepError(f"{path}: labels are {found[0] if not known else known[0]!r} and {words[-1]!r}, not "
+                          f"{classes[1]}/{classes[0]}: name the classes, e.g. `fsweep ingest ... --positive "
+                          f"{pair[0]} --negative {pair[1]}`")
+    return classes
+
+
+def _allowed_views(frame: pd.DataFrame, path: Path, declared: list[str] | None) -> set[str] | None:
+    """The view names a row may use: the declared ones, the mirrored pair when the manifest names it, else
+    any (None)."""
+    if declared:
+        try:
+            return {view_name(v) for v in declared}
+        except ConfigError as exc:
+            raise FsweepError(f"{path}: --views: {exc}") from None
+    names = set()
+    for value in frame["view"]:
+        try:
+            names.add(view_name(value))
+        except ConfigError:
+            continue
+    if names & set(VIEWS):
+        return set(VIEWS)
+    if ALL_VIEWS in names and len(names) > 1:  # 'all' also means every view: only a one-view set may use it
+        return names - {ALL_VIEWS}
+    return None
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -159,7 +243,8 @@ def _cell_text(value) -> str:
     return str(value)
 
 
-def _check_rows(frame: pd.DataFrame, base: Path) -> tuple[list[dict], list[dict], list[dict]]:
+def _check_rows(frame: pd.DataFrame, base: Path, parse_label=label_parser(), allowed: set[str] | None = None
+                ) -> tuple[list[dict], list[dict], list[dict]]:
     """One pass over the rows: accepted records, rejections (row, image, reason, kind) and the
     library warnings heard while decoding (row, image, warning), accepted or not."""
     accepted, rejected, heard = [], [], []
@@ -168,7 +253,7 @@ def _check_rows(frame: pd.DataFrame, base: Path) -> tuple[list[dict], list[dict]
         image = str(record.get("image", "")).strip()
         said: list[str] = []
         try:
-            row = _check_row(record, image, base, by_path, by_pixels, said)
+            row = _check_row(record, image, base, by_path, by_pixels, said, parse_label, allowed)
         except _Rejected as reason:
             rejected.append({"row": number, "image": image, "reason": str(reason), "kind": reason.kind})
             continue
@@ -189,15 +274,19 @@ class _Rejected(Exception):
         self.kind = kind
 
 
-def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: dict, said: list[str]) -> dict:
+def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: dict, said: list[str],
+               parse_label, allowed: set[str] | None) -> dict:
     if not image:
         raise _Rejected("missing image path")
-    view = parse_view(record["view"])
-    if view is None:
-        raise _Rejected("unknown view", f"{record['view']!r} (use left/right or L/R)")
+    try:
+        view = view_name(record["view"])
+    except ConfigError as exc:
+        raise _Rejected("unknown view", str(exc)) from None
+    if allowed is not None and view not in allowed:
+        raise _Rejected("unknown view", f"{record['view']!r} (this data set's views: {', '.join(order_views(allowed))})")
     label = parse_label(record["label"])
     if label is None:
-        raise _Rejected("unknown label", f"{record['label']!r} (use abnormal/normal or 1/0)")
+        raise _Rejected("unknown label", f"{record['label']!r} (use {_label_words(parse_label)} or 1/0)")
     patient = str(record["patient_id"]).strip()
     if not patient:
         raise _Rejected("missing patient_id")
@@ -218,6 +307,12 @@ def _check_row(record: dict, image: str, base: Path, by_path: dict, by_pixels: d
     height, width = pixels.shape
     return {"image": str(path), "patient_id": patient, "view": view, "label": label,
             **_box(record, width, height), "height": height, "width": width, "pixel_sha256": digest}
+
+
+def _label_words(parse_label) -> str:
+    """'abnormal/normal' (or the data set's positive/negative) for a rejection's reason."""
+    names = getattr(parse_label, "names", LABEL_NAMES)
+    return f"{names[1]}/{names[0]}"
 
 
 def pixel_sha256(pixels: np.ndarray) -> str:
@@ -246,7 +341,8 @@ def _box(record: dict, width: int, height: int) -> dict:
     return dict(zip(BOX, (x0, y0, x1, y1)))
 
 
-def _reject_label_conflicts(accepted: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict]]:
+def _reject_label_conflicts(accepted: list[dict], rejected: list[dict], classes: tuple[str, str] = LABEL_NAMES
+                            ) -> tuple[list[dict], list[dict]]:
     """Reject every row of a (patient, view) that has both labels (see module doc for why all)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in accepted:
@@ -255,7 +351,7 @@ def _reject_label_conflicts(accepted: list[dict], rejected: list[dict]) -> tuple
     for row in accepted:
         group = groups[row["patient_id"], row["view"]]
         if len({r["label"] for r in group}) > 1:
-            reason = f"conflicting labels: the patient's {row['view']} view is both normal and abnormal " \
+            reason = f"conflicting labels: the patient's {row['view']} view is both {classes[0]} and {classes[1]} " \
                      f"(rows {', '.join(str(r['row']) for r in group)})"
             rejected.append({"row": row["row"], "image": row["given"], "reason": reason, "kind": "conflicting labels"})
         else:
@@ -337,15 +433,18 @@ def _count_warnings(heard: list[dict]) -> dict[str, int]:
     return dict(sorted(Counter(kind for _, kind in kinds).items()))
 
 
-def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict], heard: list[dict]) -> IngestResult:
-    counts = {split: {view: {name: 0 for name in reversed(LABEL_NAMES)} for view in VIEWS} for split in SPLITS}
+def _summarise(out: Path, table: pd.DataFrame, rejected: list[dict], heard: list[dict],
+               classes: tuple[str, str] = LABEL_NAMES) -> IngestResult:
+    views = store_views(table["view"])
+    counts = {split: {view: {name: 0 for name in reversed(classes)} for view in views} for split in SPLITS}
     for (split, view, label), n in table.groupby(["split", "view", "label"]).size().items():
-        counts[split][view][LABEL_NAMES[label]] = int(n)
+        counts[split][view][classes[label]] = int(n)
     by_reason = dict(Counter(row["kind"] for row in rejected))
     return IngestResult(dataset=out, accepted=len(table), rejected=len(rejected),
                         patients=table["patient"].nunique(), counts=counts,
                         rejected_by_reason=by_reason, fingerprint=fingerprint(table),
-                        warnings=_count_warnings(heard))
+                        warnings=_count_warnings(heard), views=views, classes=tuple(classes))
+
 
 
 def fingerprint(table: pd.DataFrame) -> str:
@@ -363,11 +462,30 @@ def _write_summary(out: Path, result: IngestResult, manifest: Path, seed: int, f
         "rejected": result.rejected,
         "patients": result.patients,
         "counts": result.counts,
+        "views": list(result.views),
+        "classes": {"negative": result.classes[0], "positive": result.classes[1]},
         "rejected_by_reason": result.rejected_by_reason,
         "warnings": result.warnings,
         "fingerprint": result.fingerprint,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def dataset_views(dataset_dir: str | Path) -> tuple[str, ...]:
+    """The views of an ingested DATASET (``store_views`` of its rows: left, right for the paper's shape)."""
+    import pyarrow.parquet as pq
+
+    path = Path(dataset_dir) / "dataset.parquet"
+    if not path.is_file():
+        raise FsweepError(f"{dataset_dir}: no dataset.parquet (run `fsweep ingest MANIFEST --out {dataset_dir}`)")
+    return store_views(pq.read_table(path, columns=["view"])["view"].to_pylist())
+
+
+def dataset_classes(dataset_dir: str | Path) -> tuple[str, str]:
+    """(negative, positive) class names of an ingested DATASET (normal / abnormal unless it named its own)."""
+    summary = Path(dataset_dir) / "summary.json"
+    named = json.loads(summary.read_text()).get("classes") if summary.is_file() else None
+    return (named["negative"], named["positive"]) if named else LABEL_NAMES
 
 
 def load_dataset(dataset_dir: str | Path) -> pd.DataFrame:

@@ -6,7 +6,10 @@ happen on the device in fsmodels.
 
 Flip (paper §3.3): a view's training set gains the OTHER view's TRAIN images mirrored
 left-right, labels kept, so it doubles. Only the train split is ever mirrored in, and
-splits are patient-level (DESIGN §3), so no val/test patient reaches training.
+splits are patient-level (DESIGN §3), so no val/test patient reaches training. That
+cross-view Flip needs the mirrored pair (left and right) in the data; for a view outside
+it (a PA-only set, elbow/wrist/shoulder) Flip is a plain horizontal flip: the view's own
+train images join mirrored (``preprocessing.vocab.flip_kind`` says which one a model gets).
 
 Folds (``fsweep ingest --folds K``): the store's arrays follow the dataset's ``split``
 (fold 0); another fold's sets take their rows from every array of the view, picked by
@@ -23,7 +26,7 @@ from torch.utils.data import Dataset
 from cluster.errors import FsweepError
 from preprocessing.splits import dataset_folds, fold_column
 from preprocessing.variant import Variant
-from preprocessing.vocab import SPLITS, VIEW_CHOICES, VIEWS
+from preprocessing.vocab import SPLITS, VIEWS, check_view_choice, flip_kind, model_views
 
 
 @dataclass(frozen=True)
@@ -73,31 +76,37 @@ def fold_splits(variant: Variant, fold: int) -> dict[str, str] | None:
     return dict(zip(rows["image_id"], rows[fold_column(fold)]))
 
 
-def train_set(variant: Variant, view: str, flip: bool, splits: dict[str, str] | None = None) -> ArraySet:
-    """Training set of ``view`` (left/right/both); with ``flip`` plus the mirrored train images of the other view(s).
+def train_set(variant: Variant, view: str, flip: bool, splits: dict[str, str] | None = None,
+              pair: tuple[str, ...] = VIEWS) -> ArraySet:
+    """Training set of ``view`` (a view, or both/all); with ``flip`` plus mirrored train images (``train_views``).
 
-    ``splits`` (``fold_splits``) picks another fold's train rows; None keeps the store's split.
+    ``splits`` (``fold_splits``) picks another fold's train rows; None keeps the store's split. ``pair``: the
+    mirrored pair of cross-view Flip (``data.mirror_pair``).
     """
-    views, mirror_views = train_views(view, flip)
+    views, mirror_views = train_views(view, flip, variant.views, pair)
     parts = [p for v in views for p in _parts(variant, "train", v, False, splits)]
     parts += [p for v in mirror_views for p in _parts(variant, "train", v, True, splits)]
     return ArraySet(parts)
 
 
-def train_views(view: str, flip: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(views a training set reads as stored, views it reads mirrored): with Flip one view mirrors the
-    other view in, and both mirrors every train image."""
-    views = _views(view)
+def train_views(view: str, flip: bool, data_views: tuple[str, ...] = VIEWS, pair: tuple[str, ...] = VIEWS
+                ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(views a training set reads as stored, views it reads mirrored) for a data set of ``data_views``:
+    with cross-view Flip one view of the ``pair`` mirrors the other view in, and both/all mirrors every
+    train image; with horizontal Flip each view mirrors its own train images in."""
+    views = _views(view, data_views)
     if not flip:
         return views, ()
-    return views, VIEWS if view == "both" else tuple(v for v in VIEWS if v != view)
+    if flip_kind(view, data_views, pair) == "horizontal" or view in ("both", "all"):
+        return views, views
+    return views, tuple(v for v in pair if v != view)
 
 
 def eval_set(variant: Variant, view: str, split: str, splits: dict[str, str] | None = None) -> ArraySet:
     """Evaluation set of ``split`` (val/test, or train) for ``view`` (left/right/both); never mirrored."""
     if split not in SPLITS:
         raise FsweepError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-    return ArraySet([p for v in _views(view) for p in _parts(variant, split, v, False, splits)])
+    return ArraySet([p for v in _views(view, variant.views) for p in _parts(variant, split, v, False, splits)])
 
 
 def _parts(variant: Variant, split: str, view: str, mirrored: bool, splits: dict[str, str] | None) -> list[Part]:
@@ -123,7 +132,6 @@ def _part(variant: Variant, split: str, view: str, mirrored: bool) -> Part:
     )
 
 
-def _views(view: str) -> tuple[str, ...]:
-    if view not in VIEW_CHOICES:
-        raise FsweepError(f"view={view!r}: must be one of {', '.join(VIEW_CHOICES)}")
-    return VIEWS if view == "both" else (view,)
+def _views(view: str, data_views: tuple[str, ...]) -> tuple[str, ...]:
+    check_view_choice(view, data_views, "space.view")
+    return model_views(view, data_views)

@@ -4,7 +4,8 @@ Every image of a patient lands in one split, so a patient's mirrored anatomy can
 never be trained on (through Flip) while their other view is tested.
 
 Stratification: patients are grouped by their label pattern (left label, right
-label, '-' where a view is absent, e.g. ``L1R0``). Groups are taken in a fixed
+label, '-' where a view is absent, e.g. ``L1R0``; with other views, each view the
+patient has and its label, e.g. ``elbow=1,wrist=0``). Groups are taken in a fixed
 order, patients inside a group in a seeded random order, and the whole sequence
 is dealt out with the repeating pattern train, val, train, test, train. So every
 group, and therefore each split's abnormal fraction, follows 60/20/20 to within
@@ -29,8 +30,11 @@ DEAL = ("train", "val", "train", "test", "train")  # 3 : 1 : 1 = 60/20/20, val b
 
 
 def label_pattern(rows: pd.DataFrame) -> str:
-    """A patient's stratum: its label per view, e.g. 'L1R0' or 'L-R1' when the left view is absent."""
+    """A patient's stratum: its label per view, e.g. 'L1R0' or 'L-R1' when the left view is absent; with
+    views outside the mirrored pair, its views and their labels, e.g. 'elbow=1,wrist=0'."""
     by_view = dict(zip(rows["view"], rows["label"]))
+    if not set(by_view) <= set(VIEWS):
+        return ",".join(f"{view}={by_view[view]}" for view in sorted(by_view))
     return "".join(f"{side[0].upper()}{by_view.get(side, '-')}" for side in VIEWS)
 
 

@@ -46,7 +46,7 @@ from preprocessing.remote import publish, staging_dir
 from preprocessing.roi import BOX_COLUMNS, RoiDetector, crop_box, detector_sha256
 from preprocessing.splits import dataset_folds, fold_column
 from preprocessing.variant import INDEX_COLUMNS, Variant, open_variant
-from preprocessing.vocab import SPLITS, VIEWS, is_off
+from preprocessing.vocab import SPLITS, is_off, store_views
 
 BUILD_FILE = "build.json"  # provenance: Ray node id -> images built there (outside the checked bytes)
 CHUNK = 16  # images per Ray task: small enough for a smooth progress bar, large enough to amortise a task
@@ -158,7 +158,7 @@ def _open_outputs(path: Path, rows: pd.DataFrame, size: int) -> dict[str, tuple[
     _remove_dead_temps(path)
     outputs = {}
     for split in SPLITS:
-        for view in VIEWS:
+        for view in store_views(rows["view"]):
             count = int(((rows["split"] == split) & (rows["view"] == view)).sum())
             final = path / f"{split}_{view}.npy"
             tmp = temp_name(final)
@@ -270,8 +270,8 @@ def _variant_meta(index: pd.DataFrame, spec: VariantSpec, key: str, detector: st
         "detector_sha256": detector,
         # the data set this variant was built from: export records it without reading DATASET again
         "dataset": {"fingerprint": data.get("fingerprint"), "split_seed": data.get("seed"),
-                    "counts": data.get("counts")},
-        "counts": {f"{s}_{v}": int(counts.get((s, v), 0)) for s in SPLITS for v in VIEWS},
+                    "counts": data.get("counts"), **({"classes": data["classes"]} if "classes" in data else {})},
+        "counts": {f"{s}_{v}": int(counts.get((s, v), 0)) for s in SPLITS for v in store_views(index["view"])},
         "fallback": int(index["fallback"].sum()),
         **folds,
     }

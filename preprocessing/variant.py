@@ -2,7 +2,7 @@
 
 Layout of a variant::
 
-    STORE/<key>/{train,val,test}_{left,right}.npy   uint8 N x S x S, memory-mappable
+    STORE/<key>/{train,val,test}_<view>.npy   uint8 N x S x S, memory-mappable, per view of the data set
     STORE/<key>/index.parquet   image_id, patient, view, label, split, pos, x0..y1, conf, fallback
     STORE/<key>/variant.json    spec, detector hash, data fingerprint, counts (deterministic: no node ids);
                                 a fold's variant (``fold<k>-`` key) also its fold and detector key
@@ -30,7 +30,7 @@ from cluster.storage import exists, join, open_filesystem, resolve_storage
 from preprocessing.artifact import MANIFEST, open_artifact
 from preprocessing.recipe import VariantSpec
 from preprocessing.roi import BOX_COLUMNS
-from preprocessing.vocab import SPLITS, VIEWS
+from preprocessing.vocab import LABEL_NAMES, SPLITS, store_views
 
 INDEX_COLUMNS = ["image_id", "patient", "view", "label", "split", "pos", *BOX_COLUMNS, "conf", "fallback"]
 
@@ -47,9 +47,20 @@ class Variant:
     preprocessed: int = 0  # images preprocessed by the call that returned this object (0: reused)
     meta: dict = field(default_factory=dict)  # its variant.json: detector hash, data set fingerprint, counts
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The data set's views this variant holds arrays for (left, right for the paper's shape)."""
+        return store_views(self.index["view"])
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        """(negative, positive) class names of the data set (normal / abnormal unless it named its own)."""
+        named = (self.meta.get("dataset") or {}).get("classes")
+        return (named["negative"], named["positive"]) if named else LABEL_NAMES
+
     def images(self, split: str, view: str) -> np.ndarray:
         """The (N, S, S) uint8 array of ``split`` x ``view``, memory-mapped read-only."""
-        _check_group(split, view)
+        _check_group(split, view, self.views)
         return np.load(self.path / f"{split}_{view}.npy", mmap_mode="r")
 
     def labels(self, split: str, view: str) -> np.ndarray:
@@ -61,7 +72,7 @@ class Variant:
         return self._rows(split, view)["image_id"].tolist()
 
     def _rows(self, split: str, view: str) -> pd.DataFrame:
-        _check_group(split, view)
+        _check_group(split, view, self.views)
         rows = self.index[(self.index["split"] == split) & (self.index["view"] == view)]
         return rows.sort_values("pos")
 
@@ -91,6 +102,6 @@ def list_variants(store: str) -> list[str]:
     return sorted(key for key in dirs if key != "stn" and exists(join(store, key, MANIFEST)))
 
 
-def _check_group(split: str, view: str) -> None:
-    if split not in SPLITS or view not in VIEWS:
-        raise FsweepError(f"({split!r}, {view!r}): split must be one of {SPLITS} and view one of {VIEWS}")
+def _check_group(split: str, view: str, views: tuple[str, ...]) -> None:
+    if split not in SPLITS or view not in views:
+        raise FsweepError(f"({split!r}, {view!r}): split must be one of {SPLITS} and view one of {views}")

@@ -9,7 +9,8 @@ starts and nothing trains: the plan takes seconds.
 
 Cost: trial-epochs (the sum of ``epochs``) and images x epochs, where a trial's images are
 the training images of its view(s) and fold in DATASET/dataset.parquet, plus the other
-view's mirrored training images with Flip (``preprocessing.loader.train_set``). What is
+view's mirrored training images with Flip (``preprocessing.loader.train_set``); column
+``flip_as`` says which Flip a trial gets (cross-view, horizontal, or off). What is
 fitted before the trials is listed with its images x epochs too: the frozen STNs (one per
 variant and seed, and per fold on a DATASET with folds) and, with folds and a detector, one
 ROI detector per fold (``fsmodels.params``), each on its fold's training patients only.
@@ -29,7 +30,7 @@ from fsmodels.params import variant_name, variant_recipes
 from preprocessing.ingest import load_dataset
 from preprocessing.loader import train_views
 from preprocessing.splits import dataset_folds, fold_column
-from preprocessing.vocab import ConfigError, is_off
+from preprocessing.vocab import VIEWS, ConfigError, flip_as, is_off, pair_views, store_views
 from search import space
 
 
@@ -59,11 +60,11 @@ def _dataset_rows(cfg: Config) -> pd.DataFrame | None:
     return load_dataset(cfg.data.dataset) if exists else None
 
 
-def train_images(rows: pd.DataFrame, view: str, flip: bool, fold: int) -> int:
+def train_images(rows: pd.DataFrame, view: str, flip: bool, fold: int, pair: tuple[str, ...] = VIEWS) -> int:
     """Training images one epoch of a trial reads (its view(s) in its fold; Flip adds the mirrored other view)."""
     column = fold_column(fold) if fold else "split"
     train = rows[rows[column] == "train"] if column in rows else rows.iloc[:0]
-    views, mirrored = train_views(view, flip)
+    views, mirrored = train_views(view, flip, store_views(rows["view"]), pair)
     return int(train["view"].isin(views).sum()) + int(train["view"].isin(mirrored).sum())
 
 
@@ -75,8 +76,10 @@ def plan_table(cfg: Config) -> tuple[pd.DataFrame, bool]:
     keys = [k for k in SPACE_KEYS if k != "fold" or folds_used]
     table = pd.DataFrame([{k: t[k] for k in keys} for t in trials], columns=keys)
     if rows is not None and len(table):
-        table["images"] = [train_images(rows, t["view"], t["flip"], t["fold"]) for t in trials]
+        pair = pair_views(cfg.data.mirror_pair)
+        table["images"] = [train_images(rows, t["view"], t["flip"], t["fold"], pair) for t in trials]
         table["image_epochs"] = table["images"] * table["epochs"]
+        table["flip_as"] = [flip_as(t["view"], t["flip"], store_views(rows["view"]), pair) for t in trials]
     return table, rows is not None
 
 

@@ -84,7 +84,7 @@ def _winner_lines(winners: dict, metric: str) -> list[str]:
             f"{_fmt(win['val'].get('val_auc'))} [{_fmt(win['val'].get('val_auc_lo'))}, "
             f"{_fmt(win['val'].get('val_auc_hi'))}] (patient bootstrap), training AUC "
             f"{_fmt(win.get('train', {}).get('auc'))}",
-            f"- config: {config}",
+            f"- config: {config}" + (f" (Flip ran as {win['flip_as']})" if win.get("flip_as") else ""),
             f"- **test** (scored once, after selection, at the validation threshold {_fmt(test.get('threshold'))}; "
             "95 % intervals from a bootstrap over patients): " + "; ".join(cells),
             f"- ![ROC]({view}_roc.png) ![confusion]({view}_confusion.png)",
@@ -100,8 +100,8 @@ def plot_roc(y: np.ndarray, scores: np.ndarray, title: str, path: Path) -> None:
     path.write_bytes(roc_figure_png(y, scores, title))
 
 
-def plot_confusion(test: dict, title: str, path: Path) -> None:
-    """Write a 2x2 confusion matrix (rows truth, columns prediction) as a PNG."""
+def plot_confusion(test: dict, title: str, path: Path, classes: tuple[str, str] = LABEL_NAMES) -> None:
+    """Write a 2x2 confusion matrix (rows truth, columns prediction; ``classes`` negative, positive) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +112,7 @@ def plot_confusion(test: dict, title: str, path: Path) -> None:
     ax.imshow(cells, cmap="Blues")
     for (i, j), count in np.ndenumerate(cells):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=12)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES,
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=80)
@@ -124,7 +124,8 @@ def write_plots(experiment: Path, winners: dict) -> None:
     for view, win in winners.items():
         scores = pd.read_csv(experiment / f"winner_{view}_test_scores.csv")
         plot_roc(scores["label"].to_numpy(), scores["score"].to_numpy(), f"{view} view, test", experiment / f"{view}_roc.png")
-        plot_confusion(win["test"], f"{view} view, test", experiment / f"{view}_confusion.png")
+        plot_confusion(win["test"], f"{view} view, test", experiment / f"{view}_confusion.png",
+                       tuple(win.get("classes") or LABEL_NAMES))
 
 
 def _working_copy(experiment: str) -> Path:

@@ -19,6 +19,8 @@ from cluster.storage import join
 from fsmodels.config import SPACE_KEYS, Config
 from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe, operating_threshold
 from search.expdir import as_local_dir, checkpoint_location, put_text
+from preprocessing.ingest import dataset_classes, dataset_views
+from preprocessing.vocab import flip_as, pair_views
 from search.keep import keep_checkpoints
 
 LEADERBOARD = "leaderboard.csv"  # one row per trial
@@ -180,6 +182,11 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
     """Write leaderboard.csv, then score each view's winner on test into winners.json (+ its per-image scores)."""
     experiment = str(experiment)
     board = leaderboard(experiment, cfg.search.metric, cfg.search.mode)
+    if len(board) and (Path(cfg.data.dataset) / "dataset.parquet").is_file():  # which Flip each trial ran
+        views = dataset_views(cfg.data.dataset)
+        board.insert(board.columns.get_loc("flip") + 1, "flip_as",
+                     [flip_as(v, bool(f), views, pair_views(cfg.data.mirror_pair))
+                      for v, f in zip(board["view"], board["flip"])])
     put_text(join(experiment, LEADERBOARD), board.to_csv(index=False))
     winners = {}
     for view, row in pick_winners(board, cfg.search.metric, cfg.search.mode, cfg.search.select_by).items():
@@ -196,6 +203,8 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
             "train": {"auc": json_scalar(row.get("train_auc"))},
             "warnings": fit_warnings(row),
             "test": test,
+            **({"flip_as": row["flip_as"]} if "flip_as" in row else {}),
+            "classes": list(dataset_classes(cfg.data.dataset)),  # negative, positive: the report's names
         }
     put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=json_scalar))
     keep_checkpoints(board, {win["trial_id"] for win in winners.values()}, cfg.search.keep_checkpoints)

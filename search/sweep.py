@@ -59,6 +59,22 @@ def check_data(cfg: Config) -> None:
     if not cfg.data.store:
         raise ConfigError("data.store: empty (give the STORE path of `fsweep store build`)")
     _check_folds(cfg)
+    _check_views(cfg)
+
+
+def _check_views(cfg: Config) -> None:
+    """space.view values the dataset has, and a frozen STN only where there are views to recognise, before
+    any variant is built or trial started."""
+    from preprocessing.ingest import dataset_views
+    from preprocessing.vocab import check_view_choice
+
+    views = dataset_views(cfg.data.dataset)
+    for view in key_values(cfg, "view") or []:
+        check_view_choice(view, views, "space.view")
+    if len(views) < 2 and "frozen" in (key_values(cfg, "stn") or []):
+        # the frozen STN learns its alignment by recognising the view; one view gives it nothing to tell apart
+        raise ConfigError(f"space.stn: frozen needs two or more views to pretrain on (this data set has one, "
+                          f"{views[0]}); use stn: joint (trained with the classifier) or stn: off")
 
 
 def _check_folds(cfg: Config) -> None:

@@ -54,8 +54,9 @@ def _sample_stages(cfg: Config, record: dict, handles: dict) -> dict[str, list]:
     from fsmodels.stn import load_frozen_stn
 
     record = fold_record(record, cfg.space.fold)
-    view = "right" if cfg.space.view == "both" else cfg.space.view
     variant, weights = open_artifacts(cfg, handles)
+    # one model over every view shows its last view (right on the paper's data)
+    view = variant.views[-1] if cfg.space.view in ("both", "all") else cfg.space.view
     stages = {}
     plain = variant_name("off", cfg.space.aspect)
     if plain in record["variants"]:
