@@ -61,7 +61,7 @@ def fsweep(*args: str) -> None:
 
 
 def aspect_key() -> str:
-    """The config key of the crop's aspect: ``space.aspect`` (issue 19), or ``data.aspect`` before it moved."""
+    """The config key of the crop's aspect: ``space.aspect``, or ``data.aspect`` for a config that still names the deprecated key."""
     from fsmodels.config import SpaceConfig
 
     return "space.aspect" if "aspect" in {f.name for f in dataclasses.fields(SpaceConfig)} else "data.aspect"

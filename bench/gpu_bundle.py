@@ -1,6 +1,6 @@
 """``make gpu-bundle``: one xz archive of the wheels a bare GPU node lacks, for ``bench/gpu_node.sh``.
 
-The node (issue 20, item 7) has Python, a CUDA torch and timm, tensorboard, onnx, onnxruntime, opencv,
+The node has Python, a CUDA torch and timm, tensorboard, onnx, onnxruntime, opencv,
 pandas and pyarrow, and no network. This fetches, for the node's Python (``--python 3.12``, manylinux
 x86_64), Ray Tune and Optuna with their dependencies, matplotlib (the report's plots, the STN figure)
 and ultralytics and pydicom without theirs (the node check runs with ``roi.detector: none`` on PNG

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call to check a GPU node (issue 20, item 7): bash bench/gpu_node.sh [--cpu] [--bundle FILE] [--out DIR]
+# One call to check a GPU node: bash bench/gpu_node.sh [--cpu] [--bundle FILE] [--out DIR]
 #
 # The node has Python and a CUDA torch (plus timm, tensorboard, onnx, onnxruntime, opencv, pandas, pyarrow)
 # and no network. This script installs fsweep's other dependencies from the bundle `make gpu-bundle` made

@@ -1,4 +1,4 @@
-"""Benchmark: per-access preprocessing against the preprocessing store (issue 3, item 7).
+"""Benchmark: per-access preprocessing against the preprocessing store.
 
 (a) naive: every time an epoch needs an image, decode the raw file, detect the ROI with
     the YOLO detector, crop, equalize and resize it to 512 x 512;

@@ -1,4 +1,4 @@
-"""True fp32 for the passes whose numbers are read: evaluation and the STN's theta (issue 20).
+"""True fp32 for the passes whose numbers are read: evaluation and the STN's theta.
 
 On Ampere and newer GPUs cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa, about
 1e-3 relative error), and a matmul may too when ``torch.set_float32_matmul_precision`` allows it.

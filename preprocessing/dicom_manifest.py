@@ -1,4 +1,6 @@
-"""Bring your own folder: a manifest (DESIGN §4.1) from a folder of DICOM files and a table of labels.
+"""Bring your own folder: a manifest from a folder of DICOM files and a table of labels.
+
+The manifest's format is docs/design.md's 'The manifest'.
 
 ``write_manifest(DIR, LABELS, OUT)`` reads the header of every file under DIR (recursively,
 any name: hospital exports often have no suffix) and writes OUT with the columns
@@ -85,7 +87,7 @@ def write_manifest(dicom_dir: str | Path, labels_csv: str | Path, out: str | Pat
     placed, unplaced, warnings = [], [], 0
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.resolve() not in ours)
     for path in files:
-        name = os.path.relpath(path.resolve(), base)  # relative to the manifest (DESIGN §4.1)
+        name = os.path.relpath(path.resolve(), base)  # relative to the manifest (docs/design.md, 'The manifest')
         row, heard = _place(path, labels, patients) if plain is None else _place_by_header(path, *plain)
         warnings += len(heard)
         if isinstance(row, str):

@@ -1,4 +1,6 @@
-"""Manifest ingestion: validate, decode, hash patients, split at patient level (DESIGN §4.1, §4.3).
+"""Manifest ingestion: validate, decode, hash patients, split at patient level.
+
+The formats are docs/design.md's 'The manifest' and 'Files the commands write'.
 
 A row is rejected (one line in ``rejected.csv`` with its 1-based data-row number
 and the reason; the run goes on) when its image path is empty or the file is

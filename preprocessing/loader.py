@@ -6,7 +6,7 @@ happen on the device in fsmodels.
 
 Flip (paper §3.3): a view's training set gains the OTHER view's TRAIN images mirrored
 left-right, labels kept, so it doubles. Only the train split is ever mirrored in, and
-splits are patient-level (DESIGN §3), so no val/test patient reaches training. That
+splits are patient-level (docs/design.md, 'Patient-level splits'), so no val/test patient reaches training. That
 cross-view Flip needs the mirrored pair (left and right) in the data; for a view outside
 it (a PA-only set, elbow/wrist/shoulder) Flip is a plain horizontal flip: the view's own
 train images join mirrored (``preprocessing.vocab.flip_kind`` says which one a model gets).

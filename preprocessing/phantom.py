@@ -1,4 +1,4 @@
-"""Phantom family v2 (the default): a synthetic oblique cervical-spine data set in the manifest format (DESIGN §4.1).
+"""Phantom family v2 (the default): a synthetic oblique cervical-spine data set in the manifest format.
 
 The paper's radiographs are private, so fsweep ships this phantom. It is built so that the
 label lives only in local anatomy, and so that each nuisance the paper's methods address is
@@ -62,7 +62,9 @@ from preprocessing.vocab import LABEL_NAMES, VIEWS
 ABNORMAL_FRACTION = 0.64  # the paper's share of abnormal views
 BOTH_ABNORMAL_FRACTION = 0.52  # paired labels: patients abnormal on both sides (independent sides: 0.41)
 DEFAULT_DIFFICULTY = 0.5  # calibrated: see the module docstring (and phantom_height's, whose scale is its own)
-FAMILIES = ("v2", "height")  # phantom families, built differently (DESIGN §3): a data default must hold on both
+# phantom families, built differently: a data default must hold on both (docs/design.md, 'A testbed that can tell
+# configurations apart')
+FAMILIES = ("v2", "height")
 DEFAULT_FAMILY = "v2"
 DEFAULT_LABEL_NOISE = 0.04
 LEVELS = 6  # vertebral bodies C2..C7

@@ -11,7 +11,7 @@ radiograph the exposed field is bright almost everywhere (skull, mandible, clavi
 around the spine), so an Otsu box would be close to the full frame anyway while adding
 a second, untrained crop rule; the full frame never cuts anatomy and is easy to audit.
 
-Offline by construction (DESIGN §6): the model is built from its yaml or a local .pt,
+Offline by construction (docs/design.md, 'Offline and CPU-first'): the model is built from its yaml or a local .pt,
 the font check and the AMP check (both download) are kept from running, ultralytics'
 settings live in a private directory (never the user's home) with telemetry ``sync``
 off, and its Ray Tune integration is off (see ``_offline_ultralytics``).

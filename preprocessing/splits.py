@@ -1,4 +1,4 @@
-"""Patient-level, stratified, deterministic 60/20/20 split (DESIGN §3).
+"""Patient-level, stratified, deterministic 60/20/20 split (docs/design.md, 'Patient-level splits').
 
 Every image of a patient lands in one split, so a patient's mirrored anatomy can
 never be trained on (through Flip) while their other view is tested.

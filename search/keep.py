@@ -1,4 +1,4 @@
-"""``search.keep_checkpoints``: what a finished trial keeps on disk (DESIGN §4.4).
+"""``search.keep_checkpoints``: what a finished trial keeps on disk (docs/design.md, 'The config').
 
 ``all``: every trial keeps its latest checkpoint, resumable (model and optimizer state)
 and with its best weights. ``winners`` (default): the winners keep theirs; every other

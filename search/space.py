@@ -1,4 +1,4 @@
-"""Sweep config (DESIGN §4.4) -> Ray Tune param space, search algorithm and scheduler.
+"""Sweep config (docs/design.md, 'The config') -> Ray Tune param space, search algorithm and scheduler.
 
 Each ``space`` key is a fixed value, a list, or a one-key mapping naming a Ray Tune
 distribution, e.g. ``{loguniform: [1e-4, 1e-2]}``. A list is a grid axis under

@@ -1,4 +1,4 @@
-"""Every benchmark in bench/ runs at its smallest size and prints its headline last as ``name=value`` (DESIGN §4.3).
+"""Every benchmark in bench/ runs at its smallest size and prints its headline last as ``name=value``.
 
 Each bench runs as a user runs it (``python bench/<name>.py --quick``) in its own process, so a
 refactor that breaks one fails here instead of in ``make bench``. The quick sizes say nothing

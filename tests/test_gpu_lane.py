@@ -1,4 +1,4 @@
-"""GPU lane (issue 14) outside the trial loop: the leaderboard's and report's GPU-hours, and bench/gpu.py.
+"""GPU lane outside the trial loop: the leaderboard's and report's GPU-hours, and bench/gpu.py.
 
 The trial-loop parts (resident data, checkpoint_every, fp32 evaluation, determinism) are in test_train.py.
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("fsweep", "search", "fsmodels", "preprocessing", "cluster")  # top to bottom (DESIGN §5)
+LAYERS = ("fsweep", "search", "fsmodels", "preprocessing", "cluster")  # top to bottom (docs/design.md, 'Layers')
 RANK = {name: i for i, name in enumerate(LAYERS)}
 SOURCES = sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py"))
 # The shared vocabulary: each name is bound at module level in exactly one file.

@@ -104,10 +104,10 @@ def test_global_intensity_features_do_not_predict_the_label(default_phantom):
     assert probe_auc(x, y, patients) <= MAX_AUC
 
 
-# Known (issue 19): with every nuisance off, the height family's narrowed foramina still leave a small trace in the
+# Known: with every nuisance off, the height family's narrowed foramina still leave a small trace in the
 # grey-level histogram (probe 0.64 at seed 31, 0.54 at seed 5; measured with lumen and rim areas kept, so it is
 # likely the part-dark pixels along a shorter outline). With its nuisances on (the default) it stays <= 0.6 above.
-CLEAN_LEAK = pytest.mark.xfail(strict=True, reason="height family, nuisances off: a small outline trace (issue 19)")
+CLEAN_LEAK = pytest.mark.xfail(strict=True, reason="height family, nuisances off: a small outline trace")
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=CLEAN_LEAK) if f == "height" else f for f in FAMILIES])

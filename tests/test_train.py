@@ -298,7 +298,7 @@ def test_a_trial_whose_scores_turn_nan_is_diverged_and_never_takes_that_epoch(tr
     assert all(math.isnan(reports[1][f"val_{k}"]) for k in ("auc", "accuracy", "f1", "sensitivity", "specificity"))
 
 
-# --- GPU lane (issue 14): resident data, cheap checkpoints, numerics, accounting -----------------
+# --- GPU lane: resident data, cheap checkpoints, numerics, accounting -----------------
 
 def test_resident_batches_equal_the_dataloader_batches_image_by_image(tiny_variant):
     from fsmodels.engine import make_loader, runtime
