@@ -221,7 +221,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from fsweep.export import export_experiment
 
-    path = export_experiment(args.experiment, args.out)
+    path = export_experiment(args.experiment, args.out, torchscript=args.torchscript)
     print(f"model: {path} (run it with `fsweep predict {path} INPUT...`)")
 
 
@@ -352,9 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment directory")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("export", help="export the sweep's winners: ONNX, TorchScript, weights, model card")
+    p = sub.add_parser("export", help="export the sweep's winners: ONNX, model.pt2, the detector in ONNX, weights, "
+                                      "model card")
     p.add_argument("experiment", help="experiment directory of a finished sweep")
     p.add_argument("--out", required=True, help="MODEL_DIR to write (must not exist or be empty)")
+    p.add_argument("--torchscript", action="store_true",
+                   help="also write model.torchscript.pt (deprecated by PyTorch; for readers that still need it)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="run an exported model on PNG/JPEG/TIFF/DICOM files (no Ray)")
