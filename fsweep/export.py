@@ -350,7 +350,12 @@ def save_pt2(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
     """
     with torch.no_grad():
         program = torch.export.export(model.eval(), (samples[:2],), dynamic_shapes=({0: batch_dim()},))
-    atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: torch.export.save logs a warning for a name not ending .pt2
+            torch.export.save(program, handle)
+
+    atomic_write(path, write)
 
 
 def save_torchscript(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:

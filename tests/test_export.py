@@ -177,6 +177,9 @@ def test_export_writes_weights_pt2_onnx_detector_onnx_and_a_complete_card(sweep,
     assert card["packages"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
     assert card["packages"]["onnxruntime"] == ort.__version__ and card["packages"]["onnxscript"]
     found = card["detector"]["parity"]
+    print("export parity:", {view: {k: m["parity"][k] for k in ("onnx_max_abs_diff", "pt2_max_abs_diff")}
+                             for view, m in card["models"].items()}, "detector:", found,
+          "detector export:", card["detector"]["export"])
     assert found["same_crops"] == found["images"] == 16 and found["with_box"] > 0  # 16 validation images
     assert card["detector"]["export"]["exporter"] == "torch.onnx.export(dynamo=True)"
     assert card["detector"]["export"]["fallback_reason"] is None
@@ -607,3 +610,61 @@ def test_plain_ray_opens_the_experiment_without_fsweep(sweep, tmp_path):
     board = pd.read_csv(sweep["experiment"] / "leaderboard.csv", dtype={"trial_id": str})
     assert len(read) == len(board) == 2
     assert read == dict(zip(board["trial_id"], board["val_auc"]))  # the leaderboard's best-epoch value, exactly
+
+
+PACKAGES_OF_FSWEEP = ("fsweep", "search", "fsmodels", "preprocessing", "cluster")
+
+
+def slim_env(**extra) -> dict:
+    """The environment without this checkout on the path (PYTHONPATH) or the test's virtual environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return {**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def du(path: Path) -> str:
+    """``du -sh`` of ``path`` (links followed), e.g. ``518M``."""
+    return subprocess.run(["du", "-shL", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def test_predict_installs_and_runs_without_torch_in_a_fresh_environment(model_dir, unseen, tmp_path):
+    """requirements-predict.txt, then fsweep with --no-deps, in a new virtual environment: no torch, no
+    ultralytics; the detector and both STN models (frozen: the DICOM's left model) give the full install's
+    probabilities, and --cam stops in one line that says what to install."""
+    python = shutil.which("python3.11") or sys._base_executable
+    venv, source = tmp_path / "venv", tmp_path / "src"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    done = subprocess.run([*pip, "-r", str(ROOT / "requirements-predict.txt")], capture_output=True, text=True,
+                          timeout=600, env=slim_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    source.mkdir()  # a copy: building fsweep writes build/ and *.egg-info next to its sources
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in PACKAGES_OF_FSWEEP:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([*pip, "--no-deps", str(source)], capture_output=True, text=True, timeout=600,
+                          env=slim_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    absent = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True,
+                            env=slim_env(), cwd=tmp_path)
+    assert absent.returncode != 0 and "No module named 'torch'" in absent.stderr
+    raw = unseen["raw"]
+    images = [raw / "plain.png", raw / "deep.png", raw / "scan.dcm"]  # 8-bit PNG, 16-bit PNG, DICOM (left)
+    command = [str(venv / "bin" / "fsweep"), "predict", str(model_dir), *map(str, images), "--view", "right"]
+    done = subprocess.run([*command, "--out", str(tmp_path / "slim.csv")], capture_output=True, text=True,
+                          timeout=300, env=slim_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    slim = pd.read_csv(tmp_path / "slim.csv")
+    full = predict(model_dir, images, view="right")
+    assert slim["image"].tolist() == full["image"].tolist() and slim["model"].tolist() == ["right", "right", "left"]
+    difference = np.abs(slim["probability"].to_numpy() - full["probability"].to_numpy()).max()
+    assert difference <= 1e-7 and (slim["label"] == full["label"]).all()
+    for column in ("x0", "y0", "x1", "y1", "fallback"):
+        assert slim[column].tolist() == full[column].tolist(), column  # the same detector boxes
+    done = subprocess.run([*command, "--cam", str(tmp_path / "cams")], capture_output=True, text=True,
+                          timeout=300, env=slim_env(), cwd=tmp_path)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err[-2000:]
+    assert "--cam needs torch" in err and "pip install" in err and not (tmp_path / "cams").exists()
+    print(f"predict-only environment {du(venv)} (full install {du(Path(sys.prefix))}); "
+          f"max |probability difference| {difference:.1e}")
