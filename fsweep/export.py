@@ -81,13 +81,13 @@ def export_experiment(experiment: str | Path, out: str | Path, torchscript: bool
     """
     from cluster.storage import is_uri
 
+    if torchscript:
+        warnings.warn(TORCHSCRIPT_DEPRECATED, FutureWarning, stacklevel=2)
     experiment = str(experiment) if is_uri(experiment) else str(Path(experiment).resolve())
     out = Path(out).resolve()
     winners = read_winners(experiment)
     if out.exists() and any(out.iterdir()):
         raise FsweepError(f"{out}: exists and is not empty; choose another --out or remove it")
-    if torchscript:
-        warnings.warn(TORCHSCRIPT_DEPRECATED, FutureWarning, stacklevel=2)
     tmp = out.with_name(f".{out.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -112,6 +112,7 @@ def export_experiment(experiment: str | Path, out: str | Path, torchscript: bool
               f"(max |box diff| {found['max_abs_box_diff']:.1e} px)")
     print(f"export took {time.monotonic() - started:.0f} s")
     return out
+
 
 def read_winners(experiment: str) -> dict:
     """``winners.json`` of a finished sweep, or a one-line FsweepError."""
@@ -151,6 +152,7 @@ def build_card(experiment: str, winners: dict, model_dir: Path, torchscript: boo
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     card["sha256"] = {str(p.relative_to(model_dir)): file_sha256(p) for p in files}
     return card
+
 
 def locate_checkpoint(experiment: str, recorded: str) -> Path:
     """The winner's checkpoint as a local directory (a URI is downloaded); found under a moved ``experiment``."""
@@ -236,6 +238,7 @@ def detector_parity(roi_dir: Path, cfg) -> dict:
             "compared": "crop window after margin and outward rounding; box coordinates in pixels",
             "source": source, "reference": "ultralytics YOLO(best.pt).predict on the CPU"}
 
+
 def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None,
                 torchscript: bool = False) -> dict:
     """Write one view's weights, model.pt2, ONNX (and TorchScript if asked); check parity; return its card entry."""
@@ -292,6 +295,7 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "parity": parity,
         "data": {**(variant.meta.get("dataset") or {}), "variant": variant.key},
     }
+
 
 def validation_metrics(checkpoint: Path) -> dict:
     """The selected epoch on the validation split with bootstrap intervals (the sweep kept only point values)."""
@@ -404,6 +408,7 @@ def one_line(exc: Exception) -> str:
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return f"{type(exc).__name__}: {first}"
 
+
 def write_onnx_metadata(path: Path, values: dict) -> None:
     """Set ``values`` (``ONNX_METADATA`` keys, strings) as the ONNX file's metadata_props, rewritten atomically."""
     import onnx
@@ -457,6 +462,7 @@ def check_parity(model: torch.nn.Module, samples: torch.Tensor, folder: Path, vi
             "pt2_max_abs_diff": diffs["model.pt2"], "torchscript_max_abs_diff": diffs.get("TorchScript"),
             "reference": "PyTorch fp32, TF32 off", "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE,
             "compared": "logit"}
+
 
 def data_fingerprint(models: dict) -> dict:
     """The training data's identity as the winners' store variant recorded it when built (DATASET may have changed)."""

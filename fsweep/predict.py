@@ -133,7 +133,8 @@ def require_cam_packages() -> None:
     missing = [name for name in ("torch", "timm", "safetensors") if importlib.util.find_spec(name) is None]
     if missing:
         raise FsweepError(f"--cam needs {', '.join(missing)} (Grad-CAM takes gradients of the PyTorch network): "
-                          "install the full fsweep (`pip install -e .` or `make setup`), or predict without --cam")
+                          "install fsweep with its dependencies (`pip install .`, or `make setup` in its repository), "
+                          "or predict without --cam")
 
 
 def model_key(card: dict, view: str, path: Path, model_dir: Path) -> str:

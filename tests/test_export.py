@@ -42,6 +42,7 @@ from preprocessing.recipe import VariantSpec, preprocess_decoded
 from preprocessing.roi import CONF_THRESHOLD, RoiDetector, margin_box, train_detector
 from preprocessing.variant import open_variant
 from fsweep import export
+from fsweep.export import export_experiment as real_export_experiment
 from fsweep.cli import main as fsweep
 from fsweep.modelcard import CARD_FORMAT, RECIPE_STEPS, recipe_sha256, recipe_spec
 from fsweep.predict import load_card, load_detector, model_key, predict, provider_chains, session_providers
@@ -219,6 +220,27 @@ def test_export_fails_when_onnx_runtime_disagrees_with_pytorch(sweep, tmp_path, 
     with pytest.raises(FsweepError, match="differ by .* export refused"):
         export.export_experiment(uri, tmp_path / "refused")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".*export-tmp"))
+
+
+def test_torchscript_is_written_only_when_asked_and_its_deprecation_shows(tmp_path, monkeypatch):
+    asked = {}
+    monkeypatch.setattr(export, "export_experiment", lambda experiment, out, torchscript: asked.update(
+        torchscript=torchscript) or Path(out))
+    assert fsweep(["export", str(tmp_path), "--out", str(tmp_path / "m"), "--torchscript"]) == 0
+    assert asked == {"torchscript": True}
+    assert fsweep(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 0 and asked == {"torchscript": False}
+    net = FsNet(create_backbone("resnet10t"), STN()).eval()
+    samples = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(FutureWarning, match="torch.jit.trace. is deprecated"):  # PyTorch's own, not hidden
+        export.save_torchscript(net, samples, tmp_path / export.TORCHSCRIPT_FILE)
+    export.save_pt2(net, samples, tmp_path / export.PT2_FILE)
+    export.save_onnx(net, samples, tmp_path / export.ONNX_FILE)
+    with pytest.warns(FutureWarning, match="torch.jit.load. is deprecated"):
+        parity = export.check_parity(net, samples, tmp_path, "right")
+    assert parity["torchscript_max_abs_diff"] <= 1e-5 and parity["pt2_max_abs_diff"] <= 1e-5
+    with pytest.warns(FutureWarning, match="TorchScript is deprecated by PyTorch"):  # export's own, before any work
+        with pytest.raises(FsweepError, match="no winners.json"):
+            real_export_experiment(tmp_path, tmp_path / "m2", torchscript=True)
 
 
 def test_each_aspect_is_one_store_variant_and_each_winner_predicts_through_its_own(sweep, model_dir):
@@ -422,6 +444,30 @@ def test_model_pt2_loads_without_fsweep_and_gives_predicts_logits(model_dir, uns
           f"over {len(mine)} images")
     assert len(logits) == len(mine) >= 4 and np.abs(logits - expected).max() <= 1e-5
     assert np.allclose(1 / (1 + np.exp(-logits)), table["probability"].to_numpy()[mine], atol=1e-6)
+
+
+def test_the_detector_falls_back_to_the_legacy_exporter_in_one_line_and_still_crops_alike(model_dir, unseen,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
+    from preprocessing.detector_onnx import export_detector
+
+    roi = tmp_path / "roi"
+    roi.mkdir()
+    for name in ("best.pt", "metrics.json"):
+        shutil.copy2(model_dir / "roi" / name, roi / name)
+    fail_the_current_exporter(monkeypatch)
+    written = export_detector(roi, 64)
+    assert written["exporter"] == "legacy" and "aten::example_op" in written["fallback_reason"]
+    said = [line for line in capsys.readouterr().err.splitlines() if "detector.onnx" in line]
+    assert len(said) == 1 and "cannot express the detector" in said[0] and "legacy" in said[0]
+    ultralytics_detector, onnx_detector = RoiDetector(roi), OnnxRoiDetector(roi)
+    assert onnx_detector.size == written["input_size"] == 64
+    for path in sorted(unseen["raw"].iterdir()):
+        img = decode_image(path)
+        want, got = ultralytics_detector.detect(img), onnx_detector.detect(img)
+        assert (want is None) == (got is None), path
+        if want is not None:
+            assert max(abs(a - b) for a, b in zip(want[0], got[0])) <= 1e-3, path
 
 
 def test_the_onnx_detector_crops_like_ultralytics_on_every_kind_of_file(sweep, model_dir, unseen):
