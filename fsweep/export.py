@@ -192,7 +192,7 @@ def export_detector(cfg, model_dir: Path) -> dict | None:
     exported = write_detector_onnx(target, imgsz)  # prints why when it falls back to the legacy exporter
     return {"dir": ROI_DIR, "sha256": file_sha256(target / "best.pt"),
             "onnx_sha256": file_sha256(target / DETECTOR_ONNX), "imgsz": imgsz,
-            "input_size": exported["input_size"], "map50": trained.get("map50"),
+            "input_size": exported["input_size"], "stride": exported["stride"], "map50": trained.get("map50"),
             "export": {k: exported[k] for k in ("exporter", "fallback_reason", "seconds")},
             "parity": detector_parity(target, cfg)}
 

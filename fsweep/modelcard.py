@@ -60,10 +60,11 @@ ASPECT_RULES = {
 }
 LETTERBOX_RULE = ("the decoded image (h, w) as 3 equal channels; r = min({size} / h, {size} / w); resize to "
                   "new_w = max(round(w * r), 1), new_h = max(round(h * r), 1) with OpenCV cv2.resize INTER_LINEAR "
-                  "(skipped when the size is unchanged); pad with grey {pad} to {size} x {size}: left = "
-                  "round((({size} - new_w) / 2) - 0.1), right = round((({size} - new_w) / 2) + 0.1), top and bottom "
-                  "likewise with new_h (Python round: half to even); channels RGB, layout CHW, float32(v) / "
-                  "float32(255)")
+                  "(skipped when the size is unchanged); pad with grey {pad} to the minimum rectangle (ultralytics "
+                  "predict's rect=True): pad_w = ({size} - new_w) mod {stride}, pad_h = ({size} - new_h) mod "
+                  "{stride}, left = round(pad_w / 2 - 0.1), right = round(pad_w / 2 + 0.1), top and bottom likewise "
+                  "with pad_h (Python round: half to even), so the input is (1, 3, new_h + pad_h, new_w + pad_w); "
+                  "channels RGB, layout CHW, float32(v) / float32(255)")
 DETECTOR_OUTPUT_RULE = ("output 0 of shape (1, 4 + classes, anchors): per anchor cx, cy, w, h in letterboxed "
                         "pixels, then one score per class; score = the largest class score; the box is "
                         "(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2) in float32. A graph whose metadata "
@@ -79,7 +80,7 @@ SCALE_RULE = (f"x = float32(uint8 pixel) / float32(255), shape (batch, 1, size, 
 def recipe_card(he: str, size: int, aspect: str, margin: float, detector: dict | None) -> dict:
     """The card's ``preprocessing`` entry: every step of ``RECIPE_STEPS`` with its parameters and rule, and its hash.
 
-    ``detector``: ``{dir, sha256, onnx_sha256, input_size, map50}`` of the exported ROI detector (``sha256``:
+    ``detector``: ``{dir, sha256, onnx_sha256, input_size, stride, map50}`` of the exported ROI detector (``sha256``:
     its ``best.pt``), None without one.
     """
     from preprocessing.contrast import CLAHE_CLIP, CLAHE_TILES
@@ -95,13 +96,15 @@ def recipe_card(he: str, size: int, aspect: str, margin: float, detector: dict |
             "weights": f"{detector['dir']}/{DETECTOR_ONNX}", "sha256": detector["onnx_sha256"],
             "library": "ONNX Runtime, CPU provider",
             "trained_weights": f"{detector['dir']}/best.pt", "trained_sha256": detector["sha256"],
-            "input": f"float32 (1, 3, {size}, {size}), the first input of the graph",
-            "input_size": size, "confidence_threshold": CONF_THRESHOLD, "max_detections": MAX_DET,
-            "letterbox": LETTERBOX_RULE.format(size=size, pad=PAD_VALUE),
+            "input": f"float32 (1, 3, H, W), H and W at most {size} and multiples of {detector['stride']}, "
+                     "the first input of the graph",
+            "input_size": size, "stride": detector["stride"], "confidence_threshold": CONF_THRESHOLD,
+            "max_detections": MAX_DET, "letterbox": LETTERBOX_RULE.format(size=size, pad=PAD_VALUE,
+                                                                         stride=detector["stride"]),
             "output": DETECTOR_OUTPUT_RULE,
             "box_rule": (f"the box with the highest score above {CONF_THRESHOLD} (score > {CONF_THRESHOLD}, as "
-                         "ultralytics filters), taken back to the decoded image: subtract the letterbox's left/top "
-                         "padding, divide x by new_w / w and y by new_h / h, clip to 0..w and 0..h (float32); "
+                         "ultralytics filters), taken back to the decoded image: subtract the letterbox's left and "
+                         "top padding, divide x by new_w / w and y by new_h / h, clip to 0..w and 0..h (float32); "
                          "no score above it: the whole image (0, 0, width, height)"),
             "equivalent": (f"ultralytics YOLO(trained_weights).predict(image as 3-channel BGR, imgsz={size}, "
                            f"conf={CONF_THRESHOLD}, max_det={MAX_DET}, device='cpu'); export checked that both "

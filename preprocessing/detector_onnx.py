@@ -1,7 +1,8 @@
 """The ROI detector in ONNX: written from ``best.pt`` by ultralytics, run with onnxruntime and numpy alone.
 
 ``export_detector`` writes ``ROI_DIR/detector.onnx`` with ultralytics' own ONNX export
-(the fused network, raw head output, fixed input ``(1, 3, S, S)``), through torch's
+(the fused network, raw head output, input ``(batch, 3, H, W)`` with H and W dynamic, and
+ultralytics' metadata: ``imgsz``, ``stride``, ``end2end``), through torch's
 current exporter (``torch.onnx.export(..., dynamo=True)``); when that exporter cannot
 express the network, the legacy one is used and a line says why.
 
@@ -10,9 +11,11 @@ express the network, the legacy one is used and a line says why.
 numpy (``letterbox``, ``decode_output``):
 
 1. letterbox: grey -> 3-channel, scale by ``r = min(S / h, S / w)`` to
-   ``(max(round(w r), 1), max(round(h r), 1))`` with ``cv2.INTER_LINEAR``, pad to S x S
-   with grey 114 (left/top ``round(pad / 2 - 0.1)``, right/bottom ``round(pad / 2 + 0.1)``),
-   RGB, CHW, ``float32 / 255``;
+   ``(max(round(w r), 1), max(round(h r), 1))`` with ``cv2.INTER_LINEAR``, pad each side's
+   ``pad = (S - new) mod stride`` with grey 114 (left/top ``round(pad / 2 - 0.1)``,
+   right/bottom ``round(pad / 2 + 0.1)``): ultralytics predict's minimum rectangle
+   (``rect=True``), so the input is S on the long side and the short side rounded up to a
+   multiple of the stride; RGB, CHW, ``float32 / 255``;
 2. output ``(1, 4 + classes, anchors)`` (cx, cy, w, h, class scores): the anchor whose best
    class score is highest among those ``> confidence_threshold`` (ultralytics' NMS keeps the
    highest-scoring box first, and ``max_det=1`` keeps only it); an end-to-end head's
@@ -22,6 +25,7 @@ numpy (``letterbox``, ``decode_output``):
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import sys
@@ -38,15 +42,19 @@ PAD_VALUE = 114  # ultralytics' letterbox grey
 ONNX_EXPORTER = "torch.onnx.export(dynamo=True)"  # the exporter used unless it fails (then "legacy")
 
 
-def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """``img`` (2-D uint8) as the detector's input (1, 3, size, size) float32, and the (new_h, new_w) it was scaled to."""
+def letterbox(img: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``img`` (2-D uint8) as the detector's input (1, 3, H, W) float32, and the (new_h, new_w) it was scaled to.
+
+    ultralytics' predict letterboxes to the minimum rectangle (its ``rect=True`` default): each side is padded
+    only by ``(size - new) mod stride``, so H and W are the scaled sides rounded up to a multiple of ``stride``.
+    """
     height, width = img.shape[:2]
     ratio = min(size / height, size / width)
     new_w, new_h = max(round(width * ratio), 1), max(round(height * ratio), 1)
     bgr = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2BGR)
     if (width, height) != (new_w, new_h):
         bgr = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pad_w, pad_h = (size - new_w) / 2, (size - new_h) / 2
+    pad_w, pad_h = ((size - new_w) % stride) / 2, ((size - new_h) % stride) / 2
     top, bottom = round(pad_h - 0.1), round(pad_h + 0.1)
     left, right = round(pad_w - 0.1), round(pad_w + 0.1)
     bgr = cv2.copyMakeBorder(bgr, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
@@ -54,11 +62,12 @@ def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return chw.astype(np.float32) / np.float32(255), (new_h, new_w)
 
 
-def decode_output(output: np.ndarray, conf: float, size: int, scaled: tuple[int, int], shape: tuple[int, ...],
-                  end2end: bool = False):
+def decode_output(output: np.ndarray, conf: float, padded: tuple[int, ...], scaled: tuple[int, int],
+                  shape: tuple[int, ...], end2end: bool = False):
     """The highest-scoring box ``((x0, y0, x1, y1), score)`` in pixels of an image of ``shape``, or None.
 
-    ``output``: the detector's first output for one image; ``scaled``: (new_h, new_w) from ``letterbox``.
+    ``output``: the detector's first output for one image; ``padded``: the shape of the letterboxed input
+    (..., H, W); ``scaled``: (new_h, new_w) from ``letterbox``.
     """
     rows = np.asarray(output, dtype=np.float32)[0]
     if end2end:  # (N, 6): x0, y0, x1, y1, score, class
@@ -74,7 +83,7 @@ def decode_output(output: np.ndarray, conf: float, size: int, scaled: tuple[int,
     box = boxes[best].astype(np.float32).copy()
     height, width = shape[:2]
     new_h, new_w = scaled
-    pad_x, pad_y = round((size - new_w) / 2 - 0.1), round((size - new_h) / 2 - 0.1)
+    pad_x, pad_y = round((padded[-1] - new_w) / 2 - 0.1), round((padded[-2] - new_h) / 2 - 0.1)
     box[[0, 2]] -= pad_x
     box[[1, 3]] -= pad_y
     box[[0, 2]] /= new_w / width
@@ -104,23 +113,28 @@ class OnnxRoiDetector:
         except Exception as exc:  # onnxruntime raises its own types; the file and the first line are what matter
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise FsweepError(f"{self.path}: not a loadable ONNX detector ({reason})") from None
-        spec = self.session.get_inputs()[0]
-        self.input_name = spec.name
-        self.size = int(spec.shape[-1])
-        self.end2end = self.session.get_modelmeta().custom_metadata_map.get("end2end", "False") == "True"
+        self.input_name = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map  # ultralytics writes imgsz, stride, end2end
+        try:
+            self.size = max(int(v) for v in ast.literal_eval(meta["imgsz"]))
+            self.stride = int(meta["stride"])
+        except (KeyError, ValueError, TypeError, SyntaxError):
+            raise FsweepError(f"{self.path}: no ultralytics imgsz/stride metadata; re-export the model with "
+                              "`fsweep export`") from None
+        self.end2end = meta.get("end2end", "False") == "True"
         self.sha256 = file_sha256(self.path)
 
     def detect(self, img: np.ndarray) -> tuple[tuple[float, float, float, float], float] | None:
         """Highest-confidence box ``((x0, y0, x1, y1), conf)`` in pixels of ``img`` (2-D uint8), or None."""
-        x, scaled = letterbox(img, self.size)
+        x, scaled = letterbox(img, self.size, self.stride)
         output = self.session.run(None, {self.input_name: x})[0]
-        return decode_output(output, self.confidence, self.size, scaled, img.shape, self.end2end)
+        return decode_output(output, self.confidence, x.shape, scaled, img.shape, self.end2end)
 
 
 def export_detector(roi_dir: Path, imgsz: int) -> dict:
     """Write ``roi_dir/detector.onnx`` from ``roi_dir/best.pt`` at input size ``imgsz``; returns how it was exported.
 
-    ``{"exporter": ..., "fallback_reason": None or one line, "input_size": S, "seconds": ...}``.
+    ``{"exporter": ..., "fallback_reason": None or one line, "input_size": S, "stride": ..., "seconds": ...}``.
     """
     import time
 
@@ -131,13 +145,14 @@ def export_detector(roi_dir: Path, imgsz: int) -> dict:
     started = time.monotonic()
     used = {"exporter": ONNX_EXPORTER, "fallback_reason": None}
     with _current_exporter(used), _quiet_ultralytics_info():
-        written = yolo.export(format="onnx", imgsz=imgsz, simplify=False, dynamic=False,
+        written = yolo.export(format="onnx", imgsz=imgsz, simplify=False, dynamic=True,
                               device="cpu", verbose=False)
     if not written or not Path(written).is_file():
         raise FsweepError(f"{weights}: ultralytics' ONNX export wrote nothing")
     Path(written).replace(roi_dir / DETECTOR_ONNX)
-    size = int(OnnxRoiDetector(roi_dir).size)
-    return {**used, "input_size": size, "seconds": round(time.monotonic() - started, 1)}
+    detector = OnnxRoiDetector(roi_dir)
+    return {**used, "input_size": detector.size, "stride": detector.stride,
+            "seconds": round(time.monotonic() - started, 1)}
 
 
 @contextlib.contextmanager
@@ -160,8 +175,15 @@ def _current_exporter(used: dict):
         import torch
 
         try:
+            # ultralytics names its dynamic axes per input (dynamic_axes); the current exporter takes them as
+            # dynamic_shapes, one {axis: Dim} per positional input
+            shapes = None
+            if dynamic:
+                shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic.get(name, {})}
+                               for name in (input_names or ["images"]))
             torch.onnx.export(model, im, str(output_file), opset_version=opset, input_names=input_names,
-                              output_names=output_names, dynamo=True, external_data=False, verbose=False)
+                              output_names=output_names, dynamic_shapes=shapes, dynamo=True, external_data=False,
+                              verbose=False)
         except Exception as exc:  # the exporter raises many types; its first line names what it could not express
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             reason = f"the current ONNX exporter cannot express the detector ({type(exc).__name__}: {first})"

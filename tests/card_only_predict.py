@@ -68,16 +68,17 @@ def decode(path: Path) -> np.ndarray:
     return to_8bit(values)
 
 
-def letterbox(img: np.ndarray, size: int, pad: int = 114) -> tuple[np.ndarray, int, int]:
-    """The card's detect.letterbox: (1, 3, size, size) float32 and the scaled (new_h, new_w)."""
+def letterbox(img: np.ndarray, size: int, stride: int, pad: int = 114) -> tuple[np.ndarray, int, int]:
+    """The card's detect.letterbox: (1, 3, H, W) float32 (the minimum rectangle) and the scaled (new_h, new_w)."""
     h, w = img.shape
     r = min(size / h, size / w)
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
     rgb = np.repeat(img[:, :, None], 3, axis=2)
     if (new_w, new_h) != (w, h):
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    left, right = round((size - new_w) / 2 - 0.1), round((size - new_w) / 2 + 0.1)
-    top, bottom = round((size - new_h) / 2 - 0.1), round((size - new_h) / 2 + 0.1)
+    pad_w, pad_h = (size - new_w) % stride, (size - new_h) % stride
+    left, right = round(pad_w / 2 - 0.1), round(pad_w / 2 + 0.1)
+    top, bottom = round(pad_h / 2 - 0.1), round(pad_h / 2 + 0.1)
     canvas = np.full((new_h + top + bottom, new_w + left + right, 3), pad, np.uint8)
     canvas[top:top + new_h, left:left + new_w] = rgb
     return canvas.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255), new_h, new_w
@@ -89,8 +90,7 @@ def detect(session, step: dict, img: np.ndarray) -> tuple[float, float, float, f
     whole = (0.0, 0.0, float(width), float(height))
     if session is None:
         return whole
-    size = step["input_size"]
-    x, new_h, new_w = letterbox(img, size)
+    x, new_h, new_w = letterbox(img, step["input_size"], step["stride"])
     out = session.run(None, {session.get_inputs()[0].name: x})[0][0]  # (4 + classes, anchors)
     scores = out[4:].max(axis=0)
     if not (scores > step["confidence_threshold"]).any():
@@ -99,8 +99,8 @@ def detect(session, step: dict, img: np.ndarray) -> tuple[float, float, float, f
     cx, cy, bw, bh = out[:4, best]
     half_w, half_h = bw / np.float32(2), bh / np.float32(2)
     box = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32)
-    box[[0, 2]] -= round((size - new_w) / 2 - 0.1)
-    box[[1, 3]] -= round((size - new_h) / 2 - 0.1)
+    box[[0, 2]] -= round((x.shape[3] - new_w) / 2 - 0.1)
+    box[[1, 3]] -= round((x.shape[2] - new_h) / 2 - 0.1)
     box[[0, 2]] = np.clip(box[[0, 2]] / np.float32(new_w / width), 0, width)
     box[[1, 3]] = np.clip(box[[1, 3]] / np.float32(new_h / height), 0, height)
     return tuple(float(v) for v in box)

@@ -138,7 +138,8 @@ def test_export_writes_weights_pt2_onnx_detector_onnx_and_a_complete_card(sweep,
         detect = recipe["detect"]
         assert detect["weights"] == "roi/detector.onnx" and detect["sha256"] == file_sha256(model_dir / detect["weights"])
         assert detect["trained_weights"] == "roi/best.pt" and detect["trained_sha256"] == detector_sha
-        assert detect["input_size"] == 64 and "letterbox" in detect and "anchors" in detect["output"]
+        assert detect["input_size"] == 64 and detect["stride"] == 32 and "mod 32" in detect["letterbox"]
+        assert "anchors" in detect["output"]
         assert (detect["confidence_threshold"], detect["max_detections"]) == (CONF_THRESHOLD, 1)
         assert (recipe["he"]["mode"], recipe["resize"]["size"], recipe["aspect"]["mode"], recipe["crop"]["margin"],
                 model["network"]["stn"]) == ("global", SIZE, ASPECT_OF[view], sweep["cfg"].roi.margin,
@@ -470,6 +471,21 @@ def test_the_detector_falls_back_to_the_legacy_exporter_in_one_line_and_still_cr
             assert max(abs(a - b) for a, b in zip(want[0], got[0])) <= 1e-3, path
 
 
+@pytest.mark.parametrize("shape", [(252, 148), (70, 148), (148, 60), (1006, 590), (30, 500), (64, 64), (7, 9)])
+def test_the_detectors_letterbox_is_ultralytics_minimum_rectangle_pixel_for_pixel(shape):
+    from ultralytics.data.augment import LetterBox
+
+    from preprocessing.detector_onnx import letterbox
+
+    img = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    for size in (64, 320):
+        mine, (new_h, new_w) = letterbox(img, size, 32)
+        theirs = LetterBox(size, auto=True, stride=32)(image=cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+        theirs = theirs[..., ::-1].transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255)
+        assert mine.shape == theirs.shape and np.array_equal(mine, theirs), (shape, size)
+        assert max(mine.shape[2:]) == size and mine.shape[2] % 32 == 0 and mine.shape[3] % 32 == 0
+
+
 def test_the_onnx_detector_crops_like_ultralytics_on_every_kind_of_file(sweep, model_dir, unseen):
     """The export's parity check, again on raw files of every kind (none of them seen at export)."""
     from preprocessing.roi import full_frame_box
@@ -477,9 +493,11 @@ def test_the_onnx_detector_crops_like_ultralytics_on_every_kind_of_file(sweep, m
     ultralytics_detector, onnx_detector = RoiDetector(model_dir / "roi"), OnnxRoiDetector(model_dir / "roi")
     rows = pd.read_parquet(sweep["dataset"] / "dataset.parquet")
     paths = sorted(unseen["raw"].iterdir()) + [Path(p) for p in rows[rows["split"] == "test"]["image"]]
+    decoded = [decode_image(path) for path in paths]
+    first = decoded[0]  # and shapes whose letterbox is not square: strips (aspect above 2) and a larger image
+    decoded += [first[:70], np.ascontiguousarray(first[:, :60]), cv2.resize(first, (590, 1006))]
     boxes, largest = 0, 0.0
-    for path in paths:
-        img = decode_image(path)
+    for path, img in zip([*paths, "strip", "tall strip", "590x1006"], decoded):
         want, got = ultralytics_detector.detect(img), onnx_detector.detect(img)
         assert (want is None) == (got is None), path
         if want is None:
@@ -489,7 +507,7 @@ def test_the_onnx_detector_crops_like_ultralytics_on_every_kind_of_file(sweep, m
         assert abs(want[1] - got[1]) <= 1e-4, path  # the confidence
         margin = sweep["cfg"].roi.margin
         assert margin_box(want[0], margin, img.shape) == margin_box(got[0], margin, img.shape), path
-    print(f"ONNX vs ultralytics detector: {len(paths)} images, {boxes} with a box, same crops, "
+    print(f"ONNX vs ultralytics detector: {len(decoded)} images, {boxes} with a box, same crops, "
           f"max |box diff| {largest:.1e} px")
     assert boxes >= 3 and largest <= 1e-3
     assert onnx_detector.detect(np.zeros((40, 30), np.uint8)) is None  # nothing to find: full frame
