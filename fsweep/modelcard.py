@@ -91,22 +91,21 @@ def recipe_card(he: str, size: int, aspect: str, margin: float, detector: dict |
                                    f"tileGridSize={tuple(CLAHE_TILES)}).apply")
     detect = None
     if detector is not None:
-        size = detector["input_size"]
+        side, stride = detector["input_size"], detector["stride"]  # the detector's, not the network's size
         detect = {
             "weights": f"{detector['dir']}/{DETECTOR_ONNX}", "sha256": detector["onnx_sha256"],
             "library": "ONNX Runtime, CPU provider",
             "trained_weights": f"{detector['dir']}/best.pt", "trained_sha256": detector["sha256"],
-            "input": f"float32 (1, 3, H, W), H and W at most {size} and multiples of {detector['stride']}, "
+            "input": f"float32 (1, 3, H, W), H and W at most {side} and multiples of {stride}, "
                      "the first input of the graph",
-            "input_size": size, "stride": detector["stride"], "confidence_threshold": CONF_THRESHOLD,
-            "max_detections": MAX_DET, "letterbox": LETTERBOX_RULE.format(size=size, pad=PAD_VALUE,
-                                                                         stride=detector["stride"]),
+            "input_size": side, "stride": stride, "confidence_threshold": CONF_THRESHOLD,
+            "max_detections": MAX_DET, "letterbox": LETTERBOX_RULE.format(size=side, pad=PAD_VALUE, stride=stride),
             "output": DETECTOR_OUTPUT_RULE,
             "box_rule": (f"the box with the highest score above {CONF_THRESHOLD} (score > {CONF_THRESHOLD}, as "
                          "ultralytics filters), taken back to the decoded image: subtract the letterbox's left and "
                          "top padding, divide x by new_w / w and y by new_h / h, clip to 0..w and 0..h (float32); "
                          "no score above it: the whole image (0, 0, width, height)"),
-            "equivalent": (f"ultralytics YOLO(trained_weights).predict(image as 3-channel BGR, imgsz={size}, "
+            "equivalent": (f"ultralytics YOLO(trained_weights).predict(image as 3-channel BGR, imgsz={side}, "
                            f"conf={CONF_THRESHOLD}, max_det={MAX_DET}, device='cpu'); export checked that both "
                            "give the same crop"),
             "map50": detector.get("map50"),

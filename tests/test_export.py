@@ -44,7 +44,7 @@ from preprocessing.variant import open_variant
 from fsweep import export
 from fsweep.export import export_experiment as real_export_experiment
 from fsweep.cli import main as fsweep
-from fsweep.modelcard import CARD_FORMAT, RECIPE_STEPS, recipe_sha256, recipe_spec
+from fsweep.modelcard import CARD_FORMAT, RECIPE_STEPS, recipe_card, recipe_sha256, recipe_spec
 from fsweep.predict import load_card, load_detector, model_key, predict, provider_chains, session_providers
 from preprocessing.detector_onnx import OnnxRoiDetector
 
@@ -591,7 +591,7 @@ for name in ("search", "fsweep", "fsmodels", "preprocessing", "cluster"):
 def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen, tmp_path):
     """tests/card_only_predict.py: the recipe re-implemented from model_card.json (numpy, OpenCV, pydicom,
     onnxruntime for the detector and the network; no fsweep, no ultralytics, no torch) on raw files of every
-    kind and stored test images."""
+    kind, strips and stored test images."""
     raw = unseen["raw"]
     write_dicom(tmp_path / "window.dcm", unseen["right"].astype(np.uint16) * 12 + 300, window=(1500, 2200),
                 slope=0.5, intercept=-100.0)  # rescale, then a window that clips both ends
@@ -600,6 +600,9 @@ def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen,
     images = [(p, "right") for p in sorted(raw.iterdir()) if p.name != "scan.dcm"]
     images += [(raw / "scan.dcm", "left"), (tmp_path / "window.dcm", "right")]
     images += [(Path(r.image), r.view) for r in test.itertuples()]
+    for name, strip in (("wide.png", unseen["right"][:70]), ("tall.png", unseen["right"][:, :60])):
+        cv2.imwrite(str(tmp_path / name), strip)  # aspect above 2: the detector's letterbox is not square
+        images.append((tmp_path / name, "right"))
     requests = [f"{view}={path}" for path, view in images]
     done = clean_python(RUN_SCRIPT, ROOT / "tests" / "card_only_predict.py", model_dir, *requests, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -622,6 +625,15 @@ def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen,
         spec = VariantSpec(**{**fields, "roi_dir": str(model_dir / fields["roi_dir"])})
         array = preprocess_decoded(decode_image(path), spec, detector)[0]
         assert hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest() == digest, path
+
+
+def test_the_recipe_keeps_the_networks_size_apart_from_the_detectors():
+    detector = {"dir": "roi", "sha256": "a" * 64, "onnx_sha256": "b" * 64, "input_size": 320, "stride": 32,
+                "map50": 0.9}
+    recipe = recipe_card("global", 128, "pad", 0.05, detector)
+    assert recipe["resize"]["size"] == 128 and recipe["detect"]["input_size"] == 320
+    assert "(320 - new_w) mod 32" in recipe["detect"]["letterbox"] and recipe["crop"]["margin"] == 0.05
+    assert recipe_spec(recipe) == {"he": "global", "size": 128, "aspect": "pad", "roi_dir": "roi", "margin": 0.05}
 
 
 def test_parity_runs_once_per_provider_chain_predict_may_open():
