@@ -166,8 +166,10 @@ def _current_exporter(used: dict):
     import ultralytics.utils.export.engine as engine
 
     original = getattr(engine, "torch2onnx", None)
-    if original is None:  # ultralytics moved it: its own exporter runs, and says so through its warnings
-        used.update(exporter="ultralytics' own", fallback_reason="ultralytics has no torch2onnx to route")
+    if original is None:  # ultralytics moved it: its own choice of exporter runs
+        reason = "this ultralytics has no utils.export.engine.torch2onnx to route through the current exporter"
+        print(f"roi/{DETECTOR_ONNX}: {reason}; ultralytics exports it as it chooses", file=sys.stderr)
+        used.update(exporter="ultralytics' own", fallback_reason=reason)
         yield
         return
 
