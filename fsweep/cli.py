@@ -222,7 +222,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from fsweep.export import export_experiment
 
-    path = export_experiment(args.experiment, args.out)
+    path = export_experiment(args.experiment, args.out, torchscript=args.torchscript)
     print(f"model: {path} (run it with `fsweep predict {path} INPUT...`)")
 
 
@@ -349,6 +349,8 @@ def _experiment_arg(text: str):
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment directory of a finished sweep")
     p.add_argument("--out", required=True, help="MODEL_DIR to write (must not exist or be empty)")
+    p.add_argument("--torchscript", action="store_true",
+                   help="also write model.torchscript.pt (deprecated by PyTorch; for readers that still need it)")
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -387,7 +389,7 @@ COMMANDS = (  # (command words, help, arguments, handler), in --help's order
     (("status",), "a running or finished sweep at a glance (reads its files; no Ray)",
      _experiment_arg("experiment directory (<storage>/<name>)"), _cmd_status),
     (("report",), "leaderboard, ablation tables, ROC plots", _experiment_arg("experiment directory"), _cmd_report),
-    (("export",), "export the sweep's winners: ONNX, TorchScript, weights, model card", _export_args, _cmd_export),
+    (("export",), "export the sweep's winners: ONNX, model.pt2, the detector in ONNX, weights, model card", _export_args, _cmd_export),
     (("predict",), "run an exported model on PNG/JPEG/TIFF/DICOM files (no Ray)", _predict_args, _cmd_predict),
     (("demo",), "everything on the phantom, CPU-sized", _demo_args, _cmd_demo),
 )

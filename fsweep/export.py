@@ -1,29 +1,38 @@
-"""Export a sweep's winners as a self-contained MODEL_DIR (DESIGN §4.6).
+"""Export a sweep's winners as a self-contained MODEL_DIR.
 
 One model per winning view (``winners.json``: left and right when the sweep spans
 both, ``both`` for a two-view model). Layout::
 
-    MODEL_DIR/model_card.json            recipe, metrics, versions, sha256 of every file below
-    MODEL_DIR/roi/best.pt, metrics.json  the ROI detector (metrics.json gives its input size)
-    MODEL_DIR/<view>/weights.safetensors the best epoch's state dict
-    MODEL_DIR/<view>/model.torchscript.pt torch.jit.trace of the same network
-    MODEL_DIR/<view>/model.onnx          opset 20 (AffineGrid + GridSample: the STN is in the graph),
-                                         input ``image`` float32 (B, 1, S, S) = uint8 / 255, output ``logit`` (B,);
-                                         metadata_props: threshold, input_size, recipe_sha256 (``ONNX_METADATA``)
+    MODEL_DIR/model_card.json             recipe, metrics, versions, sha256 of every file below
+    MODEL_DIR/roi/detector.onnx           the ROI detector in ONNX (ultralytics' export of best.pt), run by predict
+    MODEL_DIR/roi/best.pt, metrics.json   the detector as trained (the store variant's key names best.pt's sha256)
+    MODEL_DIR/<view>/weights.safetensors  the best epoch's state dict
+    MODEL_DIR/<view>/model.pt2            torch.export of the eval-mode network, dynamic batch (torch.export.load)
+    MODEL_DIR/<view>/model.onnx           opset 20, the STN in the graph, input ``image`` float32 (B, 1, S, S)
+                                          = uint8 / 255, output ``logit`` (B,); metadata_props (``ONNX_METADATA``)
+    MODEL_DIR/<view>/model.torchscript.pt only with ``torchscript=True`` (deprecated by PyTorch; its warning shows)
+
+Both graphs come from torch's current exporters: ``torch.export`` for ``model.pt2`` and
+``torch.onnx.export(..., dynamo=True)`` for ONNX. Where the ONNX one cannot express a network, the
+legacy TorchScript-based exporter writes that view's ONNX instead, a line on stderr says why, and
+the card records it (``parity.onnx_exporter``, ``parity.onnx_fallback_reason``).
 
 The card's ``preprocessing`` entry is the whole recipe in words and numbers
 (``fsweep.modelcard.recipe_card``); its hash is in the ONNX file too, so a graph and a
 card can be matched. At export, ONNX Runtime (under every execution provider that
-``fsweep predict`` may pick on this machine) and TorchScript are compared with PyTorch in
-true fp32 (TF32 off) on the store's validation images of the view plus random inputs; a
-difference above ``PARITY_TOLERANCE`` refuses the export. The directory is assembled under
-a temporary name and renamed, so a failed export leaves nothing behind.
+``fsweep predict`` may pick on this machine), ``model.pt2`` (and TorchScript when written) are
+compared with PyTorch in true fp32 (TF32 off) on the store's validation images of the view plus
+random inputs; a difference above ``PARITY_TOLERANCE`` refuses the export. The ONNX detector is
+compared with the ultralytics one on the data set's validation images: any crop that differs
+refuses the export. The directory is assembled under a temporary name and renamed, so a failed
+export leaves nothing behind.
 """
 from __future__ import annotations
 
 import json
 import platform
 import shutil
+import sys
 import time
 import warnings
 from importlib import metadata
@@ -41,6 +50,7 @@ from fsweep.modelcard import (
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_OUTPUT,
+    PT2_FILE,
     ROI_DIR,
     ROI_FILES,
     THRESHOLD_RULE,
@@ -52,19 +62,27 @@ from preprocessing.files import atomic_write, file_sha256
 from preprocessing.vocab import flip_as, is_off, model_views, pair_views
 
 ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
-PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch and ONNX Runtime / TorchScript
+PARITY_TOLERANCE = 1e-5  # max |logit difference| between PyTorch and ONNX Runtime / model.pt2 / TorchScript
 PARITY_IMAGES = 8  # real validation images per view in the parity batch (plus PARITY_RANDOM random ones)
 PARITY_RANDOM = 2
+DETECTOR_PARITY_IMAGES = 32  # validation images the ONNX and ultralytics detectors must crop alike
 ONNX_METADATA = ("threshold", "threshold_chosen_on", "input_size", "recipe_sha256", "card_format", "view",
                  "backbone")  # metadata_props of model.onnx, every value a string (ONNX's rule)
-PACKAGES = ("torch", "timm", "onnx", "onnxruntime", "opencv-python", "pydicom", "ultralytics", "numpy",
+PACKAGES = ("torch", "timm", "onnx", "onnxscript", "onnxruntime", "opencv-python", "pydicom", "ultralytics", "numpy",
             "safetensors", "ray", "fsweep")  # versions recorded in the card
+TORCHSCRIPT_DEPRECATED = ("TorchScript is deprecated by PyTorch (torch.jit.trace warns so); model.torchscript.pt is "
+                          "written because it was asked for: prefer model.pt2 (torch.export.load)")
 
 
-def export_experiment(experiment: str | Path, out: str | Path) -> Path:
-    """Export each view's winner of ``experiment`` (path or storage URI) into MODEL_DIR ``out``; returns ``out``."""
+def export_experiment(experiment: str | Path, out: str | Path, torchscript: bool = False) -> Path:
+    """Export each view's winner of ``experiment`` (path or storage URI) into MODEL_DIR ``out``; returns ``out``.
+
+    ``torchscript``: also write ``model.torchscript.pt`` (deprecated by PyTorch; a FutureWarning says so).
+    """
     from cluster.storage import is_uri
 
+    if torchscript:
+        warnings.warn(TORCHSCRIPT_DEPRECATED, FutureWarning, stacklevel=2)
     experiment = str(experiment) if is_uri(experiment) else str(Path(experiment).resolve())
     out = Path(out).resolve()
     winners = read_winners(experiment)
@@ -73,8 +91,9 @@ def export_experiment(experiment: str | Path, out: str | Path) -> Path:
     tmp = out.with_name(f".{out.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    started = time.monotonic()
     try:
-        card = build_card(experiment, winners, tmp)
+        card = build_card(experiment, winners, tmp, torchscript)
         # json.dumps writes float nan as a bare NaN (not JSON) and never asks `default` about it: json_safe first
         (tmp / CARD).write_text(json.dumps(json_safe(python_values(card)), indent=2))
         if out.exists():
@@ -83,8 +102,15 @@ def export_experiment(experiment: str | Path, out: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for view, model in card["models"].items():
-        print(f"exported {view}: {model['backbone']} trial {model['trial_id']} "
-              f"(ONNX parity max |diff| {model['parity']['onnx_max_abs_diff']:.1e}) -> {out / view}")
+        parity = model["parity"]
+        print(f"exported {view}: {model['backbone']} trial {model['trial_id']} (parity max |diff|: ONNX "
+              f"{parity['onnx_max_abs_diff']:.1e} via {parity['onnx_exporter']}, model.pt2 "
+              f"{parity['pt2_max_abs_diff']:.1e}) -> {out / view}")
+    if card.get("detector"):
+        found = card["detector"]["parity"]
+        print(f"exported roi/detector.onnx: {found['same_crops']}/{found['images']} crops identical to ultralytics' "
+              f"(max |box diff| {found['max_abs_box_diff']:.1e} px)")
+    print(f"export took {time.monotonic() - started:.0f} s")
     return out
 
 
@@ -103,7 +129,7 @@ def read_winners(experiment: str) -> dict:
     return winners
 
 
-def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
+def build_card(experiment: str, winners: dict, model_dir: Path, torchscript: bool = False) -> dict:
     """Export each winner into ``model_dir`` and return the model card (sha256 of every file last)."""
     from fsmodels.train import load_trial_model
 
@@ -113,17 +139,18 @@ def build_card(experiment: str, winners: dict, model_dir: Path) -> dict:
         model, cfg = load_trial_model(checkpoint)
         roi = winner_detector(cfg, checkpoint)
         if detector is None:
-            detector, source = copy_detector(roi, model_dir), roi
+            detector, source = package_detector(cfg, roi, model_dir), roi
         elif roi != source:  # one detector per MODEL_DIR (predict crops every input with it)
             raise FsweepError(f"{checkpoint}: this winner's crops came from the detector {roi}, another view's from "
                               f"{source} (winners of different folds); a MODEL_DIR holds one detector")
-        models[view] = export_view(model, cfg, view, winner, checkpoint, model_dir, detector)
+        models[view] = export_view(model, cfg, view, winner, checkpoint, model_dir, detector, torchscript)
     card = {
         "format": CARD_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "experiment": experiment,
         "views": sorted({v for m in models.values() for v in m["views"]}),
         "models": models,
+        "detector": {k: v for k, v in detector.items() if k != "dir"} if detector else None,
         "data": data_fingerprint(models),
         "packages": package_versions(),
     }
@@ -160,23 +187,78 @@ def winner_detector(cfg, checkpoint: Path) -> str:
     return str(open_fold_detector(cfg.data.store, recorded["key"], cfg.space.fold, expected=recorded["manifest"]).path)
 
 
-def copy_detector(roi: str, model_dir: Path) -> dict | None:
-    """Copy the ROI detector's files into ``model_dir/roi``; its recipe entry (None without a detector)."""
+def package_detector(cfg, roi: str, model_dir: Path) -> dict | None:
+    """Copy the ROI detector ``roi`` (a ROI_DIR) into ``model_dir/roi``, write its ONNX and check that it crops
+    like ultralytics.
+
+    Returns the recipe's detector entry (None without a detector): sha256 of ``best.pt`` and of
+    ``detector.onnx``, input size, mAP50, how the ONNX was exported, and the crop parity.
+    """
+    from preprocessing.detector_onnx import DETECTOR_ONNX, export_detector as write_detector_onnx
+
     if is_off(roi):
         return None
-    source = Path(roi)
-    (model_dir / ROI_DIR).mkdir()
+    source, target = Path(roi), model_dir / ROI_DIR
+    target.mkdir()
     for name in ROI_FILES:
         if not (source / name).is_file():
             raise FsweepError(f"{source / name}: the ROI detector the winner was trained with is missing")
-        shutil.copy2(source / name, model_dir / ROI_DIR / name)
+        shutil.copy2(source / name, target / name)
     trained = json.loads((source / "metrics.json").read_text())
-    return {"dir": ROI_DIR, "sha256": file_sha256(model_dir / ROI_DIR / "best.pt"), "imgsz": trained.get("imgsz"),
-            "map50": trained.get("map50")}
+    imgsz = int(trained.get("imgsz") or 640)  # ultralytics' default, as RoiDetector reads it
+    exported = write_detector_onnx(target, imgsz)  # prints why when it falls back to the legacy exporter
+    return {"dir": ROI_DIR, "sha256": file_sha256(target / "best.pt"),
+            "onnx_sha256": file_sha256(target / DETECTOR_ONNX), "imgsz": imgsz,
+            "input_size": exported["input_size"], "stride": exported["stride"], "map50": trained.get("map50"),
+            "export": {k: exported[k] for k in ("exporter", "fallback_reason", "seconds")},
+            "parity": detector_parity(target, cfg)}
 
 
-def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None) -> dict:
-    """Write one view's weights, TorchScript and ONNX; check parity; return its card entry."""
+def detector_images(cfg) -> tuple[list[np.ndarray], str]:
+    """Decoded validation radiographs of the data set (up to ``DETECTOR_PARITY_IMAGES``) and where they came from."""
+    from preprocessing.decode import decode_image
+    from preprocessing.ingest import load_dataset
+
+    rows = load_dataset(cfg.data.dataset)
+    val = rows[rows["split"] == "val"].head(DETECTOR_PARITY_IMAGES)
+    if val.empty:
+        raise FsweepError(f"{cfg.data.dataset}: no validation rows to compare the ONNX detector with ultralytics on")
+    images = [decode_image(path) for path in val["image"]]
+    return images, f"{len(images)} validation images of {cfg.data.dataset}"
+
+
+def detector_parity(roi_dir: Path, cfg) -> dict:
+    """The ONNX detector (numpy letterbox and decoding) against ultralytics' on the same images: crops must match.
+
+    Compares the crop window (``margin_box`` at the config's margin: outward rounding) of every image, and
+    the fallback (no box) decision; FsweepError when any differs.
+    """
+    from preprocessing.detector_onnx import OnnxRoiDetector
+    from preprocessing.roi import RoiDetector, full_frame_box, margin_box
+
+    images, source = detector_images(cfg)
+    reference, onnx = RoiDetector(roi_dir), OnnxRoiDetector(roi_dir)
+    same, boxes, largest = 0, 0, 0.0
+    for img in images:
+        want, got = reference.detect(img), onnx.detect(img)
+        if (want is None) != (got is None):
+            raise FsweepError(f"{roi_dir}/detector.onnx: finds {'no box' if got is None else 'a box'} where "
+                              f"ultralytics finds {'none' if want is None else 'one'}; export refused")
+        box_a, box_b = (full_frame_box(img), full_frame_box(img)) if want is None else (want[0], got[0])
+        boxes += want is not None
+        largest = max(largest, *(abs(a - b) for a, b in zip(box_a, box_b)))
+        if margin_box(box_a, cfg.roi.margin, img.shape) != margin_box(box_b, cfg.roi.margin, img.shape):
+            raise FsweepError(f"{roi_dir}/detector.onnx: its crop differs from ultralytics' (boxes {box_b} vs "
+                              f"{box_a}); export refused")
+        same += 1
+    return {"images": len(images), "with_box": boxes, "same_crops": same, "max_abs_box_diff": largest,
+            "compared": "crop window after margin and outward rounding; box coordinates in pixels",
+            "source": source, "reference": "ultralytics YOLO(best.pt).predict on the CPU"}
+
+
+def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None,
+                torchscript: bool = False) -> dict:
+    """Write one view's weights, model.pt2, ONNX (and TorchScript if asked); check parity; return its card entry."""
     from fsmodels.checkpoint import load_state, recorded_variant
     from fsmodels.train import trial_params, validation_threshold
     from preprocessing.recipe import CODE_VERSION
@@ -197,13 +279,19 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
     threshold = validation_threshold(state)
     samples = parity_inputs(variant, view, spec.size)
     save_weights(model, folder / WEIGHTS_FILE)
-    save_torchscript(model, samples, folder / TORCHSCRIPT_FILE)
-    save_onnx(model, samples, folder / ONNX_FILE)
+    save_pt2(model, samples, folder / PT2_FILE)
+    if torchscript:
+        save_torchscript(model, samples, folder / TORCHSCRIPT_FILE)
+    exporter = save_onnx(model, samples, folder / ONNX_FILE)
     write_onnx_metadata(folder / ONNX_FILE, {
         "threshold": repr(threshold), "threshold_chosen_on": "validation", "input_size": str(spec.size),
         "recipe_sha256": recipe["recipe_sha256"], "card_format": CARD_FORMAT, "view": view,
         "backbone": params.backbone})
-    parity = check_parity(model, samples, folder, view)
+    parity = {**check_parity(model, samples, folder, view), "onnx_exporter": exporter["exporter"],
+              "onnx_fallback_reason": exporter["fallback_reason"]}
+    files = {"onnx": f"{view}/{ONNX_FILE}", "pt2": f"{view}/{PT2_FILE}", "weights": f"{view}/{WEIGHTS_FILE}"}
+    if torchscript:
+        files["torchscript"] = f"{view}/{TORCHSCRIPT_FILE}"
     return {
         "trial_id": winner["trial_id"],
         "checkpoint": str(checkpoint),
@@ -222,8 +310,7 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "metrics": card_metrics(validation_metrics(checkpoint), winner.get("test")),
         # did it learn: the best epoch's training AUC and the sweep's plain-words warnings (search.select.fit_warnings)
         "fit": {"train_auc": (winner.get("train") or {}).get("auc"), "warnings": winner.get("warnings", [])},
-        "files": {"onnx": f"{view}/{ONNX_FILE}", "torchscript": f"{view}/{TORCHSCRIPT_FILE}",
-                  "weights": f"{view}/{WEIGHTS_FILE}"},
+        "files": files,
         "parity": parity,
         "data": {**(variant.meta.get("dataset") or {}), "variant": variant.key},
     }
@@ -273,31 +360,72 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # save_file alone leaves mode 0600
 
 
+def batch_dim():
+    """The dynamic batch dimension of model.pt2 and model.onnx (any batch of at least one image)."""
+    return torch.export.Dim("batch", min=1)
+
+
+def save_pt2(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
+    """``torch.export`` of the eval-mode network with a dynamic batch, saved with ``torch.export.save``.
+
+    Loads without fsweep: ``torch.export.load(path).module()(x)``; the STN's affine grid and adaptive
+    pooling are exported as plain aten ops.
+    """
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (samples[:2],), dynamic_shapes=({0: batch_dim()},))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: torch.export.save logs a warning for a name not ending .pt2
+            torch.export.save(program, handle)
+
+    atomic_write(path, write)
+
+
 def save_torchscript(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
-    """torch.jit.trace of the eval-mode network (the STN's affine grid traces as plain ops)."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about python scalars in timm/STN code
+    """torch.jit.trace of the eval-mode network; PyTorch's deprecation warning of torch.jit is left to show."""
+    with torch.no_grad():
         traced = torch.jit.trace(model.eval(), samples[:2])
     traced.save(str(path))
 
 
-def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
-    """ONNX with a dynamic batch axis; a one-line FsweepError when an operator cannot be exported."""
+def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> dict:
+    """ONNX with a dynamic batch axis through the current exporter (``dynamo=True``); returns how it was written.
+
+    ``{"exporter": "dynamo" or "legacy", "fallback_reason": None or one line}``. Where the current exporter
+    cannot express the network, the legacy TorchScript-based exporter writes it, with one line on stderr
+    saying why (its own deprecation warning is not hidden); a network neither can export is a FsweepError.
+    """
+    try:
+        torch.onnx.export(
+            model.eval(), (samples[:2],), str(path), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
+            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], dynamic_shapes=({0: batch_dim()},), verbose=False,
+        )
+        return {"exporter": "dynamo", "fallback_reason": None}
+    except Exception as exc:  # the exporter raises many types; the operator named in the message is what matters
+        path.unlink(missing_ok=True)
+        reason = f"the current ONNX exporter cannot express this network ({one_line(exc)})"
+    print(f"{path.parent.name}/{path.name}: {reason}; using the legacy TorchScript-based exporter", file=sys.stderr)
     size, stn = samples.shape[-1], getattr(model, "stn", None)
-    if stn is not None and size % stn.loc_size:  # adaptive pooling exports only with a whole pooling window
-        raise FsweepError(f"{path.parent.name}: the STN pools its {size}-px input to {stn.loc_size} px, which ONNX "
-                          f"cannot express; train with data.size a multiple of {stn.loc_size} (e.g. 64, 512)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model.eval(), (samples[:2],), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
-            )
-        except Exception as exc:  # the exporter raises many types; the operator named in the message is what matters
-            first = str(exc).strip().splitlines()[0][:200]
-            raise FsweepError(f"{path.parent.name}: ONNX export failed ({type(exc).__name__}: {first})") from None
+    if stn is not None and size % stn.loc_size:  # the legacy exporter pools only with a whole pooling window
+        raise FsweepError(f"{path.parent.name}: the STN pools its {size}-px input to {stn.loc_size} px, which the "
+                          f"legacy ONNX exporter cannot express; train with data.size a multiple of "
+                          f"{stn.loc_size} (e.g. 64, 512)")
+    try:
+        torch.onnx.export(
+            model.eval(), (samples[:2],), str(path), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+        )
+    except Exception as exc:  # as above
+        path.unlink(missing_ok=True)
+        raise FsweepError(f"{path.parent.name}: ONNX export failed ({one_line(exc)})") from None
+    return {"exporter": "legacy", "fallback_reason": reason}
+
+
+def one_line(exc: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}"
 
 
 def write_onnx_metadata(path: Path, values: dict) -> None:
@@ -313,23 +441,25 @@ def write_onnx_metadata(path: Path, values: dict) -> None:
 
 
 def check_parity(model: torch.nn.Module, samples: torch.Tensor, folder: Path, view: str) -> dict:
-    """Max |logit difference| of ONNX Runtime (each provider chain predict may use) and TorchScript against PyTorch.
+    """Max |logit difference| of ONNX Runtime (each provider chain predict may use), model.pt2 and TorchScript
+    (when written) against PyTorch.
 
-    PyTorch and TorchScript run in true fp32 (``fsmodels.precision.true_fp32``: on a GPU, TF32 would be the
-    reference's own error). ONNX Runtime runs once per chain of ``fsweep.predict.provider_chains``, with
-    predict's provider options (CUDA without TF32): the sessions predict would open here. A chain whose first
-    provider does not come up is an error, not a pass.
-    FsweepError above the tolerance.
+    PyTorch, model.pt2 and TorchScript run in true fp32 (``fsmodels.precision.true_fp32``: on a GPU, TF32
+    would be the reference's own error). ONNX Runtime runs once per chain of ``fsweep.predict.provider_chains``,
+    with predict's provider options (CUDA without TF32): the sessions predict would open here. A chain whose
+    first provider does not come up is an error, not a pass. FsweepError above the tolerance.
     """
     import onnxruntime as ort
 
     from fsmodels.precision import true_fp32
     from fsweep.predict import provider_chains, session_providers
 
-    with torch.no_grad(), warnings.catch_warnings(), true_fp32():
-        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+    with torch.no_grad(), true_fp32():
         expected = model.eval()(samples).numpy()
-        scripted = torch.jit.load(str(folder / TORCHSCRIPT_FILE))(samples).numpy()
+        exported = torch.export.load(str(folder / PT2_FILE)).module()(samples).numpy()
+        scripted = None
+        if (folder / TORCHSCRIPT_FILE).is_file():
+            scripted = torch.jit.load(str(folder / TORCHSCRIPT_FILE))(samples).numpy()
     per_provider = {}
     for chain in provider_chains(ort.get_available_providers()):
         session = ort.InferenceSession(str(folder / ONNX_FILE), providers=session_providers(chain))
@@ -339,15 +469,18 @@ def check_parity(model: torch.nn.Module, samples: torch.Tensor, folder: Path, vi
         out = session.run(None, {ONNX_INPUT: samples.numpy()})[0]
         per_provider[chain[0]] = float(np.abs(out - expected).max())
     diffs = {**{f"onnx[{name}]": diff for name, diff in per_provider.items()},
-             "torchscript": float(np.abs(scripted - expected).max())}
+             "model.pt2": float(np.abs(exported - expected).max())}
+    if scripted is not None:
+        diffs["TorchScript"] = float(np.abs(scripted - expected).max())
     for name, diff in diffs.items():
         if not diff <= PARITY_TOLERANCE:  # `not <=` also catches nan
-            engine = f"ONNX Runtime ({name[5:-1]})" if name.startswith("onnx") else "TorchScript"
+            engine = f"ONNX Runtime ({name[5:-1]})" if name.startswith("onnx[") else name
             raise FsweepError(f"{view}: {engine} and PyTorch logits differ by {diff:.2e} > {PARITY_TOLERANCE:g} "
                               f"on {len(samples)} sample inputs; export refused")
     return {"onnx_max_abs_diff": max(per_provider.values()), "onnx_providers": per_provider,
-            "torchscript_max_abs_diff": diffs["torchscript"], "reference": "PyTorch fp32, TF32 off",
-            "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE, "compared": "logit"}
+            "pt2_max_abs_diff": diffs["model.pt2"], "torchscript_max_abs_diff": diffs.get("TorchScript"),
+            "reference": "PyTorch fp32, TF32 off", "samples": int(len(samples)), "tolerance": PARITY_TOLERANCE,
+            "compared": "logit"}
 
 
 def data_fingerprint(models: dict) -> dict:

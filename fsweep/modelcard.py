@@ -2,9 +2,10 @@
 
 A module of its own so that ``fsweep predict`` reads the schema without importing
 export (which needs torch). The card's ``preprocessing`` entry is the recipe in
-library-neutral words and numbers (DESIGN §4.6): each step says what it does to the
-pixels, with every parameter, so that a user can reproduce the network's input without
-fsweep; ``fsweep predict`` reads its parameters from the same entry (``recipe_spec``).
+library-neutral words and numbers: each step says what it does to the pixels, with every
+parameter, so that a user can reproduce the network's input without fsweep (the ROI
+detector included: ``roi/detector.onnx`` with its letterbox and output decoding);
+``fsweep predict`` reads its parameters from the same entry (``recipe_spec``).
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import hashlib
 import json
 
 CARD = "model_card.json"  # the model card, read first by predict
-CARD_FORMAT = "fsweep-model-2"  # bump when the layout or the card's keys change (2: the recipe as steps)
+CARD_FORMAT = "fsweep-model-3"  # bump when the layout or the card's keys change (3: model.pt2, detector.onnx)
 ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
+PT2_FILE = "model.pt2"  # torch.export of the network (torch.export.load(path).module())
+TORCHSCRIPT_FILE = "model.torchscript.pt"  # only with `fsweep export --torchscript` (deprecated by PyTorch)
 WEIGHTS_FILE = "weights.safetensors"
 ROI_DIR = "roi"  # the detector's directory inside MODEL_DIR
-ROI_FILES = ("best.pt", "metrics.json")  # what RoiDetector reads
+ROI_FILES = ("best.pt", "metrics.json")  # the detector as trained (what RoiDetector reads), copied beside its ONNX
 RECIPE_STEPS = ("decode", "detect", "crop", "he", "aspect", "resize", "scale")  # the card's recipe, in order
 ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # the graph's tensor names
 THRESHOLD_RULE = ("Youden's J (the ROC point maximising sensitivity + specificity - 1) of the selected epoch's "
@@ -56,6 +58,17 @@ ASPECT_RULES = {
     "pad": "centre the crop on a black (0) square of side s = max(height, width): top = (s - height) // 2 and "
            "left = (s - width) // 2 rows/columns of 0 before it, the rest after it",
 }
+LETTERBOX_RULE = ("the decoded image (h, w) as 3 equal channels; r = min({size} / h, {size} / w); resize to "
+                  "new_w = max(round(w * r), 1), new_h = max(round(h * r), 1) with OpenCV cv2.resize INTER_LINEAR "
+                  "(skipped when the size is unchanged); pad with grey {pad} to the minimum rectangle (ultralytics "
+                  "predict's rect=True): pad_w = ({size} - new_w) mod {stride}, pad_h = ({size} - new_h) mod "
+                  "{stride}, left = round(pad_w / 2 - 0.1), right = round(pad_w / 2 + 0.1), top and bottom likewise "
+                  "with pad_h (Python round: half to even), so the input is (1, 3, new_h + pad_h, new_w + pad_w); "
+                  "channels RGB, layout CHW, float32(v) / float32(255)")
+DETECTOR_OUTPUT_RULE = ("output 0 of shape (1, 4 + classes, anchors): per anchor cx, cy, w, h in letterboxed "
+                        "pixels, then one score per class; score = the largest class score; the box is "
+                        "(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2) in float32. A graph whose metadata "
+                        "says end2end=True gives (1, N, 6) rows x0, y0, x1, y1, score, class instead")
 RESIZE_RULE = ("resize the (padded) crop to size x size with OpenCV cv2.resize: interpolation INTER_AREA when its "
                "larger side exceeds size (shrinking: no aliasing), else INTER_LINEAR; both are OpenCV's pixel-centre "
                "conventions, so another library's 'area' or 'bilinear' resize does not give the same pixels")
@@ -67,23 +80,34 @@ SCALE_RULE = (f"x = float32(uint8 pixel) / float32(255), shape (batch, 1, size, 
 def recipe_card(he: str, size: int, aspect: str, margin: float, detector: dict | None) -> dict:
     """The card's ``preprocessing`` entry: every step of ``RECIPE_STEPS`` with its parameters and rule, and its hash.
 
-    ``detector``: ``{dir, sha256, imgsz, map50}`` of the exported ROI detector, None without one.
+    ``detector``: ``{dir, sha256, onnx_sha256, input_size, stride, map50}`` of the exported ROI detector (``sha256``:
+    its ``best.pt``), None without one.
     """
     from preprocessing.contrast import CLAHE_CLIP, CLAHE_TILES
+    from preprocessing.detector_onnx import DETECTOR_ONNX, PAD_VALUE
     from preprocessing.roi import CONF_THRESHOLD, MAX_DET
 
     he_rule = HE_RULES.get(he) or (f"OpenCV CLAHE on the crop: cv2.createCLAHE(clipLimit={CLAHE_CLIP}, "
                                    f"tileGridSize={tuple(CLAHE_TILES)}).apply")
     detect = None
     if detector is not None:
+        side, stride = detector["input_size"], detector["stride"]  # the detector's, not the network's size
         detect = {
-            "weights": f"{detector['dir']}/best.pt", "sha256": detector["sha256"], "library": "ultralytics YOLO",
-            "input_size": detector["imgsz"], "confidence_threshold": CONF_THRESHOLD, "max_detections": MAX_DET,
-            "call": (f"YOLO(weights).predict(image, imgsz={detector['imgsz']}, conf={CONF_THRESHOLD}, "
-                     f"max_det={MAX_DET}, device='cpu') on the decoded image as 3-channel BGR uint8 "
-                     "(the grey value in every channel, cv2.COLOR_GRAY2BGR); ultralytics letterboxes it itself"),
-            "box_rule": ("the box with the highest confidence (xyxy, float pixels of the decoded image); "
-                         f"no box at confidence >= {CONF_THRESHOLD}: the whole image (0, 0, width, height)"),
+            "weights": f"{detector['dir']}/{DETECTOR_ONNX}", "sha256": detector["onnx_sha256"],
+            "library": "ONNX Runtime, CPU provider",
+            "trained_weights": f"{detector['dir']}/best.pt", "trained_sha256": detector["sha256"],
+            "input": f"float32 (1, 3, H, W), H and W at most {side} and multiples of {stride}, "
+                     "the first input of the graph",
+            "input_size": side, "stride": stride, "confidence_threshold": CONF_THRESHOLD,
+            "max_detections": MAX_DET, "letterbox": LETTERBOX_RULE.format(size=side, pad=PAD_VALUE, stride=stride),
+            "output": DETECTOR_OUTPUT_RULE,
+            "box_rule": (f"the box with the highest score above {CONF_THRESHOLD} (score > {CONF_THRESHOLD}, as "
+                         "ultralytics filters), taken back to the decoded image: subtract the letterbox's left and "
+                         "top padding, divide x by new_w / w and y by new_h / h, clip to 0..w and 0..h (float32); "
+                         "no score above it: the whole image (0, 0, width, height)"),
+            "equivalent": (f"ultralytics YOLO(trained_weights).predict(image as 3-channel BGR, imgsz={side}, "
+                           f"conf={CONF_THRESHOLD}, max_det={MAX_DET}, device='cpu'); export checked that both "
+                           "give the same crop"),
             "map50": detector.get("map50"),
         }
     recipe = {

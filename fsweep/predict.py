@@ -8,14 +8,19 @@ with none, predict stops instead of guessing. Each image goes through exactly th
 training recipe written in the model card's ``preprocessing`` entry (decode, detect,
 crop, HE, aspect, resize, scale: ``preprocessing.decode.decode_image`` then
 ``preprocessing.recipe.preprocess_decoded``, with the parameters read from the card);
-the network (STN included) runs in ONNX Runtime on the first provider of
-``PROVIDERS`` that this machine has.
+the ROI detector runs from ``roi/detector.onnx`` in ONNX Runtime with numpy's letterbox
+and decoding (``preprocessing.detector_onnx``), and the network (STN included) in ONNX
+Runtime on the first provider of ``PROVIDERS`` that this machine has. Nothing here imports
+torch, ultralytics, timm or Ray: a deployment needs only ``requirements-predict.txt``.
+Grad-CAM (``--cam``) needs gradients, so torch and the training code; without them it
+stops with one line that says what to install.
 
 Before anything is loaded, every file of MODEL_DIR is checked against the card's
 sha256; weights are read only through safetensors (for ``--cam``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,7 @@ PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # ONNX Runtime pr
 # True fp32 on the GPU: ONNX Runtime's CUDA provider lets Ampere and newer GPUs run fp32 convolutions and matmuls
 # in TF32 unless told not to (its use_tf32 option), about 1e-3 relative error against the card's fp32 metrics
 PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
-COLUMNS = ["image", "view", "model", "probability", "label", "prediction", "threshold",
+COLUMNS = ["image", "view", "model", "logit", "probability", "label", "prediction", "threshold",
            "x0", "y0", "x1", "y1", "fallback"]  # predictions table, in this order (+ cam with --cam)
 
 
@@ -51,10 +56,13 @@ class Item:
 def predict(model_dir, inputs, out=None, cam_dir=None, view: str | None = None) -> pd.DataFrame:
     """Predict every input image with MODEL_DIR; write ``out`` (CSV) and Grad-CAM PNGs in ``cam_dir`` if given.
 
-    Returns one row per image: image, view, model, probability, label (1 abnormal, 0 normal at the card's
-    threshold), prediction, threshold, ROI box x0..y1 (raw pixels) and fallback (no box found: full frame).
+    Returns one row per image: image, view, model, logit (the network's output), probability, label (1 abnormal,
+    0 normal at the card's threshold), prediction, threshold, ROI box x0..y1 (raw pixels) and fallback (no box
+    found: full frame).
     """
     model_dir = Path(model_dir)
+    if cam_dir is not None:
+        require_cam_packages()
     card = load_card(model_dir)
     items = collect_inputs([Path(p) for p in inputs])
     default = normalise_view(view, "--view") if view else None
@@ -110,13 +118,27 @@ def verify_files(model_dir: Path, checksums: dict) -> None:
 
 
 def load_detector(model_dir: Path, card: dict):
-    """The exported ROI detector when any model uses one (its sha256 was checked with the card)."""
+    """The exported ROI detector in ONNX when any model uses one (its sha256 was checked with the card)."""
     detectors = [m["preprocessing"]["detect"] for m in card["models"].values() if m["preprocessing"]["detect"]]
     if not detectors:
         return None
-    from preprocessing.roi import RoiDetector
+    from preprocessing.detector_onnx import OnnxRoiDetector
 
-    return RoiDetector(model_dir / detector_dir(detectors[0]))  # one detector per MODEL_DIR (export copies one)
+    step = detectors[0]  # one detector per MODEL_DIR (export writes one)
+    detector = OnnxRoiDetector(model_dir / detector_dir(step), confidence=float(step["confidence_threshold"]))
+    if detector.size != int(step["input_size"]):
+        raise FsweepError(f"{detector.path}: input {detector.size} px, but {CARD} says {step['input_size']}; "
+                          "re-export the model")
+    return detector
+
+
+def require_cam_packages() -> None:
+    """FsweepError in one line when Grad-CAM's packages (torch, timm: it needs gradients) are not installed."""
+    missing = [name for name in ("torch", "timm", "safetensors") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FsweepError(f"--cam needs {', '.join(missing)} (Grad-CAM takes gradients of the PyTorch network): "
+                          "install fsweep with its dependencies (`pip install .`, or `make setup` in its repository), "
+                          "or predict without --cam")
 
 
 def model_key(card: dict, view: str, path: Path, model_dir: Path) -> str:
@@ -232,7 +254,7 @@ def predict_with(model_dir: Path, card: dict, key: str, items: list[Item], detec
         x = np.stack(arrays)[:, None].astype(np.float32) / np.float32(255.0)
         for row, logit in zip(found, session.run(None, {ONNX_INPUT: x})[0]):
             probability = float(1.0 / (1.0 + np.exp(-float(logit))))
-            row.update(probability=probability, label=int(probability >= threshold),
+            row.update(logit=float(logit), probability=probability, label=int(probability >= threshold),
                        prediction=classes[int(probability >= threshold)], threshold=threshold)
         rows += found
     return rows

@@ -1,14 +1,16 @@
 """Predict with an exported MODEL_DIR from its model card alone: the preprocessing written again, no fsweep.
 
-What a user of ``fsweep export`` would write with numpy, OpenCV, pydicom (DICOM only),
-ultralytics and onnxruntime, reading every parameter and rule from ``model_card.json``
-(``models.<view>.preprocessing``: decode, detect, crop, he, aspect, resize, scale). It
-imports nothing of fsweep; ``tests/test_export.py`` runs it in a process where fsweep
-cannot be imported and compares its probabilities with ``fsweep predict``'s.
+What a user of ``fsweep export`` would write with numpy, OpenCV, pydicom (DICOM only)
+and onnxruntime, reading every parameter and rule from ``model_card.json``
+(``models.<view>.preprocessing``: decode, detect, crop, he, aspect, resize, scale); the ROI
+detector is ``roi/detector.onnx`` run by onnxruntime with the card's letterbox and output
+decoding (no ultralytics, no torch). It imports nothing of fsweep; ``tests/test_export.py``
+runs it in a process where fsweep cannot be imported and compares its probabilities with
+``fsweep predict``'s.
 
 Usage: ``python card_only_predict.py MODEL_DIR VIEW=IMAGE ...``; prints one JSON object
-``{"probabilities": [...], "boxes": [...], "inputs_sha256": [...]}`` (the sha256 of each S x S uint8
-network input) in the order of the arguments.
+``{"probabilities": [...], "boxes": [...], "inputs_sha256": [...], "heavy_modules": [...]}`` (the sha256 of
+each S x S uint8 network input, in the order of the arguments; which of torch, ultralytics, timm got imported).
 """
 from __future__ import annotations
 
@@ -66,17 +68,42 @@ def decode(path: Path) -> np.ndarray:
     return to_8bit(values)
 
 
-def detect(yolo, step: dict, img: np.ndarray) -> tuple[float, float, float, float]:
-    """The card's detect step: the highest-confidence box, or the whole image."""
-    whole = (0.0, 0.0, float(img.shape[1]), float(img.shape[0]))
-    if yolo is None:
+def letterbox(img: np.ndarray, size: int, stride: int, pad: int = 114) -> tuple[np.ndarray, int, int]:
+    """The card's detect.letterbox: (1, 3, H, W) float32 (the minimum rectangle) and the scaled (new_h, new_w)."""
+    h, w = img.shape
+    r = min(size / h, size / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    rgb = np.repeat(img[:, :, None], 3, axis=2)
+    if (new_w, new_h) != (w, h):
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad_w, pad_h = (size - new_w) % stride, (size - new_h) % stride
+    left, right = round(pad_w / 2 - 0.1), round(pad_w / 2 + 0.1)
+    top, bottom = round(pad_h / 2 - 0.1), round(pad_h / 2 + 0.1)
+    canvas = np.full((new_h + top + bottom, new_w + left + right, 3), pad, np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = rgb
+    return canvas.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255), new_h, new_w
+
+
+def detect(session, step: dict, img: np.ndarray) -> tuple[float, float, float, float]:
+    """The card's detect step: the highest-scoring box above the threshold, or the whole image."""
+    height, width = img.shape
+    whole = (0.0, 0.0, float(width), float(height))
+    if session is None:
         return whole
-    result = yolo.predict(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), imgsz=step["input_size"],
-                          conf=step["confidence_threshold"], max_det=step["max_detections"], device="cpu",
-                          verbose=False)[0]
-    if len(result.boxes) == 0:
+    x, new_h, new_w = letterbox(img, step["input_size"], step["stride"])
+    out = session.run(None, {session.get_inputs()[0].name: x})[0][0]  # (4 + classes, anchors)
+    scores = out[4:].max(axis=0)
+    if not (scores > step["confidence_threshold"]).any():
         return whole
-    return tuple(float(v) for v in result.boxes.xyxy[int(result.boxes.conf.argmax())].tolist())
+    best = int(np.argmax(np.where(scores > step["confidence_threshold"], scores, -np.inf)))
+    cx, cy, bw, bh = out[:4, best]
+    half_w, half_h = bw / np.float32(2), bh / np.float32(2)
+    box = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32)
+    box[[0, 2]] -= round((x.shape[3] - new_w) / 2 - 0.1)
+    box[[1, 3]] -= round((x.shape[2] - new_h) / 2 - 0.1)
+    box[[0, 2]] = np.clip(box[[0, 2]] / np.float32(new_w / width), 0, width)
+    box[[1, 3]] = np.clip(box[[1, 3]] / np.float32(new_h / height), 0, height)
+    return tuple(float(v) for v in box)
 
 
 def crop(img: np.ndarray, box, margin: float) -> np.ndarray:
@@ -124,7 +151,7 @@ def main(model_dir: Path, requests: list[str]) -> dict:
     card = json.loads((model_dir / "model_card.json").read_text())
     for name, digest in card["sha256"].items():
         assert hashlib.sha256((model_dir / name).read_bytes()).hexdigest() == digest, name
-    probabilities, boxes, digests, yolos = [], [], [], {}
+    probabilities, boxes, digests, detectors = [], [], [], {}
     for request in requests:
         view, image = request.split("=", 1)
         model = card["models"][view] if view in card["models"] else card["models"]["both"]
@@ -136,12 +163,11 @@ def main(model_dir: Path, requests: list[str]) -> dict:
         assert int(meta["input_size"]) == recipe["resize"]["size"]
         assert float(meta["threshold"]) == model["operating_threshold"]["value"]
         step = recipe["detect"]
-        if step and step["weights"] not in yolos:
-            from ultralytics import YOLO
-
-            yolos[step["weights"]] = YOLO(str(model_dir / step["weights"]))
+        if step and step["weights"] not in detectors:
+            detectors[step["weights"]] = ort.InferenceSession(str(model_dir / step["weights"]),
+                                                              providers=["CPUExecutionProvider"])
         img = decode(Path(image))
-        box = detect(yolos[step["weights"]] if step else None, step, img)
+        box = detect(detectors[step["weights"]] if step else None, step, img)
         array = square(equalize(crop(img, box, recipe["crop"]["margin"]), recipe["he"]),
                        recipe["aspect"]["mode"], recipe["resize"]["size"])
         x = array[None, None].astype(np.float32) / np.float32(recipe["scale"]["divide_by"])
@@ -149,7 +175,8 @@ def main(model_dir: Path, requests: list[str]) -> dict:
         probabilities.append(1.0 / (1.0 + math.exp(-logit)))
         boxes.append(box)
         digests.append(hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest())
-    return {"probabilities": probabilities, "boxes": boxes, "inputs_sha256": digests}
+    heavy = sorted(name for name in ("torch", "ultralytics", "timm") if name in sys.modules)
+    return {"probabilities": probabilities, "boxes": boxes, "inputs_sha256": digests, "heavy_modules": heavy}
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 One module fixture runs the smallest real pipeline: a 15-epoch YOLO detector at 64 px (it finds the
 spine in about half the images, so both the crop and the full-frame fallback are exercised),
-a 2-trial Ray Tune sweep (left and right view, resnet10t, 64 px, 1 epoch, joint STN so
-the STN must be inside the ONNX graph) and ``fsweep export``.
+a 2-trial Ray Tune sweep (left and right view, resnet10t, 64 px, 1 epoch; a frozen STN on the
+left, a joint one on the right, so the STN must be inside every graph) and ``fsweep export``.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 import cv2
@@ -40,15 +42,18 @@ from preprocessing.recipe import VariantSpec, preprocess_decoded
 from preprocessing.roi import CONF_THRESHOLD, RoiDetector, margin_box, train_detector
 from preprocessing.variant import open_variant
 from fsweep import export
+from fsweep.export import export_experiment as real_export_experiment
 from fsweep.cli import main as fsweep
-from fsweep.modelcard import RECIPE_STEPS, recipe_sha256, recipe_spec
-from fsweep.predict import load_card, model_key, predict, provider_chains, session_providers
+from fsweep.modelcard import CARD_FORMAT, RECIPE_STEPS, recipe_card, recipe_sha256, recipe_spec
+from fsweep.predict import load_card, load_detector, model_key, predict, provider_chains, session_providers
+from preprocessing.detector_onnx import OnnxRoiDetector
 
 from conftest import ROI_SETTINGS, write_dicom
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test needs the module's real sweep (about 100 s on 2 busy cores)
 ASPECT_OF = {"left": "pad", "right": "stretch"}  # each view's winner trains on, and predicts through, its own aspect
+STN_OF = {"left": "frozen", "right": "joint"}  # a pretrained STN and one trained with the classifier: both in the graphs
 SIZE = 64  # network input: the STN's 64 px localisation pooling exports to ONNX at multiples of 64
 
 
@@ -66,8 +71,9 @@ def sweep(tiny_dataset, tmp_path_factory) -> dict:
     cfg.roi.detector = str(tmp / "roi")
     cfg.space.backbone, cfg.space.view, cfg.space.batch_size, cfg.space.epochs = "resnet10t", ["left", "right"], 8, 1
     cfg.space.lr, cfg.space.he, cfg.space.flip, cfg.space.stn, cfg.space.seed = 0.01, "global", True, "joint", 0
-    cfg.space.points = [{"view": view, "aspect": aspect} for view, aspect in ASPECT_OF.items()]  # space.aspect searched
-    cfg.train.pretrained = "none"
+    cfg.space.points = [{"view": view, "aspect": aspect, "stn": STN_OF[view]}  # space.aspect and space.stn searched
+                        for view, aspect in ASPECT_OF.items()]
+    cfg.train.pretrained, cfg.train.stn_epochs = "none", 2
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
     started = not ray.is_initialized()
     if started:
@@ -80,11 +86,17 @@ def sweep(tiny_dataset, tmp_path_factory) -> dict:
     return dict(tmp=tmp, cfg=cfg, experiment=experiment, dataset=tiny_dataset)
 
 
+EXPORT_WARNINGS: list = []  # every warning `fsweep export` raised in the module fixture (none is filtered out)
+
+
 @pytest.fixture(scope="module")
 def model_dir(sweep) -> Path:
-    """MODEL_DIR written by `fsweep export`."""
+    """MODEL_DIR written by `fsweep export` (default options: no TorchScript), its warnings recorded."""
     out = sweep["tmp"] / "model"
-    assert fsweep(["export", str(sweep["experiment"]), "--out", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # record every warning, even those Python shows only once
+        assert fsweep(["export", str(sweep["experiment"]), "--out", str(out)]) == 0
+    EXPORT_WARNINGS.extend(caught)
     return out
 
 
@@ -105,7 +117,7 @@ def unseen(sweep, model_dir) -> dict:
     return dict(phantom=phantom, raw=raw, left=left, right=right)
 
 
-def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(sweep, model_dir):
+def test_export_writes_weights_pt2_onnx_detector_onnx_and_a_complete_card(sweep, model_dir):
     def not_json(constant):
         raise AssertionError(f"model_card.json has a bare {constant}: not strict JSON (undefined must be null)")
 
@@ -115,17 +127,23 @@ def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(swe
     files = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()} - {"model_card.json"}
     assert set(card["sha256"]) == files
     assert all(file_sha256(model_dir / name) == digest for name, digest in card["sha256"].items())
-    assert {"roi/best.pt", "roi/metrics.json"} <= files
+    assert card["format"] == CARD_FORMAT == "fsweep-model-3"
+    assert {"roi/best.pt", "roi/metrics.json", "roi/detector.onnx"} <= files
+    assert not {name for name in files if name.endswith(".torchscript.pt")}  # TorchScript only when asked for
     detector_sha = file_sha256(Path(sweep["cfg"].roi.detector) / "best.pt")
     for view, model in card["models"].items():
-        assert {model["files"][k] for k in ("onnx", "torchscript", "weights")} <= files
+        assert sorted(model["files"]) == ["onnx", "pt2", "weights"] and set(model["files"].values()) <= files
         recipe = model["preprocessing"]
         assert list(recipe) == [*RECIPE_STEPS, "recipe_sha256"]  # every step, in the order they run
-        assert recipe["detect"]["sha256"] == detector_sha and recipe["detect"]["input_size"] == 64
-        assert (recipe["detect"]["confidence_threshold"], recipe["detect"]["max_detections"]) == (CONF_THRESHOLD, 1)
+        detect = recipe["detect"]
+        assert detect["weights"] == "roi/detector.onnx" and detect["sha256"] == file_sha256(model_dir / detect["weights"])
+        assert detect["trained_weights"] == "roi/best.pt" and detect["trained_sha256"] == detector_sha
+        assert detect["input_size"] == 64 and detect["stride"] == 32 and "mod 32" in detect["letterbox"]
+        assert "anchors" in detect["output"]
+        assert (detect["confidence_threshold"], detect["max_detections"]) == (CONF_THRESHOLD, 1)
         assert (recipe["he"]["mode"], recipe["resize"]["size"], recipe["aspect"]["mode"], recipe["crop"]["margin"],
                 model["network"]["stn"]) == ("global", SIZE, ASPECT_OF[view], sweep["cfg"].roi.margin,
-                                             "joint")
+                                             STN_OF[view])
         assert "INTER_AREA" in recipe["resize"]["interpolation"] and "floor" in recipe["crop"]["rule"]
         assert "MONOCHROME1" in recipe["decode"]["monochrome1"] and "Window" in recipe["decode"]["dicom"]
         text = json.dumps(recipe)
@@ -143,8 +161,11 @@ def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(swe
         assert model["metrics"]["val"]["auc_ci"] == pytest.approx(
             [winners[view]["val"]["val_auc_lo"], winners[view]["val"]["val_auc_hi"]], abs=1e-12)
         assert model["fit"] == {"train_auc": winners[view]["train"]["auc"], "warnings": winners[view]["warnings"]}
-        assert model["parity"]["onnx_max_abs_diff"] <= 1e-4
-        assert set(model["parity"]["onnx_providers"]) == {"CPUExecutionProvider"}  # what predict runs on here
+        parity = model["parity"]
+        assert parity["onnx_max_abs_diff"] <= 1e-5 and parity["pt2_max_abs_diff"] <= 1e-5
+        assert parity["torchscript_max_abs_diff"] is None
+        assert (parity["onnx_exporter"], parity["onnx_fallback_reason"]) == ("dynamo", None)  # no fallback needed
+        assert set(parity["onnx_providers"]) == {"CPUExecutionProvider"}  # what predict runs on here
         graph = onnx.load(str(model_dir / model["files"]["onnx"]))
         meta = {prop.key: prop.value for prop in graph.metadata_props}
         assert float(meta["threshold"]) == threshold["value"] and meta["threshold_chosen_on"] == "validation"
@@ -156,14 +177,32 @@ def test_export_writes_weights_torchscript_onnx_detector_and_a_complete_card(swe
     summary = json.loads((sweep["dataset"] / "summary.json").read_text())
     assert card["data"]["fingerprint"] == summary["fingerprint"]
     assert card["packages"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
-    assert card["packages"]["onnxruntime"] == ort.__version__
+    assert card["packages"]["onnxruntime"] == ort.__version__ and card["packages"]["onnxscript"]
+    found = card["detector"]["parity"]
+    print("export parity:", {view: {k: m["parity"][k] for k in ("onnx_max_abs_diff", "pt2_max_abs_diff")}
+                             for view, m in card["models"].items()}, "detector:", found,
+          "detector export:", card["detector"]["export"])
+    assert found["same_crops"] == found["images"] == 16 and found["with_box"] > 0  # 16 validation images
+    assert card["detector"]["export"]["exporter"] == "torch.onnx.export(dynamo=True)"
+    assert card["detector"]["export"]["fallback_reason"] is None
+
+
+def test_export_raises_no_deprecation_warning_and_silences_none(model_dir):
+    assert (model_dir / "model_card.json").is_file()  # the fixture's export ran, its warnings recorded
+    deprecated = [f"{w.category.__name__}: {str(w.message)[:120]}" for w in EXPORT_WARNINGS
+                  if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+                  or "deprecat" in str(w.message).lower()]
+    assert deprecated == []
+    for name in ("fsweep/export.py", "preprocessing/detector_onnx.py", "fsweep/predict.py"):
+        source = (ROOT / name).read_text()
+        assert "simplefilter(\"ignore\")" not in source and "filterwarnings(\"ignore" not in source, name
 
 
 def test_onnx_runtime_matches_pytorch_with_the_stn_in_the_graph(sweep, model_dir):
     card = load_card(model_dir)
     entry = card["models"]["right"]
     graph = onnx.load(str(model_dir / entry["files"]["onnx"])).graph
-    assert {"AffineGrid", "GridSample"} <= {node.op_type for node in graph.node}
+    assert "GridSample" in {node.op_type for node in graph.node}  # the exporter writes the affine grid as plain ops
     torch_model = model_from_weights(model_dir / entry["files"]["weights"], "resnet10t", "joint")
     assert torch_model.stn is not None
     variant = open_variant(sweep["cfg"].data.store, entry["store_variant"])
@@ -173,7 +212,7 @@ def test_onnx_runtime_matches_pytorch_with_the_stn_in_the_graph(sweep, model_dir
         x = batch[:, None].astype(np.float32) / 255.0
         with torch.no_grad():
             expected = torch_model(torch.from_numpy(x)).numpy()
-        assert np.abs(session.run(None, {"image": x})[0] - expected).max() <= 1e-4
+        assert np.abs(session.run(None, {"image": x})[0] - expected).max() <= 1e-5
 
 
 def test_export_fails_when_onnx_runtime_disagrees_with_pytorch(sweep, tmp_path, monkeypatch):
@@ -182,6 +221,27 @@ def test_export_fails_when_onnx_runtime_disagrees_with_pytorch(sweep, tmp_path, 
     with pytest.raises(FsweepError, match="differ by .* export refused"):
         export.export_experiment(uri, tmp_path / "refused")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".*export-tmp"))
+
+
+def test_torchscript_is_written_only_when_asked_and_its_deprecation_shows(tmp_path, monkeypatch):
+    asked = {}
+    monkeypatch.setattr(export, "export_experiment", lambda experiment, out, torchscript: asked.update(
+        torchscript=torchscript) or Path(out))
+    assert fsweep(["export", str(tmp_path), "--out", str(tmp_path / "m"), "--torchscript"]) == 0
+    assert asked == {"torchscript": True}
+    assert fsweep(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 0 and asked == {"torchscript": False}
+    net = FsNet(create_backbone("resnet10t"), STN()).eval()
+    samples = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(FutureWarning, match="torch.jit.trace. is deprecated"):  # PyTorch's own, not hidden
+        export.save_torchscript(net, samples, tmp_path / export.TORCHSCRIPT_FILE)
+    export.save_pt2(net, samples, tmp_path / export.PT2_FILE)
+    export.save_onnx(net, samples, tmp_path / export.ONNX_FILE)
+    with pytest.warns(FutureWarning, match="torch.jit.load. is deprecated"):
+        parity = export.check_parity(net, samples, tmp_path, "right")
+    assert parity["torchscript_max_abs_diff"] <= 1e-5 and parity["pt2_max_abs_diff"] <= 1e-5
+    with pytest.warns(FutureWarning, match="TorchScript is deprecated by PyTorch"):  # export's own, before any work
+        with pytest.raises(FsweepError, match="no winners.json"):
+            real_export_experiment(tmp_path, tmp_path / "m2", torchscript=True)
 
 
 def test_each_aspect_is_one_store_variant_and_each_winner_predicts_through_its_own(sweep, model_dir):
@@ -292,13 +352,28 @@ def test_a_tampered_truncated_or_missing_file_is_refused_with_one_line(model_dir
     assert len(err.splitlines()) == 1 and needle in err and str(target) in err
 
 
-def test_a_card_of_another_format_asks_for_a_re_export(model_dir, tmp_path):
+@pytest.mark.parametrize("old", ["fsweep-model-1", "fsweep-model-2"])
+def test_a_model_exported_before_asks_for_a_re_export_in_one_line(model_dir, unseen, tmp_path, capsys, old):
+    """A MODEL_DIR as the previous fsweep wrote it (TorchScript and best.pt, no detector.onnx, no model.pt2)."""
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
     card = json.loads((copy / "model_card.json").read_text())
-    (copy / "model_card.json").write_text(json.dumps({**card, "format": "fsweep-model-1"}))
-    with pytest.raises(FsweepError, match="fsweep-model-1 model card; this fsweep reads fsweep-model-2: re-export"):
-        load_card(copy)
+    for name in ["roi/detector.onnx", *(f"{view}/model.pt2" for view in card["models"])]:
+        (copy / name).unlink()
+        del card["sha256"][name]
+    for view, entry in card["models"].items():
+        (copy / view / "model.torchscript.pt").write_bytes(b"stands in for the old TorchScript file")
+        entry["files"] = {"onnx": f"{view}/model.onnx", "torchscript": f"{view}/model.torchscript.pt",
+                          "weights": f"{view}/weights.safetensors"}
+    (copy / "model_card.json").write_text(json.dumps({**card, "format": old}))
+    assert fsweep(["predict", str(copy), str(unseen["raw"] / "plain.png"), "--view", "right"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{old} model card; this fsweep reads {CARD_FORMAT}: re-export the model with `fsweep export`" in err
+    # a current card whose detector.onnx is gone (copied by hand, say) also says to re-export, in one line
+    (copy / "model_card.json").write_text(json.dumps({**card, "format": CARD_FORMAT}))
+    with pytest.raises(FsweepError, match="detector.onnx: missing.*re-export"):
+        load_detector(copy, card)
 
 
 def test_grad_cam_png_has_the_crops_size_and_is_not_constant(model_dir, unseen, tmp_path):
@@ -320,17 +395,123 @@ def test_grad_cam_png_has_the_crops_size_and_is_not_constant(model_dir, unseen, 
     assert heat_to_crop(heat, (252, 148), "pad").shape == (252, 148)
 
 
-def test_predict_imports_no_ray(model_dir, unseen):
+def test_predict_imports_no_torch_ultralytics_timm_or_ray(model_dir, unseen):
+    """Both models (frozen STN, joint STN), the detector, a PNG, a 16-bit PNG and a DICOM, through the CLI."""
+    raw = unseen["raw"]
     code = (
         "import sys\nfrom fsweep.cli import main\n"
-        f"rc = main(['predict', {str(model_dir)!r}, {str(unseen['raw'] / 'scan.dcm')!r}])\n"
-        "assert rc == 0, rc\nassert 'ray' not in sys.modules, 'ray imported'\n"
-        "assert 'fsmodels' not in sys.modules and 'timm' not in sys.modules, 'training code imported'\n"
-        "print('no ray')\n"
+        f"rc = main(['predict', {str(model_dir)!r}, {str(raw / 'scan.dcm')!r}, {str(raw / 'plain.png')!r}, "
+        f"{str(raw / 'deep.png')!r}, '--view', 'right'])\n"
+        "assert rc == 0, rc\n"
+        "heavy = sorted(m for m in ('torch', 'ultralytics', 'timm', 'ray', 'fsmodels', 'search', 'torchvision') "
+        "if m in sys.modules)\n"
+        "print('heavy modules:', heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("no ray") and "scan.dcm" in done.stdout
+    assert done.stdout.strip().endswith("heavy modules: []"), done.stdout[-500:]
+    table = pd.read_csv(io.StringIO(done.stdout.rsplit("heavy modules:", 1)[0]))
+    assert sorted(table["model"]) == ["left", "right", "right"] and table["probability"].between(0, 1).all()
+
+
+PT2_LOAD = """import json
+import numpy as np
+import torch
+model = torch.export.load(sys.argv[1]).module()
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    print(json.dumps(model(x).numpy().tolist()))
+"""
+
+
+@pytest.mark.parametrize("view", ["left", "right"])  # frozen STN, joint STN
+def test_model_pt2_loads_without_fsweep_and_gives_predicts_logits(model_dir, unseen, tmp_path, view):
+    raw = unseen["raw"]
+    images = sorted(p for p in raw.iterdir())  # PNG, TIFF, JPEG, 16-bit PNG, DICOM: a batch of 5
+    table = predict(model_dir, images, view=view)
+    card = load_card(model_dir)
+    mine = [i for i, m in enumerate(table["model"]) if m == view]
+    assert len(mine) == (5 if view == "left" else 4)  # the DICOM's ImageLaterality says left
+    fields = recipe_spec(card["models"][view]["preprocessing"])
+    spec = VariantSpec(**{**fields, "roi_dir": str(model_dir / fields["roi_dir"])})
+    detector = load_detector(model_dir, card)  # predict's own detector and recipe: its network inputs
+    x = np.stack([preprocess_decoded(decode_image(images[i]), spec, detector)[0] for i in mine])
+    np.save(tmp_path / "x.npy", x[:, None].astype(np.float32) / np.float32(255))
+    done = clean_python(PT2_LOAD, model_dir / view / "model.pt2", tmp_path / "x.npy", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logits = np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+    expected = table["logit"].to_numpy()[mine]
+    print(f"model.pt2 ({view}) vs predict's ONNX logits: max |diff| {np.abs(logits - expected).max():.2e} "
+          f"over {len(mine)} images")
+    assert len(logits) == len(mine) >= 4 and np.abs(logits - expected).max() <= 1e-5
+    assert np.allclose(1 / (1 + np.exp(-logits)), table["probability"].to_numpy()[mine], atol=1e-6)
+
+
+def test_the_detector_falls_back_to_the_legacy_exporter_in_one_line_and_still_crops_alike(model_dir, unseen,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
+    from preprocessing.detector_onnx import export_detector
+
+    roi = tmp_path / "roi"
+    roi.mkdir()
+    for name in ("best.pt", "metrics.json"):
+        shutil.copy2(model_dir / "roi" / name, roi / name)
+    fail_the_current_exporter(monkeypatch)
+    written = export_detector(roi, 64)
+    assert written["exporter"] == "legacy" and "aten::example_op" in written["fallback_reason"]
+    said = [line for line in capsys.readouterr().err.splitlines() if "detector.onnx" in line]
+    assert len(said) == 1 and "cannot express the detector" in said[0] and "legacy" in said[0]
+    ultralytics_detector, onnx_detector = RoiDetector(roi), OnnxRoiDetector(roi)
+    assert onnx_detector.size == written["input_size"] == 64
+    for path in sorted(unseen["raw"].iterdir()):
+        img = decode_image(path)
+        want, got = ultralytics_detector.detect(img), onnx_detector.detect(img)
+        assert (want is None) == (got is None), path
+        if want is not None:
+            assert max(abs(a - b) for a, b in zip(want[0], got[0])) <= 1e-3, path
+
+
+@pytest.mark.parametrize("shape", [(252, 148), (70, 148), (148, 60), (1006, 590), (30, 500), (64, 64), (7, 9)])
+def test_the_detectors_letterbox_is_ultralytics_minimum_rectangle_pixel_for_pixel(shape):
+    from ultralytics.data.augment import LetterBox
+
+    from preprocessing.detector_onnx import letterbox
+
+    img = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    for size in (64, 320):
+        mine, (new_h, new_w) = letterbox(img, size, 32)
+        theirs = LetterBox(size, auto=True, stride=32)(image=cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+        theirs = theirs[..., ::-1].transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255)
+        assert mine.shape == theirs.shape and np.array_equal(mine, theirs), (shape, size)
+        assert max(mine.shape[2:]) == size and mine.shape[2] % 32 == 0 and mine.shape[3] % 32 == 0
+
+
+def test_the_onnx_detector_crops_like_ultralytics_on_every_kind_of_file(sweep, model_dir, unseen):
+    """The export's parity check, again on raw files of every kind (none of them seen at export)."""
+    from preprocessing.roi import full_frame_box
+
+    ultralytics_detector, onnx_detector = RoiDetector(model_dir / "roi"), OnnxRoiDetector(model_dir / "roi")
+    rows = pd.read_parquet(sweep["dataset"] / "dataset.parquet")
+    paths = sorted(unseen["raw"].iterdir()) + [Path(p) for p in rows[rows["split"] == "test"]["image"]]
+    decoded = [decode_image(path) for path in paths]
+    first = decoded[0]  # and shapes whose letterbox is not square: strips (aspect above 2) and a larger image
+    decoded += [first[:70], np.ascontiguousarray(first[:, :60]), cv2.resize(first, (590, 1006))]
+    boxes, largest = 0, 0.0
+    for path, img in zip([*paths, "strip", "tall strip", "590x1006"], decoded):
+        want, got = ultralytics_detector.detect(img), onnx_detector.detect(img)
+        assert (want is None) == (got is None), path
+        if want is None:
+            continue
+        boxes += 1
+        largest = max(largest, *(abs(a - b) for a, b in zip(want[0], got[0])))
+        assert abs(want[1] - got[1]) <= 1e-4, path  # the confidence
+        margin = sweep["cfg"].roi.margin
+        assert margin_box(want[0], margin, img.shape) == margin_box(got[0], margin, img.shape), path
+    print(f"ONNX vs ultralytics detector: {len(decoded)} images, {boxes} with a box, same crops, "
+          f"max |box diff| {largest:.1e} px")
+    assert boxes >= 3 and largest <= 1e-3
+    assert onnx_detector.detect(np.zeros((40, 30), np.uint8)) is None  # nothing to find: full frame
+    assert full_frame_box(np.zeros((40, 30), np.uint8)) == (0.0, 0.0, 30.0, 40.0)
 
 
 def test_export_refuses_an_unfinished_experiment_and_a_used_out_dir(model_dir, sweep, tmp_path, capsys):
@@ -341,9 +522,46 @@ def test_export_refuses_an_unfinished_experiment_and_a_used_out_dir(model_dir, s
     assert "not empty" in capsys.readouterr().err
 
 
-def test_an_stn_model_at_a_size_onnx_cannot_pool_is_refused_with_the_reason(tmp_path):
+def fail_the_current_exporter(monkeypatch):
+    """Make ``torch.onnx.export(..., dynamo=True)`` raise as it does on an operator it cannot express."""
+    real = torch.onnx.export
+
+    def export_(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("aten::example_op: no ONNX decomposition\nmore detail")
+        return real(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export_)
+
+
+def test_the_current_onnx_exporter_pools_the_stn_at_any_size(tmp_path):
+    """32 px: the STN's adaptive pooling to 64 px, which the legacy exporter could not write."""
     net = FsNet(create_backbone("resnet10t"), STN()).eval()
-    with pytest.raises(FsweepError, match="multiple of 64"):
+    samples = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert export.save_onnx(net, samples, tmp_path / "model.onnx") == {"exporter": "dynamo", "fallback_reason": None}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = net(samples).numpy()
+    assert np.abs(session.run(None, {"image": samples.numpy()})[0] - expected).max() <= 1e-5
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+
+
+def test_the_legacy_onnx_exporter_is_the_fallback_and_says_why_in_one_line(tmp_path, monkeypatch, capsys):
+    fail_the_current_exporter(monkeypatch)
+    net = FsNet(create_backbone("resnet10t"), STN()).eval()
+    samples = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    folder = tmp_path / "right"
+    folder.mkdir()
+    written = export.save_onnx(net, samples, folder / export.ONNX_FILE)
+    assert written["exporter"] == "legacy" and "aten::example_op" in written["fallback_reason"]
+    err = capsys.readouterr().err.strip().splitlines()
+    said = [line for line in err if "model.onnx" in line]
+    assert len(said) == 1 and "cannot express" in said[0] and "legacy" in said[0] and "more detail" not in said[0]
+    export.save_pt2(net, samples, folder / export.PT2_FILE)
+    parity = export.check_parity(net, samples, folder, "right")
+    assert parity["onnx_max_abs_diff"] <= 1e-5 and parity["pt2_max_abs_diff"] <= 1e-5
+    # where the legacy exporter cannot pool the STN either, the export is refused with the reason
+    with pytest.raises(FsweepError, match="legacy ONNX exporter cannot express; train with data.size a multiple of 64"):
         export.save_onnx(net, torch.rand(2, 1, 32, 32), tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
 
@@ -372,7 +590,8 @@ for name in ("search", "fsweep", "fsmodels", "preprocessing", "cluster"):
 
 def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen, tmp_path):
     """tests/card_only_predict.py: the recipe re-implemented from model_card.json (numpy, OpenCV, pydicom,
-    ultralytics, onnxruntime; no fsweep) on raw files of every kind and stored test images."""
+    onnxruntime for the detector and the network; no fsweep, no ultralytics, no torch) on raw files of every
+    kind, strips and stored test images."""
     raw = unseen["raw"]
     write_dicom(tmp_path / "window.dcm", unseen["right"].astype(np.uint16) * 12 + 300, window=(1500, 2200),
                 slope=0.5, intercept=-100.0)  # rescale, then a window that clips both ends
@@ -381,11 +600,14 @@ def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen,
     images = [(p, "right") for p in sorted(raw.iterdir()) if p.name != "scan.dcm"]
     images += [(raw / "scan.dcm", "left"), (tmp_path / "window.dcm", "right")]
     images += [(Path(r.image), r.view) for r in test.itertuples()]
+    for name, strip in (("wide.png", unseen["right"][:70]), ("tall.png", unseen["right"][:, :60])):
+        cv2.imwrite(str(tmp_path / name), strip)  # aspect above 2: the detector's letterbox is not square
+        images.append((tmp_path / name, "right"))
     requests = [f"{view}={path}" for path, view in images]
-    done = clean_python(RUN_SCRIPT, ROOT / "tests" / "card_only_predict.py", model_dir, *requests,
-                        cwd=tmp_path, env={"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo")})
+    done = clean_python(RUN_SCRIPT, ROOT / "tests" / "card_only_predict.py", model_dir, *requests, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     card_only = json.loads(done.stdout.strip().splitlines()[-1])
+    assert card_only["heavy_modules"] == []  # neither torch nor ultralytics nor timm
     frames = [predict(model_dir, [p], view=v) for p, v in images]
     expected = np.array([f["probability"][0] for f in frames])
     got = np.array(card_only["probabilities"])
@@ -397,12 +619,21 @@ def test_the_card_alone_reproduces_predict_within_1e_5(sweep, model_dir, unseen,
     assert True in fallback and False in fallback  # both the crop and the full-frame fallback were compared
     # the network inputs themselves, pixel for pixel: an untrained network could hide a wrong step
     card = load_card(model_dir)
-    detector = RoiDetector(model_dir / "roi")
+    detector = load_detector(model_dir, card)  # predict's: the ONNX detector
     for (path, view), digest in zip(images, card_only["inputs_sha256"]):
         fields = recipe_spec(card["models"][view]["preprocessing"])
         spec = VariantSpec(**{**fields, "roi_dir": str(model_dir / fields["roi_dir"])})
         array = preprocess_decoded(decode_image(path), spec, detector)[0]
         assert hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest() == digest, path
+
+
+def test_the_recipe_keeps_the_networks_size_apart_from_the_detectors():
+    detector = {"dir": "roi", "sha256": "a" * 64, "onnx_sha256": "b" * 64, "input_size": 320, "stride": 32,
+                "map50": 0.9}
+    recipe = recipe_card("global", 128, "pad", 0.05, detector)
+    assert recipe["resize"]["size"] == 128 and recipe["detect"]["input_size"] == 320
+    assert "(320 - new_w) mod 32" in recipe["detect"]["letterbox"] and recipe["crop"]["margin"] == 0.05
+    assert recipe_spec(recipe) == {"he": "global", "size": 128, "aspect": "pad", "roi_dir": "roi", "margin": 0.05}
 
 
 def test_parity_runs_once_per_provider_chain_predict_may_open():
@@ -417,10 +648,10 @@ def test_parity_runs_once_per_provider_chain_predict_may_open():
 def test_parity_refuses_a_provider_that_does_not_come_up(tmp_path, monkeypatch):
     net = FsNet(create_backbone("resnet10t"), None).eval()
     samples = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    export.save_torchscript(net, samples, tmp_path / export.TORCHSCRIPT_FILE)
+    export.save_pt2(net, samples, tmp_path / export.PT2_FILE)
     export.save_onnx(net, samples, tmp_path / export.ONNX_FILE)
     parity = export.check_parity(net, samples, tmp_path, "right")
-    assert parity["onnx_providers"].keys() == {"CPUExecutionProvider"} and parity["onnx_max_abs_diff"] <= 1e-4
+    assert parity["onnx_providers"].keys() == {"CPUExecutionProvider"} and parity["onnx_max_abs_diff"] <= 1e-5
     # a CUDA build whose libraries are missing lists CUDA, then runs the session on the CPU without a word
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(FsweepError, match="lists CUDAExecutionProvider but could not start it"):
@@ -455,3 +686,61 @@ def test_plain_ray_opens_the_experiment_without_fsweep(sweep, tmp_path):
     board = pd.read_csv(sweep["experiment"] / "leaderboard.csv", dtype={"trial_id": str})
     assert len(read) == len(board) == 2
     assert read == dict(zip(board["trial_id"], board["val_auc"]))  # the leaderboard's best-epoch value, exactly
+
+
+PACKAGES_OF_FSWEEP = ("fsweep", "search", "fsmodels", "preprocessing", "cluster")
+
+
+def slim_env(**extra) -> dict:
+    """The environment without this checkout on the path (PYTHONPATH) or the test's virtual environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return {**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def du(path: Path) -> str:
+    """``du -sh`` of ``path`` (links followed), e.g. ``518M``."""
+    return subprocess.run(["du", "-shL", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def test_predict_installs_and_runs_without_torch_in_a_fresh_environment(model_dir, unseen, tmp_path):
+    """requirements-predict.txt, then fsweep with --no-deps, in a new virtual environment: no torch, no
+    ultralytics; the detector and both STN models (frozen: the DICOM's left model) give the full install's
+    probabilities, and --cam stops in one line that says what to install."""
+    python = shutil.which("python3.11") or sys._base_executable
+    venv, source = tmp_path / "venv", tmp_path / "src"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    done = subprocess.run([*pip, "-r", str(ROOT / "requirements-predict.txt")], capture_output=True, text=True,
+                          timeout=600, env=slim_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    source.mkdir()  # a copy: building fsweep writes build/ and *.egg-info next to its sources
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in PACKAGES_OF_FSWEEP:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([*pip, "--no-deps", str(source)], capture_output=True, text=True, timeout=600,
+                          env=slim_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    absent = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True,
+                            env=slim_env(), cwd=tmp_path)
+    assert absent.returncode != 0 and "No module named 'torch'" in absent.stderr
+    raw = unseen["raw"]
+    images = [raw / "plain.png", raw / "deep.png", raw / "scan.dcm"]  # 8-bit PNG, 16-bit PNG, DICOM (left)
+    command = [str(venv / "bin" / "fsweep"), "predict", str(model_dir), *map(str, images), "--view", "right"]
+    done = subprocess.run([*command, "--out", str(tmp_path / "slim.csv")], capture_output=True, text=True,
+                          timeout=300, env=slim_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    slim = pd.read_csv(tmp_path / "slim.csv")
+    full = predict(model_dir, images, view="right")
+    assert slim["image"].tolist() == full["image"].tolist() and slim["model"].tolist() == ["right", "right", "left"]
+    difference = np.abs(slim["probability"].to_numpy() - full["probability"].to_numpy()).max()
+    assert difference <= 1e-7 and (slim["label"] == full["label"]).all()
+    for column in ("x0", "y0", "x1", "y1", "fallback"):
+        assert slim[column].tolist() == full[column].tolist(), column  # the same detector boxes
+    done = subprocess.run([*command, "--cam", str(tmp_path / "cams")], capture_output=True, text=True,
+                          timeout=300, env=slim_env(), cwd=tmp_path)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err[-2000:]
+    assert "--cam needs torch" in err and "pip install" in err and not (tmp_path / "cams").exists()
+    print(f"predict-only environment {du(venv)} (full install {du(Path(sys.prefix))}); "
+          f"max |probability difference| {difference:.1e}")
