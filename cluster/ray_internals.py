@@ -1,7 +1,7 @@
 """Every use of Ray's internals in fsweep, in one place; tests/test_ray_internals.py fails when a Ray release
 changes one.
 
-Ray has no public API for these four needs (checked against Ray 2.60). Everything else in fsweep uses
+Ray has no public API for these needs (checked against Ray 2.60). Everything else in fsweep uses
 Ray's public API only, so a Ray upgrade is checked by running that one test file.
 
 - ``loopback_only``: a private local Ray that listens on 127.0.0.1 only. Ray binds its services to every
@@ -15,6 +15,8 @@ Ray's public API only, so a Ray upgrade is checked by running that one test file
 - ``restored_run_config``: the ``RunConfig`` a ``Tuner.restore`` brought back from ``tuner.pkl``. Restore takes
   no ``run_config``, and fsweep's console settings (the live view, Ray's tables) must follow the resuming
   command, not the command that started the sweep.
+- ``variant_rng``: the random state ``BasicVariantGenerator(random_state=seed)`` draws from, so that
+  ``fsweep plan`` lists the trials a random sweep will create, in order, before any trial runs.
 - For fsweep's tests: ``validate_launcher_config`` (the schema check ``ray up`` runs), ``raylet_process``,
   ``dashboard_url`` and ``token_auth`` (what a local start listens on and how it authenticates).
 """
@@ -54,6 +56,13 @@ def set_tune_console(verbose: bool, *, keep_set: bool = False) -> None:
 def restored_run_config(tuner):
     """The ``RunConfig`` of a ``Tuner.restore``-d tuner, to change in place before ``fit``."""
     return tuner._local_tuner.get_run_config()
+
+
+def variant_rng(seed: int | None):
+    """The random state Tune's ``BasicVariantGenerator(random_state=seed)`` holds, for ``generate_variants``."""
+    from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
+
+    return _BackwardsCompatibleNumpyRng(seed)
 
 
 def validate_launcher_config(raw: dict) -> dict:

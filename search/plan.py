@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
-from ray.tune.search.sample import Domain, _BackwardsCompatibleNumpyRng
+from ray.tune.search.sample import Domain
 from ray.tune.search.variant_generator import generate_variants
 
 from cluster.errors import FsweepError
+from cluster.ray_internals import variant_rng
 from fsmodels.config import SPACE_KEYS, Config, key_values
 from fsmodels.params import variant_name, variant_recipes
 from preprocessing.ingest import load_dataset
@@ -39,7 +40,7 @@ def planned_trials(cfg: Config) -> list[dict]:
     params = space.param_space(cfg)
     if cfg.search.algorithm == "optuna":
         return _optuna_trials(cfg, params)
-    rng = _BackwardsCompatibleNumpyRng(cfg.search.seed)  # what BasicVariantGenerator(random_state=seed) holds
+    rng = variant_rng(cfg.search.seed)  # what BasicVariantGenerator(random_state=seed) holds
     trials = []
     for _ in range(cfg.search.num_samples):  # Tune's trial iterator: the whole grid once per sample
         for _, spec in generate_variants({"config": params}, random_state=rng):

@@ -66,3 +66,16 @@ def test_the_names_the_test_helpers_read_still_exist():
     assert ray_constants.PROCESS_TYPE_RAYLET == "raylet"
     assert hasattr(ray._private.worker, "global_worker") and callable(get_authentication_mode)
     assert AuthenticationMode.TOKEN is not None
+
+
+def test_variant_rng_draws_tunes_random_variants_reproducibly_per_seed():
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = {"config": {"lr": tune.loguniform(1e-4, 1e-1), "batch_size": tune.choice([4, 8, 16])}}
+
+    def draw(seed):
+        rng = ray_internals.variant_rng(seed)
+        return [spec["config"]["lr"] for _ in range(3) for _, spec in generate_variants(space, random_state=rng)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
