@@ -145,17 +145,25 @@ def header_view(header) -> str | None:
     return part or None
 
 
-def _place_by_header(path: Path, key: str, labels: dict[str, str]) -> tuple[dict | str, list[str]]:
-    """(manifest row without image, warnings) with the view from the header and a patient or study label."""
+def _patient_header(path: Path) -> tuple[object | None, str, list[str]]:
+    """(header, PatientID, warnings) of a DICOM file with pixels and a patient, else (None, reason, warnings)."""
     header, heard = read_dicom_header(path)
     if header is None:
-        return "not a DICOM file", heard
+        return None, "not a DICOM file", heard
     if not header_has_pixels(header):
         what = describe_object(header)
-        return (f"no pixel data: {what}" if what else "no pixel data"), heard
+        return None, (f"no pixel data: {what}" if what else "no pixel data"), heard
     patient = str(header.get("PatientID", "") or "").strip()
     if not patient:
-        return "no PatientID", heard
+        return None, "no PatientID", heard
+    return header, patient, heard
+
+
+def _place_by_header(path: Path, key: str, labels: dict[str, str]) -> tuple[dict | str, list[str]]:
+    """(manifest row without image, warnings) with the view from the header and a patient or study label."""
+    header, patient, heard = _patient_header(path)
+    if header is None:
+        return patient, heard  # why the file cannot be placed
     view = header_view(header)
     if view is None:
         return "no ViewPosition, laterality or BodyPartExamined", heard
@@ -203,15 +211,9 @@ def _label_row(path: Path, number: int, record: dict) -> tuple[tuple[str, str], 
 
 def _place(path: Path, labels: dict, patients: set) -> tuple[dict | str, list[str]]:
     """(manifest row without image, warnings) for a placeable file, else (reason, warnings)."""
-    header, heard = read_dicom_header(path)
+    header, patient, heard = _patient_header(path)
     if header is None:
-        return "not a DICOM file", heard
-    if not header_has_pixels(header):
-        what = describe_object(header)
-        return (f"no pixel data: {what}" if what else "no pixel data"), heard
-    patient = str(header.get("PatientID", "") or "").strip()
-    if not patient:
-        return "no PatientID", heard
+        return patient, heard  # why the file cannot be placed
     view = header_laterality(header) or view_from_words(header)
     if view is None:
         return "no laterality or view words", heard
