@@ -72,7 +72,6 @@ def test_without_folds_the_keys_and_the_record_are_unchanged(tiny_dataset, fold_
 
 def test_a_plan_over_folds_lists_one_detector_and_one_stn_per_fold_with_its_cost(fold_dataset, tiny_dataset,
                                                                                  tmp_path, capsys):
-    cfg = fold_config(fold_dataset, tmp_path / "store")
     sets = ["--set", f"data.dataset={fold_dataset}", "--set", "space.fold=[0,1,2]", "--set", "space.stn=frozen",
             "--set", "roi.detector=roi", *[a for k, v in TINY_ROI.items() for a in ("--set", f"roi.{k}={v}")],
             "--set", "train.stn_epochs=3"]

@@ -16,7 +16,6 @@ import yaml
 from cluster.errors import FsweepError
 from cluster.gpuenv import ZERO_GPU_HIDES, set_process_env, worker_env
 from cluster.ray_internals import tune_console_env
-from fsmodels.config import load_config
 from fsmodels.engine import Runtime, amp_dtype, device_share, require_device, score_loader, train_epoch
 from fsmodels.precision import tf32_state, true_fp32
 

@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
-import pandas as pd
 import pytest
 
 from preprocessing.phantom import ABNORMAL_FRACTION, FAMILIES, write_phantom
