@@ -120,18 +120,17 @@ def rates(tp, fp, tn, fn) -> dict:
     )
 
 
-def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
-    """auc, accuracy, f1, sensitivity, specificity, youden_threshold, tp, fp, tn, fn (all nan if a score is not)."""
+def binary_metrics(y_true, scores, threshold: float | None = 0.5) -> dict:
+    """auc, accuracy, f1, sensitivity, specificity, youden_threshold, tp, fp, tn, fn (all nan if a score is not).
+
+    The rates and counts are at ``threshold``; None: at these scores' own ``operating_threshold``.
+    """
     if not all_finite(scores):
         _arrays(y_true, scores)
         return dict.fromkeys(BINARY_KEYS, NAN)
-    counts = confusion(y_true, scores, threshold)
-    return dict(
-        auc=auc_score(y_true, scores),
-        **rates(**counts),
-        youden_threshold=youden_threshold(y_true, scores),
-        **counts,
-    )
+    youden = youden_threshold(y_true, scores)
+    counts = confusion(y_true, scores, operating_threshold(youden) if threshold is None else threshold)
+    return dict(auc=auc_score(y_true, scores), **rates(**counts), youden_threshold=youden, **counts)
 
 
 def _units(patients, size: int) -> tuple[np.ndarray, int]:

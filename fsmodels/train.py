@@ -71,7 +71,6 @@ from fsmodels.metrics import (
     bootstrap_ci,
     json_safe,
     operating_threshold,
-    youden_threshold,
 )
 from fsmodels.model import FsNet, build_model, model_skeleton
 from fsmodels.params import TrialParams, open_artifacts, trial_handles, trial_params
@@ -125,8 +124,7 @@ def split_metrics(labels: np.ndarray, scores: np.ndarray, loss: float) -> dict:
     """An epoch's validation metrics plus the loss, with accuracy, F1, sensitivity and specificity at that epoch's
     own Youden threshold: the operating point export and test use, so a model selected on F1 is deployed at the
     threshold its F1 was measured at (0.5 would be an arbitrary cut under the class-weighted loss)."""
-    threshold = operating_threshold(youden_threshold(labels, scores) if all_finite(scores) else None)
-    return {**binary_metrics(labels, scores, threshold), "loss": loss}
+    return {**binary_metrics(labels, scores, threshold=None), "loss": loss}
 
 
 def best_entry(history: list, best_epoch) -> dict:

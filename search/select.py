@@ -18,9 +18,9 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 from cluster.storage import join
 from fsmodels.config import SPACE_KEYS, Config
 from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS, json_safe, operating_threshold
-from search.expdir import as_local_dir, checkpoint_location, put_text
 from preprocessing.ingest import dataset_classes, dataset_views
 from preprocessing.vocab import flip_as, pair_views
+from search.expdir import as_local_dir, checkpoint_location, put_text
 from search.keep import keep_checkpoints
 
 LEADERBOARD = "leaderboard.csv"  # one row per trial
@@ -188,7 +188,7 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
                      [flip_as(v, bool(f), views, pair_views(cfg.data.mirror_pair))
                       for v, f in zip(board["view"], board["flip"])])
     put_text(join(experiment, LEADERBOARD), board.to_csv(index=False))
-    winners = {}
+    winners, classes = {}, list(dataset_classes(cfg.data.dataset))  # negative, positive: the report's names
     for view, row in pick_winners(board, cfg.search.metric, cfg.search.mode, cfg.search.select_by).items():
         test = score_on_test(row)
         put_text(join(experiment, f"winner_{view}_test_scores.csv"), pd.DataFrame(test.pop("scores")).to_csv(index=False))
@@ -204,7 +204,7 @@ def finish_experiment(experiment: str | Path, cfg: Config) -> None:
             "warnings": fit_warnings(row),
             "test": test,
             **({"flip_as": row["flip_as"]} if "flip_as" in row else {}),
-            "classes": list(dataset_classes(cfg.data.dataset)),  # negative, positive: the report's names
+            "classes": classes,
         }
     put_text(join(experiment, WINNERS), json.dumps(json_safe(winners), indent=2, default=json_scalar))
     keep_checkpoints(board, {win["trial_id"] for win in winners.values()}, cfg.search.keep_checkpoints)
