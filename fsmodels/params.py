@@ -139,12 +139,13 @@ def fold_detector(cfg: Config, fold: int, build: bool = False):
                           f"--set space.fold={fold}` (with the sweep's --config)") from None
 
 
-def resolve_variant(cfg: Config, he: str, aspect: str, fold: int | None = None):
+def resolve_variant(cfg: Config, he: str, aspect: str, detector=None):
     """Open the store variant the config names, its key computed from DATASET (the driver's and `fsweep train`'s step).
 
     Never builds one (sweeps only read the store). Everything after this opens the variant by
     the key it returns (``open_artifacts`` with recorded handles), never by recomputing it.
-    ``fold``: on a DATASET with folds, the trial's fold: with a detector, the variant its own detector cropped.
+    ``detector``: on a DATASET with folds, the trial's fold's own detector (``fold_detector``): the variant it
+    cropped.
     """
     from cluster.storage import exists, join
     from preprocessing.artifact import MANIFEST
@@ -152,17 +153,17 @@ def resolve_variant(cfg: Config, he: str, aspect: str, fold: int | None = None):
     from preprocessing.variant import open_variant
 
     detector = cfg.roi.detector
-    roi_dir, key_fold = None if is_off(detector) else detector, None
-    if roi_dir is not None and fold is not None:
-        roi_dir, key_fold = str(fold_detector(cfg, fold).path), fold
+    roi_dir, key_fold = None if is_off(cfg.roi.detector) else cfg.roi.detector, None
+    if roi_dir is not None and detector is not None:
+        roi_dir, key_fold = str(detector.path), detector.fold
     spec = VariantSpec(he=he, size=cfg.data.size, aspect=aspect, roi_dir=roi_dir, margin=cfg.roi.margin)
     key = variant_key(cfg.data.dataset, spec, key_fold)
     if not exists(join(cfg.data.store, key, MANIFEST)):  # a path or an s3:// / gs:// URI
-        folds = f" --set space.fold={fold}" if key_fold is not None else ""
+        folds = f" --set space.fold={key_fold}" if key_fold is not None else ""
         raise FsweepError(
             f"{cfg.data.store}: no store variant {key} (he={he}, aspect={aspect}, size={cfg.data.size}, "
-            f"roi={detector}); build it with `fsweep store build {cfg.data.dataset} --store {cfg.data.store} "
-            f"--size {cfg.data.size} --he {he} --aspect {aspect}" + (f" --roi {detector}" if roi_dir else "")
+            f"roi={cfg.roi.detector}); build it with `fsweep store build {cfg.data.dataset} --store {cfg.data.store} "
+            f"--size {cfg.data.size} --he {he} --aspect {aspect}" + (f" --roi {cfg.roi.detector}" if roi_dir else "")
             + f"{folds}`"
         )
     return open_variant(cfg.data.store, key)
@@ -179,12 +180,12 @@ def trial_handles(cfg: Config, params: TrialParams) -> dict:
     from fsmodels.stn import ensure_frozen_stn
 
     fold = trial_fold(cfg, params)
-    variant = resolve_variant(cfg, params.he, params.aspect, fold)
+    detector = fold_detector(cfg, fold) if fold is not None else None
+    variant = resolve_variant(cfg, params.he, params.aspect, detector)
     stn = None
     if params.stn == "frozen":
         stn = handle(ensure_frozen_stn(variant, epochs=cfg.train.stn_epochs, seed=params.seed, store=cfg.data.store,
                                        fold=fold))
-    detector = fold_detector(cfg, fold) if fold is not None else None
     return {"variant": handle(variant), "stn": stn, **({"detector": handle(detector)} if detector else {})}
 
 
@@ -208,15 +209,21 @@ def build_variants(cfg: Config, address: str | None = None, fold: int | None = N
     sweep builds; thumbnails come from what exists): ``{variant_name: Variant}``. ``address``: the Ray the build
     runs on. ``fold``: fold ``fold``'s variants, cropped by its own detector (trained first if missing); without
     a detector a fold's variants are the shared ones."""
+    return build_fold_store(cfg, address, fold)[0]
+
+
+def build_fold_store(cfg: Config, address: str | None, fold: int | None) -> tuple[dict, object]:
+    """``build_variants`` and the fold's own detector it cropped with (trained first if missing; None without)."""
     from preprocessing.store import build_store
 
     recipes = variant_recipes(cfg)
     detector = fold_detector(cfg, fold, build=True) if fold is not None else None
     roi = str(detector.path) if detector is not None else cfg.roi.detector
-    return dict(zip((variant_name(*pair) for pair in recipes), build_store(
+    variants = dict(zip((variant_name(*pair) for pair in recipes), build_store(
         cfg.data.dataset, cfg.data.store, roi=roi, size=cfg.data.size, recipes=recipes,
         margin=cfg.roi.margin, address=address, fold_detector=(fold, detector.key) if detector is not None else None,
     )))
+    return variants, detector
 
 
 def build_fold_variants(cfg: Config, address: str | None = None) -> dict:
@@ -236,6 +243,6 @@ def build_fold_variants(cfg: Config, address: str | None = None) -> dict:
           f"roi.imgsz={cfg.roi.imgsz}); folds {folds}")
     out = {}
     for fold in folds:
-        variants = build_variants(cfg, address, fold)
-        out[fold] = (fold_detector(cfg, fold), variants)
+        variants, detector = build_fold_store(cfg, address, fold)
+        out[fold] = (detector, variants)
     return out
