@@ -152,7 +152,6 @@ def resolve_variant(cfg: Config, he: str, aspect: str, detector=None):
     from preprocessing.recipe import VariantSpec, variant_key
     from preprocessing.variant import open_variant
 
-    detector = cfg.roi.detector
     roi_dir, key_fold = None if is_off(cfg.roi.detector) else cfg.roi.detector, None
     if roi_dir is not None and detector is not None:
         roi_dir, key_fold = str(detector.path), detector.fold
