@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# pytest-xdist workers, each running whole test modules (0: one process, no xdist)
+TEST_WORKERS ?= 2
 
 BUNDLE ?= bench/gpu-bundle
 BUNDLE_PY ?= 3.12
@@ -25,11 +27,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/fsweep demo --out $(DEMO_OUT)
 
+# --dist loadfile: a module's fixtures (a trained detector, a sweep, a Ray cluster) are built once, on one worker;
+# --no-loadscope-reorder keeps conftest's longest-first module order (xdist would sort by test count)
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/store.py

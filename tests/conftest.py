@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny phantom and its ingested DATASET, built once per test session."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,11 @@ from fsmodels.config import Config
 from preprocessing.ingest import ingest
 from preprocessing.phantom import write_phantom
 from preprocessing.recipe import VariantSpec
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set when `make test` runs the suite on several workers
+if _WORKER:  # each worker's Ray keeps its session files (and the address "auto" finds) in its own directory
+    os.environ.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / f"fsweep-ray-{_WORKER}"))
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / f"fsweep-ultralytics-{_WORKER}"))
 
 TINY_PATIENTS = 40  # 80 images: enough for a 60/20/20 split with both classes in every split
 TINY_SIZE = (148, 252)  # width x height: a quarter of the default phantom, fast to build and crop
@@ -96,3 +103,16 @@ def local_ray():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# The modules that take longest (seconds on 2 cores, two workers), measured with `--durations=0`; under
+# `make test` (pytest-xdist, whole modules per worker) they start first so that the workers finish together.
+LONGEST_MODULES = ("test_docs.py", "test_cluster.py", "test_demo.py", "test_export.py", "test_search.py",
+                   "test_bench.py", "test_phantom_family.py", "test_report.py", "test_train.py", "test_progress.py",
+                   "test_folds.py", "test_roi.py", "test_gpu_lane.py", "test_views.py", "test_plan.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest modules first (``LONGEST_MODULES``), the rest after them in their own order."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -85,3 +85,12 @@ def test_the_vocabulary_is_not_spelled_out_again():
                 if name and str(path.relative_to(ROOT)) != homes[name]:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} spells {name}")
     assert not found, found
+
+
+def test_the_longest_first_module_order_names_only_modules_that_exist():
+    from conftest import LONGEST_MODULES
+
+    tests = Path(__file__).resolve().parent
+    missing = [name for name in LONGEST_MODULES if not (tests / name).is_file()]
+    assert not missing, f"conftest.LONGEST_MODULES names modules that are gone: {missing}"
+    assert len(set(LONGEST_MODULES)) == len(LONGEST_MODULES)
