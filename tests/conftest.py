@@ -21,7 +21,9 @@ from preprocessing.phantom import write_phantom
 from preprocessing.recipe import VariantSpec
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set when `make test` runs the suite on several workers
-if _WORKER:  # each worker's Ray keeps its session files (and the address "auto" finds) in its own directory
+# Each worker's Ray keeps its session files (and what the address "auto" finds) in its own directory, and each
+# worker's ultralytics its own settings file (preprocessing.roi's default is one per user, shared by both).
+if _WORKER:
     os.environ.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / f"fsweep-ray-{_WORKER}"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / f"fsweep-ultralytics-{_WORKER}"))
 
@@ -105,8 +107,8 @@ def local_ray():
     ray.shutdown()
 
 
-# The modules that take longest (seconds on 2 cores, two workers), measured with `--durations=0`; under
-# `make test` (pytest-xdist, whole modules per worker) they start first so that the workers finish together.
+# The modules that take longest, longest first, from a `--durations=0` run on 2 cores (docs/development.md,
+# "Tests"); under `make test` (pytest-xdist, whole modules per worker) they start first so the workers finish together.
 LONGEST_MODULES = ("test_docs.py", "test_cluster.py", "test_demo.py", "test_export.py", "test_search.py",
                    "test_bench.py", "test_phantom_family.py", "test_report.py", "test_train.py", "test_progress.py",
                    "test_folds.py", "test_roi.py", "test_gpu_lane.py", "test_views.py", "test_plan.py")
