@@ -62,7 +62,10 @@ from preprocessing.files import atomic_write, file_sha256
 from preprocessing.vocab import flip_as, is_off, model_views, pair_views
 
 ONNX_OPSET = 20  # first opset with AffineGrid (GridSample: 16); onnxruntime 1.32 runs it
-PARITY_TOLERANCE = 1e-5  # max |logit difference| between PyTorch and ONNX Runtime / model.pt2 / TorchScript
+# max |logit difference| between PyTorch and ONNX Runtime / model.pt2 / TorchScript: the STN's grid_sample
+# resamples ~1e-5 apart between engines and the backbone carries that to the logit (docs/export.md, `fsweep export`);
+# 1e-4 of a logit moves a probability by at most 2.5e-5
+PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 8  # real validation images per view in the parity batch (plus PARITY_RANDOM random ones)
 PARITY_RANDOM = 2
 DETECTOR_PARITY_IMAGES = 32  # validation images the ONNX and ultralytics detectors must crop alike

@@ -99,12 +99,21 @@ def make_spec(**fields) -> VariantSpec:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A private 2-CPU Ray for this module (never another session's cluster)."""
+def local_ray(_ray_left_running):
+    """A private 2-CPU Ray (never another session's cluster), started once per test process and kept for the
+    modules after this one: a start costs about 10 s of Ray's services and of its workers importing torch.
+    A module that needs a Ray of its own (tests/test_cluster.py) shuts this one down first."""
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _ray_left_running():
+    """Shuts down whatever Ray this test process left running when the session ends."""
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # The modules that take longest, longest first, from a `--durations=0` run on 2 cores (docs/development.md,

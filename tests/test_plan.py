@@ -112,8 +112,7 @@ def test_plan_counts_training_images_per_view_fold_and_flip(tiny_dataset, tmp_pa
 
 
 @pytest.mark.slow  # a real Ray Tune sweep
-def test_random_plan_equals_the_trials_a_sweep_runs(tiny_dataset, tmp_path):
-    import ray
+def test_random_plan_equals_the_trials_a_sweep_runs(local_ray, tiny_dataset, tmp_path):
     from conftest import tiny_sweep_config
 
     from search.sweep import run_sweep
@@ -122,11 +121,7 @@ def test_random_plan_equals_the_trials_a_sweep_runs(tiny_dataset, tmp_path):
                             seed=[0, 1])
     cfg.search.algorithm, cfg.search.num_samples, cfg.search.seed = "random", 2, 7
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    try:
-        experiment = Path(run_sweep(cfg, name="random", storage=str(tmp_path / "runs")))
-    finally:
-        ray.shutdown()
+    experiment = Path(run_sweep(cfg, name="random", storage=str(tmp_path / "runs")))
     ran = pd.read_csv(experiment / "leaderboard.csv")
     planned = planned_trials(load_config(None, [f"space.lr={cfg.space.lr}", "space.seed=[0, 1]",
                                                 "search.algorithm=random", "search.num_samples=2", "search.seed=7"]))

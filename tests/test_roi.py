@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 
 from preprocessing.decode import decode_image
 from cluster.errors import FsweepError
@@ -71,18 +70,11 @@ def test_crop_adds_the_margin_and_stays_inside():
 
 
 @pytest.mark.slow
-def test_nothing_found_keeps_the_full_frame_and_flags_it(roi_dir, tiny_dataset, tmp_path):
+def test_nothing_found_keeps_the_full_frame_and_flags_it(local_ray, roi_dir, tiny_dataset, tmp_path):
     detector = RoiDetector(roi_dir)
     dataset = _with_a_blank_image(tiny_dataset, tmp_path / "dataset")
     rows = pd.read_parquet(dataset / "dataset.parquet").set_index("image_id")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        variant = build_variant(dataset, tmp_path / "store", make_spec(he="global", size=32, roi_dir=str(roi_dir)))
-    finally:
-        if started:
-            ray.shutdown()
+    variant = build_variant(dataset, tmp_path / "store", make_spec(he="global", size=32, roi_dir=str(roi_dir)))
     index = variant.index.set_index("image_id")
     assert len(index) == len(rows)
     assert index.loc["blank", "fallback"] and not index["fallback"].all()

@@ -32,14 +32,8 @@ SIZE = 48  # tiny arrays keep the builds to a couple of seconds
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One small local Ray for the module: the builds reuse it instead of starting their own."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+def _builds_share_one_ray(local_ray):
+    """The builds reuse the test process's small local Ray (conftest.local_ray) instead of starting their own."""
 
 
 @pytest.fixture(scope="module")

@@ -215,9 +215,7 @@ def _new_patients(tmp: Path, shape: str) -> tuple[Path, np.ndarray]:
 
 @pytest.mark.slow  # a real Ray Tune sweep, export and predict per shape (about a minute each on 2 cores)
 @pytest.mark.parametrize("shape, view, stn", [("pa", "PA", "joint"), ("mura", "all", "frozen")])
-def test_a_new_shape_goes_through_sweep_export_and_predict(tiny_phantom, tmp_path, shape, view, stn, capsys):
-    import ray
-
+def test_a_new_shape_goes_through_sweep_export_and_predict(local_ray, tiny_phantom, tmp_path, shape, view, stn, capsys):
     from search.sweep import run_sweep
 
     classes = {"positive": "fracture"} if shape == "mura" else {}
@@ -225,14 +223,7 @@ def test_a_new_shape_goes_through_sweep_export_and_predict(tiny_phantom, tmp_pat
     cfg = tiny_sweep_config(tmp_path / "data", tmp_path / "store", view=view, stn=stn, epochs=4, lr=[0.01, 0.003])
     cfg.data.size = 64  # an STN in the ONNX graph pools to 64 px: the input is a multiple of 64
     cfg.search.max_failures, cfg.search.max_concurrent = 0, 2
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    try:
-        experiment = Path(run_sweep(cfg, name="exp", storage=str(tmp_path / "runs")))
-    finally:
-        if started:
-            ray.shutdown()
+    experiment = Path(run_sweep(cfg, name="exp", storage=str(tmp_path / "runs")))
     board = pd.read_csv(experiment / "leaderboard.csv")
     assert len(board) == 2 and (board["status"] == "TERMINATED").all() and set(board["flip_as"]) == {"horizontal"}
     winners = json.loads((experiment / "winners.json").read_text())
