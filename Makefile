@@ -17,10 +17,9 @@ NODE_VENV ?= /tmp/fsweep-node-venv
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, from the wheels on disk: a bare `torch` requirement would pull a newer CUDA build.
-	# --no-compile: Python byte-compiles only the modules it imports, on first import (torch's install: 75 s -> 44 s)
-	$(PIP) install -q --no-compile torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --no-compile -e '.[dev]'
+	# torch first, from the wheels on disk: a bare `torch` requirement would pull a newer CUDA build
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -133,20 +133,25 @@ def read_winners(experiment: str) -> dict:
 
 
 def build_card(experiment: str, winners: dict, model_dir: Path, torchscript: bool = False) -> dict:
-    """Export each winner into ``model_dir`` and return the model card (sha256 of every file last)."""
+    """Export each winner into ``model_dir`` and return the model card (sha256 of every file last).
+
+    The networks are written and checked first, the detector after them: a refused network costs no detector
+    export, the slowest step (about 25 s on 2 CPU cores).
+    """
     from fsmodels.train import load_trial_model
 
-    models, detector, source = {}, None, None
+    networks, sources = {}, []
     for view, winner in sorted(winners.items()):
         checkpoint = locate_checkpoint(experiment, winner["checkpoint"])
         model, cfg = load_trial_model(checkpoint)
         roi = winner_detector(cfg, checkpoint)
-        if detector is None:
-            detector, source = package_detector(cfg, roi, model_dir), roi
-        elif roi != source:  # one detector per MODEL_DIR (predict crops every input with it)
+        if sources and roi != sources[0]:  # one detector per MODEL_DIR (predict crops every input with it)
             raise FsweepError(f"{checkpoint}: this winner's crops came from the detector {roi}, another view's from "
-                              f"{source} (winners of different folds); a MODEL_DIR holds one detector")
-        models[view] = export_view(model, cfg, view, winner, checkpoint, model_dir, detector, torchscript)
+                              f"{sources[0]} (winners of different folds); a MODEL_DIR holds one detector")
+        sources.append(roi)
+        networks[view] = export_network(model, cfg, view, checkpoint, model_dir, roi, torchscript)
+    detector = package_detector(next(iter(networks.values()))["cfg"], sources[0], model_dir)
+    models = {view: view_entry(networks[view], view, winners[view], model_dir, detector) for view in networks}
     card = {
         "format": CARD_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -259,45 +264,59 @@ def detector_parity(roi_dir: Path, cfg) -> dict:
             "source": source, "reference": "ultralytics YOLO(best.pt).predict on the CPU"}
 
 
-def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir: Path, detector: dict | None,
-                torchscript: bool = False) -> dict:
-    """Write one view's weights, model.pt2, ONNX (and TorchScript if asked); check parity; return its card entry."""
+def export_network(model, cfg, view: str, checkpoint: Path, model_dir: Path, roi: str, torchscript: bool = False
+                   ) -> dict:
+    """Write one view's weights, model.pt2 and ONNX (and TorchScript if asked) and check their parity with PyTorch.
+
+    Returns what ``view_entry`` needs. FsweepError when the detector's ``best.pt`` is not the one the store
+    variant was cropped with, or when an engine disagrees with PyTorch.
+    """
     from fsmodels.checkpoint import load_state, recorded_variant
     from fsmodels.train import trial_params, validation_threshold
-    from preprocessing.recipe import CODE_VERSION
     from preprocessing.variant import open_variant
 
-    params = trial_params(cfg)
     state = load_state(checkpoint)
     recorded = recorded_variant(state)
     variant = open_variant(cfg.data.store, recorded["key"], expected=recorded["manifest"])  # never a recomputed key
-    trained_on = variant.meta.get("detector_sha256")
-    if detector is not None and trained_on != detector["sha256"]:
-        raise FsweepError(f"{winner_detector(cfg, checkpoint)}/best.pt: changed since the store variant was built "
-                          f"(sha256 {detector['sha256'][:12]} != {str(trained_on)[:12]}); rebuild and re-run the sweep")
+    if not is_off(roi):
+        weights = Path(roi) / "best.pt"
+        if not weights.is_file():
+            raise FsweepError(f"{weights}: the ROI detector the winner was trained with is missing")
+        trained_on, current = variant.meta.get("detector_sha256"), file_sha256(weights)
+        if trained_on != current:
+            raise FsweepError(f"{weights}: changed since the store variant was built (sha256 {current[:12]} != "
+                              f"{str(trained_on)[:12]}); rebuild and re-run the sweep")
     folder = model_dir / view
     folder.mkdir()
-    spec = variant.spec
-    recipe = recipe_card(spec.he, spec.size, spec.aspect, spec.margin, detector)
-    threshold = validation_threshold(state)
-    samples = parity_inputs(variant, view, spec.size)
+    samples = parity_inputs(variant, view, variant.spec.size)
     save_weights(model, folder / WEIGHTS_FILE)
     save_pt2(model, samples, folder / PT2_FILE)
     if torchscript:
         save_torchscript(model, samples, folder / TORCHSCRIPT_FILE)
     exporter = save_onnx(model, samples, folder / ONNX_FILE)
-    write_onnx_metadata(folder / ONNX_FILE, {
+    parity = {**check_parity(model, samples, folder, view), "onnx_exporter": exporter["exporter"],
+              "onnx_fallback_reason": exporter["fallback_reason"]}
+    return {"cfg": cfg, "params": trial_params(cfg), "checkpoint": checkpoint, "variant": variant,
+            "threshold": validation_threshold(state), "parity": parity, "torchscript": torchscript}
+
+
+def view_entry(network: dict, view: str, winner: dict, model_dir: Path, detector: dict | None) -> dict:
+    """One view's card entry, with the recipe (the detector's included) also written into its ONNX metadata."""
+    from preprocessing.recipe import CODE_VERSION
+
+    cfg, params, variant, threshold = network["cfg"], network["params"], network["variant"], network["threshold"]
+    spec = variant.spec
+    recipe = recipe_card(spec.he, spec.size, spec.aspect, spec.margin, detector)
+    write_onnx_metadata(model_dir / view / ONNX_FILE, {
         "threshold": repr(threshold), "threshold_chosen_on": "validation", "input_size": str(spec.size),
         "recipe_sha256": recipe["recipe_sha256"], "card_format": CARD_FORMAT, "view": view,
         "backbone": params.backbone})
-    parity = {**check_parity(model, samples, folder, view), "onnx_exporter": exporter["exporter"],
-              "onnx_fallback_reason": exporter["fallback_reason"]}
     files = {"onnx": f"{view}/{ONNX_FILE}", "pt2": f"{view}/{PT2_FILE}", "weights": f"{view}/{WEIGHTS_FILE}"}
-    if torchscript:
+    if network["torchscript"]:
         files["torchscript"] = f"{view}/{TORCHSCRIPT_FILE}"
     return {
         "trial_id": winner["trial_id"],
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(network["checkpoint"]),
         "store_variant": variant.key,
         "best_epoch": winner.get("best_epoch"),
         "selected_by": winner.get("selected_by"),
@@ -310,11 +329,11 @@ def export_view(model, cfg, view: str, winner: dict, checkpoint: Path, model_dir
         "network": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "stn": params.stn, "stn_in_graph": params.stn != "off",
                     "store_code_version": CODE_VERSION},
         "operating_threshold": {"value": threshold, "chosen_on": "validation", "rule": THRESHOLD_RULE},
-        "metrics": card_metrics(validation_metrics(checkpoint), winner.get("test")),
+        "metrics": card_metrics(validation_metrics(network["checkpoint"]), winner.get("test")),
         # did it learn: the best epoch's training AUC and the sweep's plain-words warnings (search.select.fit_warnings)
         "fit": {"train_auc": (winner.get("train") or {}).get("auc"), "warnings": winner.get("warnings", [])},
         "files": files,
-        "parity": parity,
+        "parity": network["parity"],
         "data": {**(variant.meta.get("dataset") or {}), "variant": variant.key},
     }
 

@@ -207,11 +207,26 @@ def test_onnx_runtime_matches_pytorch_with_the_stn_in_the_graph(sweep, model_dir
 
 
 def test_export_fails_when_onnx_runtime_disagrees_with_pytorch(sweep, tmp_path, monkeypatch):
+    import preprocessing.detector_onnx
+
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no engine can agree within a negative tolerance
+    detector_exports = []  # the networks are checked first: a refused one costs no detector export
+    monkeypatch.setattr(preprocessing.detector_onnx, "export_detector", lambda *a: detector_exports.append(a))
     uri = f"file://{sweep['experiment']}"  # experiments on object storage are read through pyarrow the same way
     with pytest.raises(FsweepError, match="differ by .* export refused"):
         export.export_experiment(uri, tmp_path / "refused")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".*export-tmp"))
+    assert detector_exports == []
+
+
+def test_export_refuses_a_detector_changed_since_the_store_was_built(sweep, tmp_path, monkeypatch):
+    real_sha256 = export.file_sha256
+    monkeypatch.setattr(export, "file_sha256", lambda path: "0" * 64 if Path(path).name == "best.pt" else
+                        real_sha256(path))  # as if best.pt had been retrained after the store was cropped with it
+    with pytest.raises(FsweepError, match=r"roi/best\.pt: changed since the store variant was built \(sha256 "
+                                          r"000000000000 != [0-9a-f]{12}\); rebuild and re-run the sweep"):
+        export.export_experiment(sweep["experiment"], tmp_path / "stale")
+    assert not (tmp_path / "stale").exists() and not list(tmp_path.glob(".*export-tmp"))
 
 
 class _Offset(torch.nn.Module):
