@@ -205,8 +205,8 @@ def _cmd_resume(args: argparse.Namespace) -> None:
 
 def _cmd_status(args: argparse.Namespace) -> None:
     from cluster.storage import resolve_storage
+    from search.expdir import load_sweep_config
     from search.progress import format_block, read_progress
-    from search.sweep import load_sweep_config
 
     experiment = resolve_storage(args.experiment)
     print("\n".join(format_block(read_progress(experiment, load_sweep_config(experiment)))))

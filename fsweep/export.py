@@ -290,10 +290,10 @@ def export_network(model, cfg, view: str, checkpoint: Path, model_dir: Path, roi
     folder.mkdir()
     samples = parity_inputs(variant, view, variant.spec.size)
     save_weights(model, folder / WEIGHTS_FILE)
-    save_pt2(model, samples, folder / PT2_FILE)
+    program = save_pt2(model, samples, folder / PT2_FILE)
     if torchscript:
         save_torchscript(model, samples, folder / TORCHSCRIPT_FILE)
-    exporter = save_onnx(model, samples, folder / ONNX_FILE)
+    exporter = save_onnx(model, samples, folder / ONNX_FILE, program)
     parity = {**check_parity(model, samples, folder, view), "onnx_exporter": exporter["exporter"],
               "onnx_fallback_reason": exporter["fallback_reason"]}
     return {"cfg": cfg, "params": trial_params(cfg), "checkpoint": checkpoint, "variant": variant,
@@ -387,8 +387,9 @@ def batch_dim():
     return torch.export.Dim("batch", min=1)
 
 
-def save_pt2(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
-    """``torch.export`` of the eval-mode network with a dynamic batch, saved with ``torch.export.save``.
+def save_pt2(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> torch.export.ExportedProgram:
+    """``torch.export`` of the eval-mode network with a dynamic batch, saved with ``torch.export.save``; returns
+    the program (``save_onnx`` converts the same graph instead of tracing the network again).
 
     Loads without fsweep: ``torch.export.load(path).module()(x)``; the STN's affine grid and adaptive
     pooling are exported as plain aten ops.
@@ -401,6 +402,7 @@ def save_pt2(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
             torch.export.save(program, handle)
 
     atomic_write(path, write)
+    return program
 
 
 def save_torchscript(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> None:
@@ -410,17 +412,22 @@ def save_torchscript(model: torch.nn.Module, samples: torch.Tensor, path: Path) 
     traced.save(str(path))
 
 
-def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path) -> dict:
+def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path,
+              program: torch.export.ExportedProgram | None = None) -> dict:
     """ONNX with a dynamic batch axis through the current exporter (``dynamo=True``); returns how it was written.
+
+    ``program``: the network's ``torch.export`` program (``save_pt2``'s), converted as it is, so model.pt2 and
+    the ONNX file come from one graph and the network is traced once; without it the exporter traces ``model``.
 
     ``{"exporter": "dynamo" or "legacy", "fallback_reason": None or one line}``. Where the current exporter
     cannot express the network, the legacy TorchScript-based exporter writes it, with one line on stderr
     saying why (its own deprecation warning is not hidden); a network neither can export is a FsweepError.
     """
     try:
-        torch.onnx.export(
-            model.eval(), (samples[:2],), str(path), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
-            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], dynamic_shapes=({0: batch_dim()},), verbose=False,
+        torch.onnx.export(  # a program carries its own dynamic batch (dynamic_shapes are for a module)
+            model.eval() if program is None else program, (samples[:2],), str(path), dynamo=True,
+            external_data=False, opset_version=ONNX_OPSET, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_shapes=({0: batch_dim()},) if program is None else None, verbose=False,
         )
         return {"exporter": "dynamo", "fallback_reason": None}
     except Exception as exc:  # the exporter raises many types; the operator named in the message is what matters

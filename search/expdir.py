@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from cluster.storage import is_uri, open_filesystem
+from cluster.errors import FsweepError
+from cluster.storage import exists, is_uri, join, open_filesystem
+from fsmodels.config import Config, load_config
+
+SWEEP_CONFIG = "fsweep_sweep.yaml"  # the resolved sweep config, in the experiment directory
 
 
 def put_bytes(location: str, data: bytes) -> None:
@@ -60,3 +64,12 @@ def checkpoint_location(experiment: str, checkpoint) -> str:
         return checkpoint.path
     return f"{experiment.split('://', 1)[0]}://{checkpoint.path}"
 
+
+def load_sweep_config(experiment: str) -> Config:
+    """The resolved sweep config saved in an experiment directory (path or URI); a one-line error if it has none."""
+    if not exists(join(experiment, SWEEP_CONFIG)):
+        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / SWEEP_CONFIG
+        local.write_text(get_text(join(experiment, SWEEP_CONFIG)))
+        return load_config(local)

@@ -19,10 +19,9 @@ import pandas as pd
 from cluster.storage import exists, is_uri, join, resolve_storage
 from fsmodels.metrics import FIT_METRICS, SELECTABLE_METRICS
 from preprocessing.vocab import LABEL_NAMES
-from search.expdir import get_text, upload_dir
+from search.expdir import SWEEP_CONFIG, get_text, load_sweep_config, upload_dir
 from search.select import LEADERBOARD, WINNERS, finish_experiment, winner_warnings
 from search.space import searched_keys
-from search.sweep import SWEEP_CONFIG, load_sweep_config
 from search.tables import (
     PAPER_ORDER,
     comparison_sections,

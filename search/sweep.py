@@ -24,16 +24,15 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from cluster.errors import FsweepError
 from cluster.ray_internals import restored_run_config, set_tune_console
 from cluster.storage import exists, is_uri, join, resolve_storage
-from fsmodels.config import Config, config_from_dict, entry_values, key_values, load_config, space_points
+from fsmodels.config import Config, config_from_dict, entry_values, key_values, space_points
 from preprocessing.vocab import ConfigError, is_off
 from search import space
-from search.expdir import get_text, put_text, upload_dir
+from search.expdir import SWEEP_CONFIG, get_text, load_sweep_config, put_text, upload_dir
 from search.keep import CheckpointThinner
 from search.progress import ProgressView, asha_rungs, driver_logs
 from search.tb import TensorBoardCallback, write_experiment_summary
 from search.trainable import train_trial
 
-SWEEP_CONFIG = "fsweep_sweep.yaml"  # the resolved sweep config, in the experiment directory
 STORE_VARIANTS = "fsweep_variants.yaml"  # the variant and STN handles the driver resolved (prepare_store)
 
 
@@ -242,16 +241,6 @@ def write_sweep_files(experiment: str, cfg: Config, variants: dict, name: str) -
     with tempfile.TemporaryDirectory() as tmp:
         write_experiment_summary(tmp, cfg, description=f"fsweep sweep {name}")
         upload_dir(Path(tmp), experiment)
-
-
-def load_sweep_config(experiment: str) -> Config:
-    """The resolved sweep config saved in an experiment directory (path or URI); a one-line error if it has none."""
-    if not exists(join(experiment, SWEEP_CONFIG)):
-        raise FsweepError(f"{experiment}: not an fsweep experiment (no {SWEEP_CONFIG})")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / SWEEP_CONFIG
-        local.write_text(get_text(join(experiment, SWEEP_CONFIG)))
-        return load_config(local)
 
 
 def _location(experiment: str) -> Path | str:

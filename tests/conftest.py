@@ -118,9 +118,10 @@ def _ray_left_running():
 
 # The modules that take longest, longest first, from a `--durations=0` run on 2 cores (docs/development.md,
 # "Tests"); under `make test` (pytest-xdist, whole modules per worker) they start first so the workers finish together.
-LONGEST_MODULES = ("test_docs.py", "test_cluster.py", "test_demo.py", "test_export.py", "test_search.py",
-                   "test_bench.py", "test_phantom_family.py", "test_report.py", "test_train.py", "test_progress.py",
-                   "test_folds.py", "test_roi.py", "test_gpu_lane.py", "test_views.py", "test_plan.py")
+LONGEST_MODULES = ("test_demo.py", "test_docs.py", "test_export.py", "test_cluster.py", "test_search.py",
+                   "test_phantom_family.py", "test_bench.py", "test_report.py", "test_folds.py", "test_roi.py",
+                   "test_gpu_lane.py", "test_views.py", "test_progress.py", "test_train.py", "test_gpu_env.py",
+                   "test_plan.py")
 
 
 def pytest_collection_modifyitems(config, items):

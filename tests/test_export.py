@@ -284,7 +284,8 @@ def test_each_aspect_is_one_store_variant_and_each_winner_predicts_through_its_o
     import yaml
 
     from search.plan import write_plan
-    from search.sweep import STORE_VARIANTS, load_sweep_config
+    from search.expdir import load_sweep_config
+    from search.sweep import STORE_VARIANTS
 
     assert "store variants: 2 (he/aspect: global/pad, global/stretch;" in write_plan(load_sweep_config(str(sweep["experiment"])))
     record = yaml.safe_load((sweep["experiment"] / STORE_VARIANTS).read_text())
@@ -580,6 +581,25 @@ def test_the_current_onnx_exporter_pools_the_stn_at_any_size(tmp_path):
         expected = net(samples).numpy()
     assert np.abs(session.run(None, {"image": samples.numpy()})[0] - expected).max() <= 1e-5
     assert not list(tmp_path.glob("*.data"))  # one self-contained file
+
+
+def test_the_onnx_file_is_converted_from_the_pt2_program_without_a_second_trace(tmp_path, monkeypatch):
+    net = FsNet(create_backbone("resnet10t"), STN()).eval()
+    samples = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    program = export.save_pt2(net, samples, tmp_path / export.PT2_FILE)
+    assert isinstance(program, torch.export.ExportedProgram)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the network was traced again")
+
+    monkeypatch.setattr(torch.export, "export", no_trace)
+    written = export.save_onnx(net, samples, tmp_path / export.ONNX_FILE, program)
+    assert written == {"exporter": "dynamo", "fallback_reason": None}  # no legacy fallback: the program converted
+    session = ort.InferenceSession(str(tmp_path / export.ONNX_FILE), providers=["CPUExecutionProvider"])
+    five = torch.rand(5, 1, 64, 64, generator=torch.Generator().manual_seed(4))  # the program's dynamic batch kept
+    with torch.no_grad():
+        expected = net(five).numpy()
+    assert np.abs(session.run(None, {"image": five.numpy()})[0] - expected).max() <= 1e-5
 
 
 def test_the_legacy_onnx_exporter_is_the_fallback_and_says_why_in_one_line(tmp_path, monkeypatch, capsys):

@@ -46,7 +46,8 @@ from search.progress import (
     summarize,
 )
 from search.select import LEADERBOARD, WINNERS
-from search.sweep import SWEEP_CONFIG, absolute_paths, run_sweep
+from search.expdir import SWEEP_CONFIG
+from search.sweep import absolute_paths, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_SWEEP_MAX_LINES = 25  # what a quiet 4-trial sweep may print (Ray's tables alone were ~220 lines)
@@ -273,6 +274,12 @@ def test_a_quiet_sweep_prints_a_few_lines_and_status_works_while_it_runs_and_aft
     assert (experiment / "logs" / "driver.log").is_file()
     for trial_dir in experiment.glob("trial_*"):  # the full trial output went to files
         assert "epoch 12/12" in (trial_dir / "stdout").read_text()
+    # a glance stays quick: `fsweep status` reads files and imports neither torch nor its writers
+    glance = subprocess.run([sys.executable, "-c", "import sys; from fsweep.cli import main; main(sys.argv[1:]); "
+                             "print(sorted(m for m in ('torch', 'ultralytics', 'timm') if m in sys.modules))",
+                             "status", str(experiment)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert glance.returncode == 0 and glance.stdout.splitlines()[0] == done[0], glance.stderr[-2000:]
+    assert glance.stdout.splitlines()[-1] == "[]", glance.stdout
 
 
 def checkpoints(experiment: Path) -> dict[str, Path]:

@@ -405,7 +405,7 @@ def test_every_selectable_option_goes_through_selection_winners_report_and_expor
     from fsweep.export import locate_checkpoint, read_winners
     from search.report import write_report
     from search.select import finish_experiment
-    from search.sweep import SWEEP_CONFIG
+    from search.expdir import SWEEP_CONFIG
 
     experiment, cfg = option_sweep["experiment"], copy.deepcopy(option_sweep["cfg"])
     cfg.search.metric, cfg.search.mode, cfg.search.select_by, cfg.search.scheduler = metric, mode, select_by, scheduler
