@@ -7,6 +7,7 @@ its baseline; the same tables go to TensorBoard's Text tab. The leaderboard show
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -92,10 +93,30 @@ def _winner_lines(winners: dict, metric: str) -> list[str]:
     return lines
 
 
+def roc_figure_png(y: np.ndarray, scores: np.ndarray, title: str) -> bytes:
+    """A ROC curve plot as PNG bytes (the report's plots; TensorBoard's ``roc/val`` image draws the same)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fsmodels.metrics import auc_score, roc_curve_points
+
+    fpr, tpr, _ = roc_curve_points(y, scores)
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc_score(y, scores):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def plot_roc(y: np.ndarray, scores: np.ndarray, title: str, path: Path) -> None:
     """Write the ROC curve of (y, scores) as a PNG."""
-    from search.tb import roc_figure_png
-
     path.write_bytes(roc_figure_png(y, scores, title))
 
 

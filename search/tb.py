@@ -19,7 +19,6 @@ where it happens (``_mark_experiment``, ``session_end_summary``).
 """
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -236,31 +235,11 @@ def write_samples(log_dir: str | Path, stages: dict[str, list[np.ndarray]]) -> N
                 writer.add_image(f"samples/{name}", _gray_grid(images), 0)
 
 
-def roc_figure_png(y: np.ndarray, scores: np.ndarray, title: str) -> bytes:
-    """A ROC curve plot as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fsmodels.metrics import auc_score, roc_curve_points
-
-    fpr, tpr, _ = roc_curve_points(y, scores)
-    fig, ax = plt.subplots(figsize=(3.6, 3.6))
-    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc_score(y, scores):.3f}")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def write_roc(log_dir: str | Path, y: np.ndarray, scores: np.ndarray, step: int, title: str = "validation ROC") -> None:
     """The ROC curve of one trial's selected epoch as an image (tag ``roc/val``)."""
     import cv2
+
+    from search.report import roc_figure_png
 
     png = np.frombuffer(roc_figure_png(y, scores, title), dtype=np.uint8)
     rgb = cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
