@@ -423,11 +423,12 @@ def save_onnx(model: torch.nn.Module, samples: torch.Tensor, path: Path,
     cannot express the network, the legacy TorchScript-based exporter writes it, with one line on stderr
     saying why (its own deprecation warning is not hidden); a network neither can export is a FsweepError.
     """
+    # a program carries its own dynamic batch; a module is traced with one
+    source, dynamic_shapes = (model.eval(), ({0: batch_dim()},)) if program is None else (program, None)
     try:
-        torch.onnx.export(  # a program carries its own dynamic batch (dynamic_shapes are for a module)
-            model.eval() if program is None else program, (samples[:2],), str(path), dynamo=True,
-            external_data=False, opset_version=ONNX_OPSET, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-            dynamic_shapes=({0: batch_dim()},) if program is None else None, verbose=False,
+        torch.onnx.export(
+            source, (samples[:2],), str(path), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
+            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], dynamic_shapes=dynamic_shapes, verbose=False,
         )
         return {"exporter": "dynamo", "fallback_reason": None}
     except Exception as exc:  # the exporter raises many types; the operator named in the message is what matters
