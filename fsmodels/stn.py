@@ -1,6 +1,7 @@
 """Spatial transformer (Jaderberg et al. 2015) as the paper uses it.
 
-Localization net -> affine theta (initialised to the identity) -> ``affine_grid``
+Localization net -> affine theta (a bounded similarity transform, the identity at
+initialisation: ``STN``) -> ``affine_grid``
 -> ``grid_sample``. The paper trains it separately and freezes it; it does not say
 on what task, so we use the natural auxiliary one: left vs right view, with a
 tiny classifier behind the STN, on the store variant's train split. On a data set
@@ -26,6 +27,7 @@ Ray's GPU accounting (in the sweep's driver), and the task is small (a 64 px loc
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +47,15 @@ from preprocessing.remote import publish, staging_dir
 from preprocessing.splits import fold_column
 from preprocessing.vocab import SPLITS
 
-STN_CODE = "stn-1"  # bump whenever the same (variant, epochs, seed) would train a different STN
+STN_CODE = "stn-2"  # bump whenever the same (variant, epochs, seed) would train a different STN
 STN_DIR = "stn"  # STORE/stn/<key>/: one directory per pretrained STN
 STN_WEIGHTS = "stn.safetensors"  # frozen STN weights
 STN_STATS = "stn.json"  # pretraining loss/accuracy, epochs, seed
 STN_FIGURE = "stn_before_after.png"  # validation images before (top) and after (bottom) the STN
 PAPER_STN = {"loss": 0.0218, "accuracy": 0.99}  # what the paper reports for its STN pretraining
+MAX_ROTATION_DEG = 30.0  # theta rotates by at most this many degrees either way
+MAX_SCALE = 1.25  # and scales by a factor within [1 / MAX_SCALE, MAX_SCALE]
+MAX_SHIFT = 0.2  # and shifts by at most this fraction of the half-width (10 % of the image) each way
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +66,14 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 class STN(nn.Module):
-    """Affine spatial transformer; the identity transform at initialisation.
+    """Spatial transformer whose theta is a bounded similarity transform; the identity at initialisation.
 
     The localization net sees a ``loc_size`` x ``loc_size`` average-pooled copy of
-    the input, so its cost hardly grows with the image size.
+    the input, so its cost hardly grows with the image size. It regresses four numbers, each squashed by tanh
+    into its bound (``MAX_ROTATION_DEG``, ``MAX_SCALE``, ``MAX_SHIFT``): rotation, isotropic scale and shift.
+    A free 6-number affine let the view task shrink or shear the crop to a sliver that still tells left from
+    right (theta's determinant near 0: the classifier behind a frozen STN then sees no anatomy); bounded, every
+    warp keeps most of the ROI crop whatever the pretraining converges to (docs/store.md, "The frozen STN").
     """
 
     def __init__(self, loc_size: int = 64):
@@ -75,16 +84,20 @@ class STN(nn.Module):
             nn.Conv2d(8, 10, 5), nn.MaxPool2d(2), nn.ReLU(True),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
         )
-        self.regressor = nn.Sequential(nn.Linear(10 * 16, 32), nn.ReLU(True), nn.Linear(32, 6))
-        # zero weights + identity bias: theta is exactly [[1,0,0],[0,1,0]] for every input at init
+        self.regressor = nn.Sequential(nn.Linear(10 * 16, 32), nn.ReLU(True), nn.Linear(32, 4))
+        # zero weights and bias: rotation 0, scale 1, shift 0, so theta is exactly [[1,0,0],[0,1,0]] at init
         nn.init.zeros_(self.regressor[2].weight)
-        with torch.no_grad():
-            self.regressor[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+        nn.init.zeros_(self.regressor[2].bias)
+        self.register_load_state_dict_pre_hook(_refuse_free_affine)
 
     def theta(self, x: torch.Tensor) -> torch.Tensor:
         """The (B, 2, 3) affine matrices for a (B, 1, H, W) batch."""
         small = standardise(F.adaptive_avg_pool2d(x, self.loc_size))
-        return self.regressor(self.localization(small)).view(-1, 2, 3)
+        rotation, log_scale, shift_x, shift_y = torch.tanh(self.regressor(self.localization(small))).unbind(1)
+        angle = rotation * math.radians(MAX_ROTATION_DEG)
+        scale = torch.exp(log_scale * math.log(MAX_SCALE))
+        cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+        return torch.stack([cos, -sin, shift_x * MAX_SHIFT, sin, cos, shift_y * MAX_SHIFT], dim=1).view(-1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # theta, the grid and the sampling in float32 whatever autocast says (see the module docstring)
@@ -92,6 +105,14 @@ class STN(nn.Module):
             x32 = x.float()
             grid = F.affine_grid(self.theta(x32), list(x32.shape), align_corners=False)
             return F.grid_sample(x32, grid, align_corners=False, padding_mode="zeros").to(x.dtype)
+
+
+def _refuse_free_affine(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: weights of the earlier free-affine STN (6 regressor outputs) fail in one line."""
+    weight = state_dict.get(f"{prefix}regressor.2.weight")
+    if weight is not None and weight.shape[0] == 6:
+        raise FsweepError("its STN is the free 6-number affine of an earlier fsweep; this one bounds theta "
+                          "(docs/store.md, \"The frozen STN\"): train it again, or use the fsweep that trained it")
 
 
 class ViewClassifier(nn.Module):
@@ -321,7 +342,10 @@ def _train_into(stn_dir: Path, variant, epochs: int, seed: int, key: str, fold: 
 def load_frozen_stn(path: str | Path) -> STN:
     """An STN with the weights at ``path``, gradients off, in eval mode."""
     stn = STN()
-    stn.load_state_dict(load_file(str(path)))
+    try:
+        stn.load_state_dict(load_file(str(path)))
+    except FsweepError as exc:
+        raise FsweepError(f"{path}: {exc}") from None
     for param in stn.parameters():
         param.requires_grad_(False)
     return stn.eval()

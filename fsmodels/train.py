@@ -500,7 +500,10 @@ def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
     cfg = checkpoint_config(state)
     params = trial_params(cfg)
     model = model_skeleton(params.backbone, params.stn)
-    model.load_state_dict(load_best_weights(checkpoint_dir))
+    try:
+        model.load_state_dict(load_best_weights(checkpoint_dir))
+    except FsweepError as exc:
+        raise FsweepError(f"{checkpoint_dir}: {exc}") from None
     return model.eval(), cfg
 
 

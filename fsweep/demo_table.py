@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from fsmodels.config import SPACE_KEYS
+
 FIXED = ("trial_id", "status", "val_auc")
 NOT_KEYS = {"seed", "fold"}  # repeated-run keys: never a row name
 
@@ -37,7 +39,7 @@ def find_experiment(path: Path) -> tuple[Path, Path | None]:
 def searched_keys(board: pd.DataFrame, experiment: Path) -> list[str]:
     """The space keys that vary between the trials (the ablation's row names), in the leaderboard's order."""
     first_metric = list(board.columns).index("val_auc")
-    candidates = [c for c in board.columns[2:first_metric] if c not in NOT_KEYS]
+    candidates = [c for c in board.columns[2:first_metric] if c in SPACE_KEYS and c not in NOT_KEYS]  # not flip_as
     varying = [c for c in candidates if board[c].astype(str).nunique() > 1]
     return varying or candidates[:1]
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from fsmodels.backbones import create_backbone, list_backbones, resolve_backbone
 from fsmodels.model import FsNet, build_model
-from fsmodels.stn import STN
+from fsmodels.stn import MAX_ROTATION_DEG, MAX_SCALE, MAX_SHIFT, STN
 from cluster.errors import FsweepError
 
 SMALL = "resnet10t"  # a tiny timm model for the fast tests
@@ -116,6 +116,41 @@ def test_stn_is_the_identity_at_init():
     theta = stn.theta(x)
     assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(3, 2, 3))
     assert torch.allclose(stn(x), x, atol=1e-5)
+
+
+def test_stn_warps_stay_within_their_bounds_whatever_the_weights():
+    """However far pretraining pushes the regressor, theta stays a similarity transform inside its bounds: no
+    warp can shrink the crop to a sliver (a free affine reached determinant ~0 on the phantom's view task)."""
+    torch.manual_seed(0)
+    stn = STN(loc_size=32)
+    with torch.no_grad():
+        stn.regressor[2].weight.normal_(0, 50.0)
+        stn.regressor[2].bias.normal_(0, 50.0)
+    theta = stn.theta(torch.rand(64, 1, 32, 32))
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    scale = (a * d - b * c).sqrt()
+    assert torch.allclose(a, d) and torch.allclose(b, -c)  # rotation and isotropic scale: no shear, no mirror
+    assert scale.min() >= 1 / MAX_SCALE - 1e-5 and scale.max() <= MAX_SCALE + 1e-5
+    assert min(scale.min() - 1 / MAX_SCALE, MAX_SCALE - scale.max()) < 1e-3  # pushed hard, it rests on a bound
+    assert torch.rad2deg(torch.atan2(c, a)).abs().max() <= MAX_ROTATION_DEG + 1e-3
+    assert theta[:, :, 2].abs().max() <= MAX_SHIFT + 1e-6
+
+
+def test_weights_of_the_free_affine_stn_are_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from fsmodels.stn import load_frozen_stn
+
+    old = STN()
+    old.regressor[2] = torch.nn.Linear(32, 6)  # the earlier STN's head: six free affine numbers
+    save_file(old.state_dict(), str(tmp_path / "stn.safetensors"))
+    with pytest.raises(FsweepError, match=r"stn\.safetensors: its STN is the free 6-number affine") as caught:
+        load_frozen_stn(tmp_path / "stn.safetensors")
+    assert "\n" not in str(caught.value)
+    net = build_model(SMALL, "none", True, stn_mode="joint")  # a trial checkpoint's network, STN inside
+    state = {**net.state_dict(), **{f"stn.{k}": v for k, v in old.state_dict().items()}}
+    with pytest.raises(FsweepError, match="free 6-number affine"):
+        net.load_state_dict(state)
 
 
 def _rotation(degrees: float) -> torch.Tensor:
