@@ -58,6 +58,8 @@ def test_yolo_labels_are_normalised_boxes(roi_dir, tiny_dataset):
     assert cls == "0"
     assert float(cx) == pytest.approx((row.x0 + row.x1) / 2 / row.width, abs=1e-5)
     assert float(h) == pytest.approx((row.y1 - row.y0) / row.height, abs=1e-5)
+    image = roi_dir / "yolo_data" / "images" / "val" / f"{label.stem}.bmp"  # uncompressed: fast to decode each epoch
+    np.testing.assert_array_equal(cv2.imread(str(image), cv2.IMREAD_UNCHANGED), decode_image(row.image))  # lossless
 
 
 def test_crop_adds_the_margin_and_stays_inside():
