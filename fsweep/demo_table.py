@@ -39,7 +39,8 @@ def find_experiment(path: Path) -> tuple[Path, Path | None]:
 def searched_keys(board: pd.DataFrame, experiment: Path) -> list[str]:
     """The space keys that vary between the trials (the ablation's row names), in the leaderboard's order."""
     first_metric = list(board.columns).index("val_auc")
-    candidates = [c for c in board.columns[2:first_metric] if c in SPACE_KEYS and c not in NOT_KEYS]  # never a derived column (flip_as)
+    # space keys only: a derived column such as flip_as varies too, but report.md's tables have no such column
+    candidates = [c for c in board.columns[2:first_metric] if c in SPACE_KEYS and c not in NOT_KEYS]
     varying = [c for c in candidates if board[c].astype(str).nunique() > 1]
     return varying or candidates[:1]
 
