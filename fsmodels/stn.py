@@ -115,6 +115,14 @@ def _refuse_free_affine(module, state_dict, prefix, *args) -> None:
                           "(docs/store.md, \"The frozen STN\"): train it again, or use the fsweep that trained it")
 
 
+def load_weights(module: nn.Module, state: dict, source) -> None:
+    """``module.load_state_dict(state)``; a refusal of the pre-hook above names ``source`` (a file or checkpoint)."""
+    try:
+        module.load_state_dict(state)
+    except FsweepError as exc:
+        raise FsweepError(f"{source}: {exc}") from None
+
+
 class ViewClassifier(nn.Module):
     """STN + a tiny CNN for the view-recognition pretraining task (``classes`` views)."""
 
@@ -342,10 +350,7 @@ def _train_into(stn_dir: Path, variant, epochs: int, seed: int, key: str, fold: 
 def load_frozen_stn(path: str | Path) -> STN:
     """An STN with the weights at ``path``, gradients off, in eval mode."""
     stn = STN()
-    try:
-        stn.load_state_dict(load_file(str(path)))
-    except FsweepError as exc:
-        raise FsweepError(f"{path}: {exc}") from None
+    load_weights(stn, load_file(str(path)), path)
     for param in stn.parameters():
         param.requires_grad_(False)
     return stn.eval()

@@ -74,6 +74,7 @@ from fsmodels.metrics import (
 )
 from fsmodels.model import FsNet, build_model, model_skeleton
 from fsmodels.params import TrialParams, open_artifacts, trial_handles, trial_params
+from fsmodels.stn import load_weights
 
 __all__ = ["run_trial", "evaluate_checkpoint", "load_trial_model", "trial_params"]
 REPORTED = SPLIT_METRICS  # metrics.json val/test keys
@@ -500,10 +501,7 @@ def load_trial_model(checkpoint_dir) -> tuple[FsNet, Config]:
     cfg = checkpoint_config(state)
     params = trial_params(cfg)
     model = model_skeleton(params.backbone, params.stn)
-    try:
-        model.load_state_dict(load_best_weights(checkpoint_dir))
-    except FsweepError as exc:
-        raise FsweepError(f"{checkpoint_dir}: {exc}") from None
+    load_weights(model, load_best_weights(checkpoint_dir), checkpoint_dir)
     return model.eval(), cfg
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fsmodels.model import FsNet, model_skeleton
+from fsmodels.stn import load_weights
 
 HEAT_WEIGHT = 0.4  # share of the colour map in the overlay (the rest is the grey crop)
 
@@ -27,7 +28,7 @@ def model_from_weights(weights: str | Path, backbone: str, stn: str) -> FsNet:
     from safetensors.torch import load_file
 
     model = model_skeleton(backbone, stn)
-    model.load_state_dict(load_file(str(weights)))
+    load_weights(model, load_file(str(weights)), weights)
     return model.eval()
 
 
