@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,14 @@ def test_the_longest_first_module_order_names_only_modules_that_exist():
     missing = [name for name in LONGEST_MODULES if not (tests / name).is_file()]
     assert not missing, f"conftest.LONGEST_MODULES names modules that are gone: {missing}"
     assert len(set(LONGEST_MODULES)) == len(LONGEST_MODULES)
+
+
+def test_make_lets_first_imports_write_the_bytecode_the_install_skips():
+    """`make setup` installs without bytecode (--no-compile); under PYTHONDONTWRITEBYTECODE=1 every process of
+    `make test` would then compile torch anew, so make's recipes must run without that variable."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-compile" in makefile
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval", 'show-env: ; @echo "[$$PYTHONDONTWRITEBYTECODE]"',
+                           "show-env"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
