@@ -137,8 +137,6 @@ def test_stn_warps_stay_within_their_bounds_whatever_the_weights():
 
 
 def test_weights_of_the_free_affine_stn_are_refused_in_one_line(tmp_path):
-    from safetensors.torch import save_file
-
     from fsmodels.stn import load_frozen_stn
 
     old = STN()

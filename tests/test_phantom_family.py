@@ -172,8 +172,9 @@ def test_readme_path_on_the_height_family_generalizes_to_new_patients(tmp_path):
              f"roi.detector={tmp_path / 'roi'}", f"{aspect_key()}=stretch"]
     trials = []
     for seed in SEEDS:
+        sets = [arg for pair in [*pairs, f"space.seed={seed}"] for arg in ("--set", pair)]
         _run("train", str(Path(__file__).resolve().parents[1] / "configs" / "demo_trial.yaml"), "--out",
-             str(tmp_path / f"trial{seed}"), *[arg for pair in [*pairs, f"space.seed={seed}"] for arg in ("--set", pair)])
+             str(tmp_path / f"trial{seed}"), *sets)
         trials.append(json.loads((tmp_path / f"trial{seed}" / "metrics.json").read_text()))
     metrics = max(trials, key=lambda m: m["val"]["auc"])  # selection reads validation only
     settings = SimpleNamespace(new_patients=40, difficulty=0.5, family="height", image_size=(148, 252))
